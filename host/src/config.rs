@@ -1,0 +1,632 @@
+//! The host's configuration: the TOML file an operator writes, its defaults, and
+//! the checks that refuse a bad file before anything touches a broker.
+//!
+//! It owns the names of the keys (operators' scripts rely on them), the parsing
+//! of `transport_url`s, and the loading of neighbours from Nova's `cells_config`
+//! JSON. It does not connect to anything.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// Everything one `cellhost` needs to serve one cell.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub cell: CellSection,
+    #[serde(default)]
+    pub local: LocalSection,
+    #[serde(default)]
+    pub policy: PolicySection,
+    #[serde(default)]
+    pub neighbours: Vec<NeighbourConfig>,
+}
+
+/// `[cell]`: who this cell is and how it talks to its own broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellSection {
+    pub name: String,
+    pub transport_url: TransportUrl,
+    #[serde(default = "default_queue_base")]
+    pub queue_base: String,
+    #[serde(default = "default_control_exchange")]
+    pub control_exchange: String,
+    #[serde(default = "default_max_hop_count")]
+    pub max_hop_count: u32,
+    #[serde(default = "default_call_timeout_s")]
+    pub call_timeout_s: u64,
+    /// Nova `cells_config` JSON listing the neighbours, instead of `[[neighbours]]`.
+    #[serde(default)]
+    pub neighbours_file: Option<PathBuf>,
+    /// Names this host's own queues (`<topic>.<host_id>`); the machine's host name by default.
+    #[serde(default)]
+    pub host_id: Option<String>,
+    /// Unacknowledged deliveries the broker may push to each consumer.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// Messages a consumer may have in flight (published, awaiting confirms).
+    /// Kept below `prefetch` so the consumer never starves its own window.
+    #[serde(default = "default_confirm_window")]
+    pub confirm_window: usize,
+    /// Larger bodies are dead-lettered unread.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// How many recent message uuids are remembered to drop duplicates.
+    #[serde(default = "default_dedupe_window")]
+    pub dedupe_window: usize,
+}
+
+/// `[local]`: where messages processed in this cell are delivered.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSection {
+    #[serde(default = "default_local_topic")]
+    pub topic: String,
+}
+
+impl Default for LocalSection {
+    fn default() -> Self {
+        LocalSection {
+            topic: default_local_topic(),
+        }
+    }
+}
+
+/// `[policy]`: which Wasm policy decides, and the sandbox it runs in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// A `.wasm` component; the embedded nova-cells policy when absent.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Handed to the policy's `init`.
+    #[serde(default)]
+    pub config: String,
+    /// Wall-clock budget of one `route` call.
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+    /// Linear memory one policy instance may grow to.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// Longest action list accepted from one `route` call.
+    #[serde(default = "default_max_actions")]
+    pub max_actions: usize,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        PolicySection {
+            path: None,
+            config: String::new(),
+            deadline_ms: default_deadline_ms(),
+            memory_mib: default_memory_mib(),
+            max_actions: default_max_actions(),
+        }
+    }
+}
+
+/// `[[neighbours]]`: a parent or child cell and the broker it listens on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NeighbourConfig {
+    pub name: String,
+    #[serde(default)]
+    pub is_parent: bool,
+    pub transport_url: TransportUrl,
+    #[serde(default)]
+    pub weight_offset: f64,
+    #[serde(default = "default_weight_scale")]
+    pub weight_scale: f64,
+    #[serde(default)]
+    pub capabilities: BTreeMap<String, Vec<String>>,
+}
+
+fn default_queue_base() -> String {
+    "cells.intercell".into()
+}
+fn default_control_exchange() -> String {
+    "nova".into()
+}
+fn default_max_hop_count() -> u32 {
+    10
+}
+fn default_call_timeout_s() -> u64 {
+    60
+}
+fn default_prefetch() -> u16 {
+    256
+}
+fn default_confirm_window() -> usize {
+    192
+}
+fn default_max_body_bytes() -> usize {
+    1 << 20
+}
+fn default_dedupe_window() -> usize {
+    65_536
+}
+fn default_local_topic() -> String {
+    "cells.local".into()
+}
+fn default_deadline_ms() -> u64 {
+    5
+}
+fn default_memory_mib() -> u64 {
+    16
+}
+fn default_max_actions() -> usize {
+    64
+}
+fn default_weight_scale() -> f64 {
+    1.0
+}
+
+impl Config {
+    /// Reads, parses and validates a config file; relative paths in it are
+    /// taken from the file's folder. Every error names the file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut config: Config = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), e))?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        config.resolve_paths(base);
+        if let Some(file) = config.cell.neighbours_file.clone() {
+            if !config.neighbours.is_empty() {
+                bail!(
+                    "config file {}: `cell.neighbours_file` and `[[neighbours]]` are both set; keep one",
+                    path.display()
+                );
+            }
+            config.neighbours = load_cells_config(&file, &config.cell.name)?;
+        }
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), e))?;
+        Ok(config)
+    }
+
+    /// A config for one cell with defaults everywhere, as the demo and tests build them.
+    pub fn for_cell(name: &str, transport_url: TransportUrl) -> Config {
+        Config {
+            cell: CellSection {
+                name: name.to_string(),
+                transport_url,
+                queue_base: default_queue_base(),
+                control_exchange: default_control_exchange(),
+                max_hop_count: default_max_hop_count(),
+                call_timeout_s: default_call_timeout_s(),
+                neighbours_file: None,
+                host_id: None,
+                prefetch: default_prefetch(),
+                confirm_window: default_confirm_window(),
+                max_body_bytes: default_max_body_bytes(),
+                dedupe_window: default_dedupe_window(),
+            },
+            local: LocalSection::default(),
+            policy: PolicySection::default(),
+            neighbours: Vec::new(),
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(p) = self.policy.path.as_mut() {
+            resolve(p);
+        }
+        if let Some(p) = self.cell.neighbours_file.as_mut() {
+            resolve(p);
+        }
+    }
+
+    /// Checks what the types alone cannot; the error names the key.
+    pub fn validate(&self) -> Result<()> {
+        check_cell_name("cell.name", &self.cell.name)?;
+        check_topic("cell.queue_base", &self.cell.queue_base)?;
+        check_topic("cell.control_exchange", &self.cell.control_exchange)?;
+        check_topic("local.topic", &self.local.topic)?;
+        if self.cell.max_hop_count == 0 {
+            bail!("`cell.max_hop_count` must be at least 1");
+        }
+        if self.cell.call_timeout_s == 0 {
+            bail!("`cell.call_timeout_s` must be at least 1");
+        }
+        if self.cell.prefetch == 0 {
+            bail!("`cell.prefetch` must be at least 1");
+        }
+        if self.cell.confirm_window == 0 || self.cell.confirm_window >= self.cell.prefetch as usize
+        {
+            bail!(
+                "`cell.confirm_window` ({}) must be at least 1 and below `cell.prefetch` ({})",
+                self.cell.confirm_window,
+                self.cell.prefetch
+            );
+        }
+        if self.cell.max_body_bytes == 0 {
+            bail!("`cell.max_body_bytes` must be at least 1");
+        }
+        if self.policy.deadline_ms == 0 {
+            bail!("`policy.deadline_ms` must be at least 1");
+        }
+        if self.policy.memory_mib == 0 || self.policy.memory_mib > 4096 {
+            bail!("`policy.memory_mib` must be between 1 and 4096");
+        }
+        if self.policy.max_actions == 0 {
+            bail!("`policy.max_actions` must be at least 1");
+        }
+        if let Some(path) = &self.policy.path {
+            if !path.is_file() {
+                bail!("`policy.path`: no policy file at {}", path.display());
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, n) in self.neighbours.iter().enumerate() {
+            check_cell_name(&format!("neighbours[{i}].name"), &n.name)?;
+            if n.name == self.cell.name {
+                bail!(
+                    "`neighbours[{i}].name`: {:?} is this cell's own name",
+                    n.name
+                );
+            }
+            if !seen.insert(n.name.as_str()) {
+                bail!("`neighbours[{i}].name`: {:?} is listed twice", n.name);
+            }
+            if !n.weight_offset.is_finite() || !n.weight_scale.is_finite() {
+                bail!("`neighbours[{i}]`: weights must be finite numbers");
+            }
+        }
+        Ok(())
+    }
+
+    /// The name of this host's own queues.
+    pub fn host_id(&self) -> String {
+        if let Some(id) = &self.cell.host_id {
+            return id.clone();
+        }
+        let name = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "cellhost".to_string());
+        format!("{}-{}", name, self.cell.name)
+    }
+}
+
+fn check_cell_name(key: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        bail!("`{key}` must not be empty");
+    }
+    if name.contains('!') {
+        bail!("`{key}`: {name:?} contains `!`, which separates cells in a routing path");
+    }
+    Ok(())
+}
+
+fn check_topic(key: &str, value: &str) -> Result<()> {
+    if value.is_empty() || value.len() > 200 {
+        bail!("`{key}` must be 1 to 200 characters");
+    }
+    if value
+        .chars()
+        .any(|c| c.is_whitespace() || c == '#' || c == '*')
+    {
+        bail!("`{key}`: {value:?} may not contain spaces or the wildcards `#` and `*`");
+    }
+    Ok(())
+}
+
+/// Reads the neighbours of `own_name` from Nova's `cells_config` JSON:
+/// `{"<name>": {"name", "api_url", "transport_url", "weight_offset", "weight_scale", "is_parent"}}`.
+pub fn load_cells_config(path: &Path, own_name: &str) -> Result<Vec<NeighbourConfig>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read neighbours file {}", path.display()))?;
+    parse_cells_config(&text, own_name)
+        .map_err(|e| anyhow::anyhow!("neighbours file {}: {}", path.display(), e))
+}
+
+/// Parses Nova's `cells_config` JSON; the entry for `own_name`, if any, is skipped.
+pub fn parse_cells_config(text: &str, own_name: &str) -> Result<Vec<NeighbourConfig>> {
+    #[derive(Deserialize)]
+    struct Entry {
+        name: Option<String>,
+        transport_url: String,
+        #[serde(default)]
+        is_parent: bool,
+        #[serde(default)]
+        weight_offset: f64,
+        #[serde(default = "default_weight_scale")]
+        weight_scale: f64,
+        #[serde(default)]
+        capabilities: BTreeMap<String, Vec<String>>,
+    }
+    let entries: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).context("not a JSON object of cells")?;
+    let mut out = Vec::new();
+    for (key, value) in entries {
+        let entry: Entry =
+            serde_json::from_value(value).with_context(|| format!("cell {key:?}"))?;
+        let name = entry.name.unwrap_or_else(|| key.clone());
+        if name == own_name {
+            continue;
+        }
+        let transport_url = entry
+            .transport_url
+            .parse()
+            .with_context(|| format!("cell {key:?}: `transport_url`"))?;
+        out.push(NeighbourConfig {
+            name,
+            is_parent: entry.is_parent,
+            transport_url,
+            weight_offset: entry.weight_offset,
+            weight_scale: entry.weight_scale,
+            capabilities: entry.capabilities,
+        });
+    }
+    Ok(out)
+}
+
+/// Where a cell's broker is: AMQP (with failover hosts) or the in-process transport.
+#[derive(Clone, PartialEq, Eq)]
+pub enum TransportUrl {
+    Amqp {
+        hosts: Vec<AmqpHost>,
+        vhost: String,
+    },
+    /// `memory://<name>`: cells sharing a name share one in-process broker.
+    Memory {
+        name: String,
+    },
+}
+
+/// One `user:pass@host:port` entry of an AMQP transport URL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpHost {
+    pub user: String,
+    pub password: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl TransportUrl {
+    /// The AMQP URIs to try in order, each naming one host.
+    pub fn amqp_uris(&self) -> Vec<String> {
+        match self {
+            TransportUrl::Amqp { hosts, vhost } => hosts
+                .iter()
+                .map(|h| {
+                    format!(
+                        "amqp://{}:{}@{}:{}/{}",
+                        percent_encode(&h.user),
+                        percent_encode(&h.password),
+                        h.host,
+                        h.port,
+                        percent_encode(vhost)
+                    )
+                })
+                .collect(),
+            TransportUrl::Memory { .. } => Vec::new(),
+        }
+    }
+}
+
+impl std::str::FromStr for TransportUrl {
+    type Err = anyhow::Error;
+
+    fn from_str(url: &str) -> Result<Self> {
+        let (scheme, rest) = url.split_once("://").with_context(|| {
+            format!("{url:?} is not a URL (expected rabbit://, amqp:// or memory://)")
+        })?;
+        match scheme {
+            "memory" => {
+                let name = rest.trim_end_matches('/');
+                if name.is_empty() {
+                    bail!("{url:?}: memory:// needs a name, e.g. memory://demo");
+                }
+                Ok(TransportUrl::Memory {
+                    name: name.to_string(),
+                })
+            }
+            "rabbit" | "amqp" => {
+                let (authority, vhost) = match rest.split_once('/') {
+                    Some((a, v)) => (a, percent_decode(v.split('?').next().unwrap_or(""))),
+                    // oslo.messaging's default: no path means the vhost "/".
+                    None => (rest, "/".to_string()),
+                };
+                let vhost = if vhost.is_empty() {
+                    "/".to_string()
+                } else {
+                    vhost
+                };
+                let mut hosts = Vec::new();
+                for entry in authority.split(',').filter(|e| !e.is_empty()) {
+                    hosts.push(parse_amqp_host(entry).with_context(|| format!("{url:?}"))?);
+                }
+                if hosts.is_empty() {
+                    bail!("{url:?} names no host");
+                }
+                Ok(TransportUrl::Amqp { hosts, vhost })
+            }
+            other => {
+                bail!("{url:?}: unsupported scheme {other:?} (use rabbit://, amqp:// or memory://)")
+            }
+        }
+    }
+}
+
+fn parse_amqp_host(entry: &str) -> Result<AmqpHost> {
+    let (userinfo, hostport) = match entry.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, entry),
+    };
+    let (user, password) = match userinfo {
+        Some(u) => match u.split_once(':') {
+            Some((user, pass)) => (percent_decode(user), percent_decode(pass)),
+            None => (percent_decode(u), String::new()),
+        },
+        None => ("guest".to_string(), "guest".to_string()),
+    };
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) => (
+            h.to_string(),
+            p.parse::<u16>()
+                .with_context(|| format!("port {p:?} is not a number from 1 to 65535"))?,
+        ),
+        None => (hostport.to_string(), 5672),
+    };
+    if host.is_empty() {
+        bail!("an entry has no host name");
+    }
+    Ok(AmqpHost {
+        user,
+        password,
+        host,
+        port,
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(hi << 4 | lo);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl<'de> Deserialize<'de> for TransportUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|e: anyhow::Error| serde::de::Error::custom(format!("{e:#}")))
+    }
+}
+
+/// Shown without passwords, so URLs can go to logs.
+impl fmt::Display for TransportUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TransportUrl::Memory { name } => write!(f, "memory://{name}"),
+            TransportUrl::Amqp { hosts, vhost } => {
+                write!(f, "amqp://")?;
+                for (i, h) in hosts.iter().enumerate() {
+                    if i > 0 {
+                        write!(f, ",")?;
+                    }
+                    write!(f, "{}:***@{}:{}", h.user, h.host, h.port)?;
+                }
+                write!(f, "/{vhost}")
+            }
+        }
+    }
+}
+
+impl fmt::Debug for TransportUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rabbit_url_with_failover_hosts_and_vhost() {
+        let url: TransportUrl = "rabbit://u:p%40ss@h1:5673,v:q@h2/child-cell2"
+            .parse()
+            .expect("valid url");
+        let TransportUrl::Amqp { hosts, vhost } = &url else {
+            panic!("expected amqp")
+        };
+        assert_eq!(vhost, "child-cell2");
+        assert_eq!(hosts.len(), 2);
+        assert_eq!(hosts[0].password, "p@ss");
+        assert_eq!(hosts[0].port, 5673);
+        assert_eq!(hosts[1].port, 5672);
+        assert_eq!(url.amqp_uris()[0], "amqp://u:p%40ss@h1:5673/child-cell2");
+        assert!(!url.to_string().contains("p@ss"));
+    }
+
+    #[test]
+    fn bad_urls_say_what_is_wrong() {
+        let err = "ftp://x".parse::<TransportUrl>().unwrap_err().to_string();
+        assert!(err.contains("unsupported scheme"), "{err}");
+        let err = format!(
+            "{:#}",
+            "rabbit://g:g@h:notaport/v"
+                .parse::<TransportUrl>()
+                .unwrap_err()
+        );
+        assert!(err.contains("notaport"), "{err}");
+        assert!("memory://".parse::<TransportUrl>().is_err());
+    }
+
+    #[test]
+    fn config_error_names_file_and_key() {
+        let dir = std::env::temp_dir().join(format!("cellhost-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("cell.toml");
+        std::fs::write(
+            &path,
+            "[cell]\nname = \"a\"\ntransport_url = \"memory://x\"\nmax_hop_count = \"ten\"\n",
+        )
+        .expect("write");
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("cell.toml"), "{err}");
+        assert!(err.contains("max_hop_count"), "{err}");
+
+        std::fs::write(
+            &path,
+            "[cell]\nname = \"a\"\ntransport_url = \"memory://x\"\n[[neighbours]]\nname = \"a\"\ntransport_url = \"memory://x\"\n",
+        )
+        .expect("write");
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("neighbours[0].name"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn nova_cells_config_json_lists_neighbours() {
+        let text = r#"{
+            "api-cell": {"name": "api-cell", "api_url": "http://x", "transport_url": "rabbit://g:g@127.0.0.1:5672/api", "weight_offset": 0.0, "weight_scale": 1.0, "is_parent": true},
+            "child-cell2": {"name": "child-cell2", "transport_url": "rabbit://g:g@127.0.0.1:5672/c2", "is_parent": false}
+        }"#;
+        let n = parse_cells_config(text, "child-cell2").expect("parses");
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].name, "api-cell");
+        assert!(n[0].is_parent);
+    }
+}

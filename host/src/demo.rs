@@ -1,0 +1,344 @@
+//! `cellhost demo`: Nova's eight-cell test topology on the in-memory
+//! transport, with the embedded nova-cells policy, a built-in local worker in
+//! every cell, and a few messages whose routes are printed.
+//!
+//! The local worker is also what the tests put behind each cell: it consumes
+//! the cell's local topic like an oslo.messaging RPC server and records what
+//! it was asked to process.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use crate::client::{entry_cast, Outgoing};
+use crate::config::{Config, NeighbourConfig, TransportUrl};
+use crate::policy::{LoadedPolicy, PolicyEngine};
+use crate::transport::{Broker, Outcome, QueueSpec};
+use crate::wire::{self, Direction};
+use crate::CellHost;
+
+/// Nova's test topology: each cell and its parent.
+pub const NOVA_TOPOLOGY: [(&str, Option<&str>); 8] = [
+    ("api-cell", None),
+    ("child-cell1", Some("api-cell")),
+    ("child-cell2", Some("api-cell")),
+    ("child-cell3", Some("api-cell")),
+    ("child-cell4", Some("api-cell")),
+    ("grandchild-cell1", Some("child-cell2")),
+    ("grandchild-cell2", Some("child-cell3")),
+    ("grandchild-cell3", Some("child-cell3")),
+];
+
+/// Configs for a tree of cells, given each cell's broker URL.
+pub fn tree_configs(
+    topology: &[(&str, Option<&str>)],
+    url_of: impl Fn(&str) -> TransportUrl,
+) -> Vec<Config> {
+    topology
+        .iter()
+        .map(|(name, parent)| {
+            let mut config = Config::for_cell(name, url_of(name));
+            if let Some(parent) = parent {
+                config
+                    .neighbours
+                    .push(neighbour(parent, true, url_of(parent)));
+            }
+            for (child, _) in topology.iter().filter(|(_, p)| p == &Some(*name)) {
+                config
+                    .neighbours
+                    .push(neighbour(child, false, url_of(child)));
+            }
+            config
+        })
+        .collect()
+}
+
+fn neighbour(name: &str, is_parent: bool, transport_url: TransportUrl) -> NeighbourConfig {
+    NeighbourConfig {
+        name: name.to_string(),
+        is_parent,
+        transport_url,
+        weight_offset: 0.0,
+        weight_scale: 1.0,
+        capabilities: BTreeMap::new(),
+    }
+}
+
+/// One message a cell's local application was given.
+#[derive(Debug, Clone)]
+pub struct Processed {
+    pub cell: String,
+    pub method: String,
+    pub kwargs: Map<String, Value>,
+    pub context: Map<String, Value>,
+    /// From the context key `cell_routing_path`.
+    pub routing_path: String,
+    /// From the context key `cell_message_uuid`.
+    pub message_uuid: String,
+}
+
+/// Consumes `config`'s local topic on `broker` as a cell's application would,
+/// sending what it processes down the returned channel.
+pub async fn record_local(
+    broker: &Broker,
+    config: &Config,
+) -> Result<mpsc::UnboundedReceiver<Processed>> {
+    let topic = &config.local.topic;
+    broker
+        .declare_queue(
+            &QueueSpec::oslo(topic),
+            &config.cell.control_exchange,
+            topic,
+        )
+        .await?;
+    let mut inbox = broker
+        .consume(
+            std::slice::from_ref(topic),
+            256,
+            &format!("worker-{}", config.cell.name),
+        )
+        .await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let cell = config.cell.name.clone();
+    tokio::spawn(async move {
+        while let Some(inbound) = inbox.next().await {
+            match wire::decode_request(&inbound.body, wire::DEFAULT_BODY_LIMIT) {
+                Ok(request) => {
+                    let context = request.context.0;
+                    let text = |key: &str| {
+                        context
+                            .get(key)
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_string()
+                    };
+                    let processed = Processed {
+                        cell: cell.clone(),
+                        method: request.method,
+                        kwargs: request.args,
+                        routing_path: text("cell_routing_path"),
+                        message_uuid: text("cell_message_uuid"),
+                        context,
+                    };
+                    inbound.settle(Outcome::Ack);
+                    if tx.send(processed).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(cell = %cell, error = %e, "local worker got an undecodable message");
+                    inbound.settle(Outcome::Reject);
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Runs the demo and returns what it printed.
+pub async fn run() -> Result<String> {
+    let engine = PolicyEngine::new()?;
+    let policy = crate::plugins::load(&engine, &Default::default())?;
+    let run_id = crate::router::new_unique_id();
+    let configs = tree_configs(&NOVA_TOPOLOGY, |cell| TransportUrl::Memory {
+        name: format!("demo-{}-{cell}", &run_id[..8]),
+    });
+    let mut out = String::new();
+    writeln!(
+        out,
+        "cellhost demo: Nova's eight-cell topology on memory://, policy {} ({})\n",
+        policy.source(),
+        policy.version()
+    )?;
+    print_tree(&mut out, None, "");
+    let (hosts, workers) = start_cells(&configs, &policy).await?;
+    let mut demo = Demo {
+        configs: &configs,
+        workers,
+        out,
+    };
+
+    let mut reboot = Outgoing::targeted(
+        "api-cell!child-cell2!grandchild-cell1",
+        Direction::Down,
+        "reboot_instance",
+    );
+    reboot
+        .method_kwargs
+        .insert("instance".into(), Value::String("9f8c2a52".into()));
+    demo.send(
+        "api-cell",
+        "1. targeted down, api-cell -> grandchild-cell1",
+        reboot,
+        1,
+    )
+    .await?;
+    demo.send(
+        "grandchild-cell1",
+        "2. targeted up, grandchild-cell1 -> api-cell",
+        Outgoing::targeted(
+            "grandchild-cell1!child-cell2!api-cell",
+            Direction::Up,
+            "instance_update_at_top",
+        ),
+        1,
+    )
+    .await?;
+    demo.send(
+        "api-cell",
+        "3. broadcast down from api-cell",
+        Outgoing::broadcast(Direction::Down, "sync_instances"),
+        8,
+    )
+    .await?;
+    demo.send(
+        "grandchild-cell3",
+        "4. broadcast up from grandchild-cell3",
+        Outgoing::broadcast(Direction::Up, "bw_usage_update_at_top"),
+        3,
+    )
+    .await?;
+
+    let mut out = demo.out;
+    writeln!(
+        out,
+        "\nper-cell counters (received / local / relayed / dead-lettered):"
+    )?;
+    for host in &hosts {
+        let r = host.router();
+        let s = &r.stats;
+        use crate::router::Stats;
+        writeln!(
+            out,
+            "  {:<17} {:>2} / {:>2} / {:>2} / {:>2}",
+            r.cell_name(),
+            Stats::get(&s.received),
+            Stats::get(&s.delivered_local),
+            Stats::get(&s.relayed),
+            Stats::get(&s.dead_lettered)
+        )?;
+    }
+    for host in hosts {
+        host.shutdown().await;
+    }
+    Ok(out)
+}
+
+/// Starts a host per config, each with a recording local worker.
+pub async fn start_cells(
+    configs: &[Config],
+    policy: &Arc<LoadedPolicy>,
+) -> Result<(
+    Vec<CellHost>,
+    BTreeMap<String, mpsc::UnboundedReceiver<Processed>>,
+)> {
+    let mut hosts = Vec::new();
+    let mut workers = BTreeMap::new();
+    for config in configs {
+        let broker = Broker::connect(&config.cell.transport_url, &config.cell.name).await?;
+        workers.insert(
+            config.cell.name.clone(),
+            record_local(&broker, config).await?,
+        );
+        hosts.push(CellHost::start(config.clone(), policy.clone()).await?);
+    }
+    Ok((hosts, workers))
+}
+
+struct Demo<'a> {
+    configs: &'a [Config],
+    workers: BTreeMap<String, mpsc::UnboundedReceiver<Processed>>,
+    out: String,
+}
+
+impl Demo<'_> {
+    async fn send(
+        &mut self,
+        origin: &str,
+        title: &str,
+        outgoing: Outgoing,
+        expect: usize,
+    ) -> Result<()> {
+        let config = self
+            .configs
+            .iter()
+            .find(|c| c.cell.name == origin)
+            .context("demo origin is not a cell")?;
+        let message = outgoing.to_message();
+        let broker = Broker::connect(&config.cell.transport_url, "demo-client").await?;
+        broker
+            .publish(entry_cast(
+                &config.cell.control_exchange,
+                &config.cell.queue_base,
+                &message,
+            ))
+            .await?;
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while seen.len() < expect {
+            let mut progressed = false;
+            for rx in self.workers.values_mut() {
+                while let Ok(p) = rx.try_recv() {
+                    if p.message_uuid == message.uuid {
+                        seen.push(p);
+                        progressed = true;
+                    }
+                }
+            }
+            if !progressed {
+                if tokio::time::Instant::now() > deadline {
+                    bail!(
+                        "{title}: only {} of {expect} cells processed the message",
+                        seen.len()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        seen.sort_by(|a, b| {
+            a.routing_path
+                .len()
+                .cmp(&b.routing_path.len())
+                .then(a.cell.cmp(&b.cell))
+        });
+        writeln!(
+            self.out,
+            "\n{title}: `{}` ({})",
+            message.method_name,
+            &message.uuid[..8]
+        )?;
+        for p in &seen {
+            writeln!(
+                self.out,
+                "   processed in {:<17} route {}",
+                p.cell,
+                p.routing_path.replace('!', " -> ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn print_tree(out: &mut String, parent: Option<&str>, indent: &str) {
+    let children: Vec<&str> = NOVA_TOPOLOGY
+        .iter()
+        .filter(|(_, p)| *p == parent)
+        .map(|(n, _)| *n)
+        .collect();
+    for (i, child) in children.iter().enumerate() {
+        let last = i + 1 == children.len();
+        let (branch, next) = match parent {
+            None => ("", String::new()),
+            Some(_) if last => ("└── ", format!("{indent}    ")),
+            Some(_) => ("├── ", format!("{indent}│   ")),
+        };
+        let _ = writeln!(out, "  {indent}{branch}{child}");
+        print_tree(out, Some(child), &next);
+    }
+}

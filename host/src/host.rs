@@ -1,0 +1,246 @@
+//! A running cell: its broker connections, the queues it declares, and one
+//! consumer loop per message type that carries out the router's plans.
+//!
+//! The loop keeps up to `confirm_window` messages in flight: it plans each
+//! message as it arrives, starts its publications at once, and settles the
+//! source only when every publication is confirmed by its broker. Nothing
+//! awaits one publish before starting the next.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::policy::LoadedPolicy;
+use crate::router::{Plan, RouteWorker, Router, Target};
+use crate::transport::{Broker, ExchangeKind, Inbound, Outcome, QueueSpec};
+use crate::wire::MessageType;
+
+/// How long a message whose publication failed waits before going back to
+/// its queue, so a broken neighbour is not hammered in a tight loop.
+const REQUEUE_DELAY: Duration = Duration::from_secs(1);
+
+/// The brokers a cell publishes to: its own and each neighbour's.
+struct Links {
+    own: Broker,
+    neighbours: HashMap<String, Broker>,
+}
+
+impl Links {
+    fn get(&self, target: &Target) -> Option<&Broker> {
+        match target {
+            Target::Own => Some(&self.own),
+            Target::Neighbour(name) => self.neighbours.get(name),
+        }
+    }
+}
+
+/// One cell being served.
+pub struct CellHost {
+    router: Arc<Router>,
+    links: Arc<Links>,
+    shutdown: watch::Sender<bool>,
+    consumers: Vec<JoinHandle<()>>,
+}
+
+impl CellHost {
+    /// Connects to the cell's broker and every neighbour's, declares what an
+    /// oslo RPC server declares, and starts consuming.
+    pub async fn start(config: Config, policy: Arc<LoadedPolicy>) -> Result<CellHost> {
+        let name = config.cell.name.clone();
+        let own = Broker::connect(&config.cell.transport_url, &name)
+            .await
+            .with_context(|| format!("cell {name}: own broker {}", config.cell.transport_url))?;
+        let exchange = config.cell.control_exchange.clone();
+        own.declare_exchange(&exchange, ExchangeKind::Topic).await?;
+
+        let host_id = config.host_id();
+        let mut queues_by_kind = Vec::new();
+        for kind in MessageType::all() {
+            let topic = format!("{}.{}", config.cell.queue_base, kind.as_str());
+            let per_host = format!("{topic}.{host_id}");
+            own.declare_queue(&QueueSpec::oslo(&topic), &exchange, &topic)
+                .await?;
+            own.declare_queue(&QueueSpec::oslo(&per_host), &exchange, &per_host)
+                .await?;
+            let fanout = format!("{topic}_fanout");
+            own.declare_exchange(&fanout, ExchangeKind::Fanout).await?;
+            let fanout_queue = QueueSpec {
+                name: format!("{fanout}_{}", crate::router::new_unique_id()),
+                durable: false,
+                // Named for this process alone; it goes when the process does.
+                auto_delete: true,
+            };
+            own.declare_queue(&fanout_queue, &fanout, &topic).await?;
+            queues_by_kind.push((kind, vec![topic, per_host, fanout_queue.name]));
+        }
+        // Local deliveries wait in the worker's queue even before it starts.
+        let local = &config.local.topic;
+        own.declare_queue(&QueueSpec::oslo(local), &exchange, local)
+            .await?;
+        let dead = QueueSpec {
+            name: format!("{}.dead", config.cell.queue_base),
+            durable: true,
+            auto_delete: false,
+        };
+        own.declare_queue(&dead, "", "").await?;
+
+        let mut neighbours = HashMap::new();
+        for n in &config.neighbours {
+            let broker = connect_neighbour(&config, n).await.with_context(|| {
+                format!("cell {name}: neighbour {} at {}", n.name, n.transport_url)
+            })?;
+            neighbours.insert(n.name.clone(), broker);
+        }
+        let links = Arc::new(Links { own, neighbours });
+
+        let prefetch = config.cell.prefetch;
+        let window = config.cell.confirm_window;
+        let router = Router::new(config, policy);
+        let (shutdown, stop) = watch::channel(false);
+        let mut consumers = Vec::new();
+        for (kind, queues) in queues_by_kind {
+            let tag = format!("cellhost-{name}-{}", kind.as_str());
+            let inbox = links.own.consume(&queues, prefetch, &tag).await?;
+            let worker = RouteWorker::new(router.clone());
+            consumers.push(tokio::spawn(serve(
+                inbox,
+                worker,
+                links.clone(),
+                window,
+                stop.clone(),
+            )));
+        }
+        tracing::info!(cell = %name, neighbours = links.neighbours.len(), policy = router.active_policy().version(), "cell serving");
+        Ok(CellHost {
+            router,
+            links,
+            shutdown,
+            consumers,
+        })
+    }
+
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Returns when a consumer stops on its own (its broker went away).
+    pub async fn stopped(&mut self) {
+        if self.consumers.is_empty() {
+            return futures::future::pending().await;
+        }
+        let (_, index, _) = futures::future::select_all(self.consumers.iter_mut()).await;
+        self.consumers.remove(index);
+    }
+
+    /// Stops consuming, finishes what is in flight, and closes the connections.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for consumer in self.consumers {
+            let _ = consumer.await;
+        }
+        for broker in self.links.neighbours.values() {
+            broker.close().await;
+        }
+        self.links.own.close().await;
+        tracing::info!(cell = %self.router.cell_name(), "cell stopped");
+    }
+}
+
+/// Opens the link to a neighbour and makes sure what this cell publishes to
+/// exists there, with the properties an oslo peer would declare, so messages
+/// wait for the neighbour's host instead of being dropped as unroutable.
+async fn connect_neighbour(config: &Config, n: &crate::config::NeighbourConfig) -> Result<Broker> {
+    let label = format!("{}->{}", config.cell.name, n.name);
+    let broker = Broker::connect(&n.transport_url, &label).await?;
+    let exchange = &config.cell.control_exchange;
+    broker
+        .declare_exchange(exchange, ExchangeKind::Topic)
+        .await?;
+    for kind in MessageType::all() {
+        let topic = format!("{}.{}", config.cell.queue_base, kind.as_str());
+        broker
+            .declare_queue(&QueueSpec::oslo(&topic), exchange, &topic)
+            .await?;
+        broker
+            .declare_exchange(&format!("{topic}_fanout"), ExchangeKind::Fanout)
+            .await?;
+    }
+    Ok(broker)
+}
+
+/// One consumer: plan each message as it arrives, keep up to `window` of them
+/// in flight, settle each when its publications are confirmed.
+async fn serve(
+    mut inbox: crate::transport::Inbox,
+    mut worker: RouteWorker,
+    links: Arc<Links>,
+    window: usize,
+    mut stop: watch::Receiver<bool>,
+) {
+    let router = worker.router().clone();
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            inbound = inbox.next(), if in_flight.len() < window => {
+                let Some(inbound) = inbound else {
+                    tracing::error!(cell = %router.cell_name(), "consumer ended: the broker connection is gone");
+                    break;
+                };
+                let plan = worker.plan(&inbound.body);
+                in_flight.push(carry_out(plan, inbound, links.clone(), router.clone()));
+            }
+        }
+    }
+    // Stop taking messages, but finish the ones already started.
+    drop(inbox);
+    while in_flight.next().await.is_some() {}
+}
+
+/// Makes a plan's publications concurrently; acks the source once all are
+/// confirmed, or requeues it after a pause if any failed.
+async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, router: Arc<Router>) {
+    let publishes = plan.sends.into_iter().map(|(target, publication)| {
+        let links = links.clone();
+        async move {
+            match links.get(&target) {
+                Some(broker) => broker.publish(publication).await,
+                None => Err(anyhow::anyhow!("no link to {target:?}")),
+            }
+        }
+    });
+    let results = futures::future::join_all(publishes).await;
+    let failures: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+        .collect();
+    if failures.is_empty() {
+        if let Some(uuid) = &plan.uuid {
+            router.handled(uuid);
+        }
+        inbound.settle(Outcome::Ack);
+        return;
+    }
+    router
+        .stats
+        .publish_failures
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(
+        cell = %router.cell_name(),
+        uuid = plan.uuid.as_deref().unwrap_or("-"),
+        errors = ?failures,
+        "publication failed; the message goes back to its queue"
+    );
+    tokio::time::sleep(REQUEUE_DELAY).await;
+    inbound.settle(Outcome::Requeue);
+}

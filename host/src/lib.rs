@@ -1,0 +1,31 @@
+//! cellhost: a WebAssembly-pluggable message host for hierarchical cells.
+//!
+//! One message takes one road through these modules:
+//!
+//! ```text
+//! broker --(transport: amqp | memory)--> wire codec --> router --> policy (Wasm) --> actions
+//!       <--(transport publish, confirmed)------------ router <-------------------------'
+//!                    then the source is acked
+//! ```
+//!
+//! - [`transport`]: brokers, queues, confirms, acks; nothing of cells.
+//! - [`wire`]: the oslo envelope and the cells message JSON; nothing of AMQP.
+//! - [`policy`]: wasmtime and the `cellhost:policy` world; nothing of brokers.
+//! - [`router`]: cells semantics and the host's invariants.
+//! - [`host`]: one running cell, wiring the above together.
+//! - [`client`]: what an application does to send into the network.
+//! - [`config`], [`demo`], [`plugins`]: configuration, the in-memory demo,
+//!   and the policies built with this crate.
+
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod host;
+pub mod plugins;
+pub mod policy;
+pub mod router;
+pub mod transport;
+pub mod wire;
+
+pub use config::Config;
+pub use host::CellHost;

@@ -1,0 +1,223 @@
+//! The `cellhost` command: serve cells, run the demo, send a message.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{Map, Value};
+
+use cellhost::client::{entry_cast, Outgoing};
+use cellhost::config::{Config, TransportUrl};
+use cellhost::policy::PolicyEngine;
+use cellhost::transport::Broker;
+use cellhost::wire::Direction;
+use cellhost::CellHost;
+
+#[derive(Parser)]
+#[command(
+    name = "cellhost",
+    version,
+    about = "A WebAssembly-pluggable message host for hierarchical cells (Nova cells v1 over oslo.messaging)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the cell a config file describes (several files: several cells in one process).
+    Run {
+        /// A cell's TOML config; repeat for several cells (e.g. on memory://).
+        #[arg(long, short, required = true)]
+        config: Vec<PathBuf>,
+    },
+    /// Run Nova's eight-cell test topology in memory and show where messages go.
+    Demo,
+    /// Cast a message into a cell, as an application on that cell would.
+    Send(SendArgs),
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    /// Take the broker, exchange and queue base from this cell's config.
+    #[arg(long, conflicts_with = "url")]
+    config: Option<PathBuf>,
+    /// The cell's broker, e.g. rabbit://guest:guest@127.0.0.1:5672/api-cell.
+    #[arg(long, required_unless_present = "config")]
+    url: Option<String>,
+    #[arg(long, default_value = "nova")]
+    control_exchange: String,
+    #[arg(long, default_value = "cells.intercell")]
+    queue_base: String,
+    /// targeted or broadcast.
+    #[arg(long = "type", value_enum, default_value = "targeted")]
+    kind: Kind,
+    /// The destination's path for a targeted message, e.g. api-cell!child-cell2.
+    #[arg(long, required_if_eq("kind", "targeted"))]
+    target: Option<String>,
+    #[arg(long, value_enum, default_value = "down")]
+    direction: Dir,
+    /// The method the destination's application is asked to run.
+    #[arg(long)]
+    method: String,
+    /// Its keyword arguments, a JSON object.
+    #[arg(long, default_value = "{}")]
+    kwargs: String,
+    /// The request context, a JSON object.
+    #[arg(long, default_value = "{}")]
+    ctxt: String,
+    #[arg(long, default_value_t = 10)]
+    max_hop_count: u32,
+    /// For a broadcast: do not process it in the cell it is sent from.
+    #[arg(long)]
+    no_run_locally: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    Targeted,
+    Broadcast,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Dir {
+    Up,
+    Down,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Run { .. } => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cellhost: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cellhost: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Run { config } => run(config).await,
+        Command::Demo => {
+            print!("{}", cellhost::demo::run().await?);
+            Ok(())
+        }
+        Command::Send(args) => send(args).await,
+    }
+}
+
+async fn run(paths: Vec<PathBuf>) -> Result<()> {
+    // Every file is checked before any broker is touched.
+    let configs = paths
+        .iter()
+        .map(|p| Config::load(p))
+        .collect::<Result<Vec<_>>>()?;
+    let engine = PolicyEngine::new()?;
+    let mut hosts = Vec::new();
+    for config in configs {
+        let policy = cellhost::plugins::load(&engine, &config.policy)
+            .with_context(|| format!("cell {}", config.cell.name))?;
+        hosts.push(CellHost::start(config, policy).await?);
+    }
+    let stopped_by_itself = {
+        let any_stopped =
+            futures::future::select_all(hosts.iter_mut().map(|h| Box::pin(h.stopped())));
+        tokio::select! {
+            _ = shutdown_signal() => false,
+            _ = any_stopped => true,
+        }
+    };
+    for host in hosts {
+        host.shutdown().await;
+    }
+    if stopped_by_itself {
+        anyhow::bail!("a consumer stopped: lost the connection to a cell's broker");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn send(args: SendArgs) -> Result<()> {
+    let (url, exchange, queue_base) = match &args.config {
+        Some(path) => {
+            let c = Config::load(path)?;
+            (
+                c.cell.transport_url,
+                c.cell.control_exchange,
+                c.cell.queue_base,
+            )
+        }
+        None => {
+            let url = args.url.as_deref().unwrap_or_default();
+            let url: TransportUrl = url.parse().context("--url")?;
+            (url, args.control_exchange.clone(), args.queue_base.clone())
+        }
+    };
+    let direction = match args.direction {
+        Dir::Up => Direction::Up,
+        Dir::Down => Direction::Down,
+    };
+    let mut outgoing = match args.kind {
+        Kind::Targeted => Outgoing::targeted(
+            args.target.as_deref().unwrap_or_default(),
+            direction,
+            &args.method,
+        ),
+        Kind::Broadcast => Outgoing::broadcast(direction, &args.method),
+    };
+    outgoing.method_kwargs = json_object("--kwargs", &args.kwargs)?;
+    outgoing.ctxt = json_object("--ctxt", &args.ctxt)?;
+    outgoing.max_hop_count = args.max_hop_count;
+    outgoing.run_locally = !args.no_run_locally;
+    let message = outgoing.to_message();
+    let broker = Broker::connect(&url, "cellhost send").await?;
+    broker
+        .publish(entry_cast(&exchange, &queue_base, &message))
+        .await
+        .context("the broker did not confirm the message")?;
+    broker.close().await;
+    println!("{}", message.uuid);
+    Ok(())
+}
+
+fn json_object(flag: &str, text: &str) -> Result<Map<String, Value>> {
+    match serde_json::from_str(text).with_context(|| format!("{flag} is not JSON"))? {
+        Value::Object(map) => Ok(map),
+        _ => anyhow::bail!("{flag} must be a JSON object, like '{{\"key\": 1}}'"),
+    }
+}

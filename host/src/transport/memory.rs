@@ -1,0 +1,161 @@
+//! The in-process transport behind `memory://<name>`: a small broker with the
+//! AMQP routing the host relies on (the default exchange, topic exchanges
+//! matched on the exact routing key, fanout exchanges), so several cells run
+//! in one process on the same code paths as over RabbitMQ.
+//!
+//! Brokers are found by name in a process-wide registry, so every cell whose
+//! URL says `memory://demo` shares one broker, as cells sharing a RabbitMQ
+//! would. Publishing is confirmed as soon as the message is queued.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use anyhow::{bail, Result};
+use tokio::sync::mpsc;
+
+use super::{ExchangeKind, Inbound, Inbox, Outcome, Publication, Settle};
+
+type Body = Vec<u8>;
+
+/// A handle on one named in-process broker.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    name: Arc<str>,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    exchanges: HashMap<String, ExchangeKind>,
+    /// Exchange name to its bindings: (routing key, queue).
+    bindings: HashMap<String, Vec<(String, String)>>,
+    queues: HashMap<String, Queue>,
+}
+
+struct Queue {
+    tx: mpsc::UnboundedSender<Body>,
+    /// Taken by the one consumer a memory queue may have.
+    rx: Option<mpsc::UnboundedReceiver<Body>>,
+}
+
+fn registry() -> &'static Mutex<HashMap<String, MemoryBroker>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<String, MemoryBroker>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+impl MemoryBroker {
+    /// The broker called `name` in this process, created on first use.
+    pub fn named(name: &str) -> MemoryBroker {
+        let mut brokers = lock(registry());
+        brokers
+            .entry(name.to_string())
+            .or_insert_with(|| MemoryBroker {
+                name: name.into(),
+                state: Arc::default(),
+            })
+            .clone()
+    }
+
+    pub fn declare_exchange(&self, name: &str, kind: ExchangeKind) {
+        lock(&self.state)
+            .exchanges
+            .entry(name.to_string())
+            .or_insert(kind);
+    }
+
+    pub fn declare_queue(&self, queue: &str, exchange: &str, routing_key: &str) {
+        let mut state = lock(&self.state);
+        state.queues.entry(queue.to_string()).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            Queue { tx, rx: Some(rx) }
+        });
+        if !exchange.is_empty() {
+            let bindings = state.bindings.entry(exchange.to_string()).or_default();
+            let binding = (routing_key.to_string(), queue.to_string());
+            if !bindings.contains(&binding) {
+                bindings.push(binding);
+            }
+        }
+    }
+
+    pub fn consume(&self, queues: &[String]) -> Result<Inbox> {
+        let mut state = lock(&self.state);
+        let mut streams = Vec::new();
+        for name in queues {
+            let Some(queue) = state.queues.get_mut(name) else {
+                bail!("memory://{}: no queue {name:?}", self.name);
+            };
+            let Some(rx) = queue.rx.take() else {
+                bail!(
+                    "memory://{}: queue {name:?} already has a consumer",
+                    self.name
+                );
+            };
+            let requeue = queue.tx.clone();
+            streams.push(futures::stream::unfold(
+                (rx, requeue),
+                |(mut rx, requeue)| async move {
+                    let body = rx.recv().await?;
+                    let inbound = Inbound {
+                        body,
+                        redelivered: false,
+                        settle: Settle::Memory(Settler {
+                            requeue: requeue.clone(),
+                        }),
+                    };
+                    Some((inbound, (rx, requeue)))
+                },
+            ));
+        }
+        Ok(Box::pin(futures::stream::select_all(
+            streams.into_iter().map(Box::pin),
+        )))
+    }
+
+    pub fn publish(&self, p: Publication) -> Result<()> {
+        let state = lock(&self.state);
+        let targets: Vec<&str> = if p.exchange.is_empty() {
+            vec![p.routing_key.as_str()]
+        } else {
+            let fanout = state.exchanges.get(&p.exchange) == Some(&ExchangeKind::Fanout);
+            match state.bindings.get(&p.exchange) {
+                Some(bindings) => bindings
+                    .iter()
+                    .filter(|(key, _)| fanout || *key == p.routing_key)
+                    .map(|(_, queue)| queue.as_str())
+                    .collect(),
+                None if state.exchanges.contains_key(&p.exchange) => Vec::new(),
+                None => bail!("memory://{}: no exchange {:?}", self.name, p.exchange),
+            }
+        };
+        let mut routed = false;
+        for target in targets {
+            if let Some(queue) = state.queues.get(target) {
+                routed |= queue.tx.send(p.body.clone()).is_ok();
+            }
+        }
+        if !routed {
+            // As a broker does with an unroutable message that is not mandatory.
+            tracing::debug!(broker = %self.name, exchange = %p.exchange, key = %p.routing_key, "unroutable message dropped");
+        }
+        Ok(())
+    }
+}
+
+/// Puts a requeued message back on its queue.
+pub(super) struct Settler {
+    requeue: mpsc::UnboundedSender<Body>,
+}
+
+impl Settler {
+    pub(super) fn settle(self, body: Body, outcome: Outcome) {
+        if outcome == Outcome::Requeue {
+            let _ = self.requeue.send(body);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; recover the data regardless.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,324 @@
+//! The end-to-end harness: real cellhosts, one per cell, on a real RabbitMQ
+//! (one fresh vhost per cell, removed afterwards) or on `memory://`, each cell
+//! with a local worker consuming its `cells.local` topic.
+//!
+//! Tests send messages into a cell as an application would and check what the
+//! applications behind the cells received, what the hosts counted, and what
+//! reached the dead-letter queues (read with lapin directly, not through the
+//! host's own transport).
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use cellhost::client::{entry_cast, Outgoing};
+use cellhost::config::{Config, TransportUrl};
+use cellhost::demo::{record_local, tree_configs, Processed, NOVA_TOPOLOGY};
+use cellhost::policy::{LoadedPolicy, PolicyEngine};
+use cellhost::router::{Stats, CELL_HEADER, REASON_CODE_HEADER, REASON_HEADER};
+use cellhost::transport::{Broker, Publication};
+use cellhost::CellHost;
+use tokio::sync::mpsc;
+
+pub use cellhost::demo::NOVA_TOPOLOGY as NOVA;
+pub use cellhost::wire::Direction;
+
+/// How long a test waits for something that should happen in milliseconds.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+/// Which transport a topology runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Rabbit,
+    Memory,
+}
+
+/// A running tree of cells.
+pub struct Topology {
+    pub transport: Transport,
+    prefix: String,
+    pub configs: Vec<Config>,
+    hosts: Vec<CellHost>,
+    workers: BTreeMap<String, mpsc::UnboundedReceiver<Processed>>,
+    vhosts: Vec<String>,
+}
+
+/// A snapshot of every host's counters, to compare before and after a message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub received: u64,
+    pub delivered_local: u64,
+    pub relayed: u64,
+    pub dead_lettered: u64,
+}
+
+/// A dead-lettered message as found in a cell's `<queue_base>.dead` queue.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub cell: String,
+    pub reason: String,
+    pub code: String,
+    pub body: Vec<u8>,
+}
+
+pub fn engine() -> Arc<PolicyEngine> {
+    use std::sync::OnceLock;
+    static ENGINE: OnceLock<Arc<PolicyEngine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| PolicyEngine::new().expect("wasmtime engine"))
+        .clone()
+}
+
+/// The policy built from `plugins/<name>`, loaded with `config`.
+pub fn plugin(name: &str, config: &str) -> Result<Arc<LoadedPolicy>> {
+    let section = cellhost::config::PolicySection {
+        path: Some(cellhost::plugins::built_path(name)),
+        config: config.to_string(),
+        ..Default::default()
+    };
+    cellhost::plugins::load(&engine(), &section)
+}
+
+impl Topology {
+    /// Nova's eight-cell tree with the embedded nova-cells policy.
+    pub async fn nova(transport: Transport) -> Result<Topology> {
+        Topology::start(transport, &NOVA_TOPOLOGY, plugin("nova_cells", "")?).await
+    }
+
+    /// Any tree, any policy. `topology` lists each cell and its parent.
+    pub async fn start(
+        transport: Transport,
+        topology: &[(&str, Option<&str>)],
+        policy: Arc<LoadedPolicy>,
+    ) -> Result<Topology> {
+        let prefix = format!("cht-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let vhosts: Vec<String> = match transport {
+            Transport::Rabbit => topology
+                .iter()
+                .map(|(c, _)| format!("{prefix}-{c}"))
+                .collect(),
+            Transport::Memory => Vec::new(),
+        };
+        create_vhosts(&vhosts)?;
+        let configs = tree_configs(topology, |cell| match transport {
+            Transport::Rabbit => format!("rabbit://guest:guest@127.0.0.1:5672/{prefix}-{cell}")
+                .parse()
+                .expect("a well-formed test URL"),
+            Transport::Memory => TransportUrl::Memory {
+                name: format!("{prefix}-{cell}"),
+            },
+        });
+        let mut topo = Topology {
+            transport,
+            prefix,
+            configs,
+            hosts: Vec::new(),
+            workers: BTreeMap::new(),
+            vhosts,
+        };
+        let (hosts, workers) = cellhost::demo::start_cells(&topo.configs, &policy).await?;
+        topo.hosts = hosts;
+        topo.workers = workers;
+        Ok(topo)
+    }
+
+    pub fn config(&self, cell: &str) -> &Config {
+        self.configs
+            .iter()
+            .find(|c| c.cell.name == cell)
+            .unwrap_or_else(|| panic!("no cell {cell} in this topology"))
+    }
+
+    /// Casts `outgoing` into `origin` as an application there would; returns the uuid.
+    pub async fn send(&self, origin: &str, outgoing: Outgoing) -> Result<String> {
+        let message = outgoing.to_message();
+        let config = self.config(origin);
+        self.publish_raw(
+            origin,
+            entry_cast(
+                &config.cell.control_exchange,
+                &config.cell.queue_base,
+                &message,
+            ),
+        )
+        .await?;
+        Ok(message.uuid)
+    }
+
+    /// Publishes any body onto `cell`'s broker, e.g. malformed input.
+    pub async fn publish_raw(&self, cell: &str, publication: Publication) -> Result<()> {
+        let config = self.config(cell);
+        let broker = Broker::connect(&config.cell.transport_url, "test-client").await?;
+        broker.publish(publication).await?;
+        broker.close().await;
+        Ok(())
+    }
+
+    /// Waits until `count` local deliveries of message `uuid` arrived, and
+    /// returns them sorted by cell name.
+    pub async fn processed(&mut self, uuid: &str, count: usize) -> Result<Vec<Processed>> {
+        let mut found = Vec::new();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while found.len() < count {
+            let mut progressed = false;
+            for rx in self.workers.values_mut() {
+                while let Ok(p) = rx.try_recv() {
+                    if p.message_uuid == uuid {
+                        found.push(p);
+                        progressed = true;
+                    }
+                }
+            }
+            if !progressed {
+                if tokio::time::Instant::now() > deadline {
+                    let cells: Vec<_> = found.iter().map(|p| p.cell.clone()).collect();
+                    bail!(
+                        "message {uuid}: {} of {count} local deliveries arrived ({cells:?})",
+                        found.len()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        found.sort_by(|a, b| a.cell.cmp(&b.cell));
+        Ok(found)
+    }
+
+    /// The sum of every host's counters.
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        for host in &self.hosts {
+            let s = &host.router().stats;
+            c.received += Stats::get(&s.received);
+            c.delivered_local += Stats::get(&s.delivered_local);
+            c.relayed += Stats::get(&s.relayed);
+            c.dead_lettered += Stats::get(&s.dead_lettered);
+        }
+        c
+    }
+
+    /// Waits for the first dead letter in `cell`'s dead-letter queue.
+    pub async fn dead_letter(&self, cell: &str) -> Result<DeadLetter> {
+        match self.transport {
+            Transport::Rabbit => self.dead_letter_amqp(cell).await,
+            Transport::Memory => bail!("dead letters are read over AMQP only"),
+        }
+    }
+
+    async fn dead_letter_amqp(&self, cell: &str) -> Result<DeadLetter> {
+        use lapin::options::BasicGetOptions;
+        let config = self.config(cell);
+        let uri = config.cell.transport_url.amqp_uris().remove(0);
+        let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        let queue = format!("{}.dead", config.cell.queue_base);
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let got = channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+                .await?;
+            if let Some(message) = got {
+                let delivery = message.delivery;
+                let header = |name: &str| -> String {
+                    delivery
+                        .properties
+                        .headers()
+                        .as_ref()
+                        .and_then(|h| h.inner().get(name))
+                        .and_then(|v| v.as_long_string())
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
+                };
+                let dead = DeadLetter {
+                    cell: header(CELL_HEADER),
+                    reason: header(REASON_HEADER),
+                    code: header(REASON_CODE_HEADER),
+                    body: delivery.data.clone(),
+                };
+                let _ = conn.close(200, "done".into()).await;
+                return Ok(dead);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("no dead letter reached {queue} on {cell}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops every host and removes the vhosts.
+    pub async fn stop(mut self) {
+        for host in std::mem::take(&mut self.hosts) {
+            host.shutdown().await;
+        }
+        let _ = delete_vhosts(&std::mem::take(&mut self.vhosts));
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // A failed test still leaves no vhost behind.
+        let _ = delete_vhosts(&self.vhosts);
+    }
+}
+
+/// Creates the vhosts and gives guest all rights on them, all at once.
+pub fn create_vhosts(vhosts: &[String]) -> Result<()> {
+    run_all(vhosts, |v| vec![vec!["add_vhost", v]])?;
+    run_all(vhosts, |v| {
+        vec![vec!["set_permissions", "-p", v, "guest", ".*", ".*", ".*"]]
+    })
+}
+
+pub fn delete_vhosts(vhosts: &[String]) -> Result<()> {
+    run_all(vhosts, |v| vec![vec!["delete_vhost", v]])
+}
+
+fn run_all(vhosts: &[String], args: impl Fn(&str) -> Vec<Vec<&str>>) -> Result<()> {
+    let mut children = Vec::new();
+    for v in vhosts {
+        for a in args(v) {
+            let child = Command::new("rabbitmqctl")
+                .args(["-q"])
+                .args(&a)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .context("running rabbitmqctl (is RabbitMQ installed? .ci/run sets it up)")?;
+            children.push((a.join(" "), child));
+        }
+    }
+    for (what, child) in children {
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "rabbitmqctl {what} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Reads the queue's messages with lapin, for tests that look at raw bytes.
+pub async fn drain_queue(uri: &str, queue: &str) -> Result<Vec<Vec<u8>>> {
+    let conn = lapin::Connection::connect(uri, lapin::ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    let mut out = Vec::new();
+    while let Some(m) = channel
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await?
+    {
+        out.push(m.delivery.data.clone());
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(out)
+}

@@ -1,0 +1,187 @@
+//! What must not take a cell down: policies that trap, loop or eat memory,
+//! and input that is not a cells message. Each bad message is dead-lettered
+//! with its reason, and the next good one is routed as usual.
+
+use cellhost::client::Outgoing;
+use cellhost::transport::Publication;
+use cellhost_tests::{plugin, Direction, Topology, Transport};
+
+const PAIR: [(&str, Option<&str>); 2] = [("top", None), ("leaf", Some("top"))];
+
+async fn adversary_pair(t: Transport) -> Topology {
+    let policy = plugin("adversary", "").expect("adversary plugin loads");
+    Topology::start(t, &PAIR, policy)
+        .await
+        .expect("topology starts")
+}
+
+/// Sends a normal message and checks it is routed: the host still serves.
+async fn still_routes(topo: &mut Topology, method: &str) {
+    let uuid = topo
+        .send(
+            "top",
+            Outgoing::targeted("top!leaf", Direction::Down, method),
+        )
+        .await
+        .expect("sent");
+    let got = topo
+        .processed(&uuid, 1)
+        .await
+        .expect("the next message is routed");
+    assert_eq!(got[0].cell, "leaf");
+    assert_eq!(got[0].routing_path, "top!leaf");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trapping_policy_fails_only_that_message() {
+    let mut topo = adversary_pair(Transport::Rabbit).await;
+    let uuid = topo
+        .send(
+            "top",
+            Outgoing::targeted("top!leaf", Direction::Down, "trap"),
+        )
+        .await
+        .expect("sent");
+    let dead = topo.dead_letter("top").await.expect("dead-lettered");
+    assert_eq!(dead.code, "policy-trap", "{dead:?}");
+    // The guest's panic message reaches the reason.
+    assert!(
+        dead.reason.contains("adversary: trap requested"),
+        "{dead:?}"
+    );
+    assert!(String::from_utf8_lossy(&dead.body).contains(&uuid));
+    still_routes(&mut topo, "after_trap").await;
+    topo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_loops_forever_is_stopped_at_its_deadline() {
+    let mut topo = adversary_pair(Transport::Rabbit).await;
+    topo.send(
+        "top",
+        Outgoing::targeted("top!leaf", Direction::Down, "spin"),
+    )
+    .await
+    .expect("sent");
+    let dead = topo.dead_letter("top").await.expect("dead-lettered");
+    assert_eq!(dead.code, "policy-deadline", "{dead:?}");
+    assert!(dead.reason.contains("deadline"), "{dead:?}");
+    still_routes(&mut topo, "after_spin").await;
+    topo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_grows_memory_without_bound_hits_its_cap() {
+    let mut topo = adversary_pair(Transport::Rabbit).await;
+    topo.send(
+        "top",
+        Outgoing::targeted("top!leaf", Direction::Down, "hog"),
+    )
+    .await
+    .expect("sent");
+    let dead = topo.dead_letter("top").await.expect("dead-lettered");
+    assert_eq!(dead.code, "policy-trap", "{dead:?}");
+    assert!(dead.reason.to_lowercase().contains("memory"), "{dead:?}");
+    still_routes(&mut topo, "after_hog").await;
+    topo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_policies_are_contained_on_memory_too() {
+    let mut topo = adversary_pair(Transport::Memory).await;
+    for (i, method) in ["trap", "spin", "hog"].into_iter().enumerate() {
+        topo.send(
+            "top",
+            Outgoing::targeted("top!leaf", Direction::Down, method),
+        )
+        .await
+        .expect("sent");
+        still_routes(&mut topo, &format!("after_{method}")).await;
+        assert_eq!(topo.counts().dead_lettered, i as u64 + 1);
+    }
+    topo.stop().await;
+}
+
+fn cast_body(message_json: &str) -> Vec<u8> {
+    let inner = serde_json::json!({
+        "method": "process_message",
+        "args": {"message": message_json},
+        "version": "1.0",
+        "_unique_id": "0123456789abcdef0123456789abcdef",
+    });
+    serde_json::json!({"oslo.version": "2.0", "oslo.message": inner.to_string()})
+        .to_string()
+        .into_bytes()
+}
+
+fn cells_json(mutate: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+    let mut m = Outgoing::targeted("top!leaf", Direction::Down, "x").to_message();
+    m.routing_path.clear();
+    let mut value: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&m.to_json()).expect("our own JSON parses");
+    mutate(&mut value);
+    serde_json::Value::Object(value).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_is_dead_lettered_and_the_host_keeps_serving() {
+    let policy = plugin("nova_cells", "").expect("policy loads");
+    let mut topo = Topology::start(Transport::Rabbit, &PAIR, policy)
+        .await
+        .expect("topology starts");
+    let oversized = {
+        let mut body = cast_body(&cells_json(|_| {}));
+        body.extend(std::iter::repeat_n(b' ', 1 << 20));
+        body
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("not JSON", b"this is not json {".to_vec(), "not-json"),
+        (
+            "wrong envelope",
+            br#"{"oslo.version": "2.0", "payload": "{}"}"#.to_vec(),
+            "bad-envelope",
+        ),
+        (
+            "inner message not a string",
+            br#"{"oslo.version": "2.0", "oslo.message": {"method": "process_message"}}"#.to_vec(),
+            "bad-envelope",
+        ),
+        (
+            "missing field",
+            cast_body(&cells_json(|m| {
+                m.remove("direction");
+            })),
+            "bad-cells-message",
+        ),
+        (
+            "mistyped field",
+            cast_body(&cells_json(|m| {
+                m.insert("hop_count".into(), serde_json::json!("three"));
+            })),
+            "bad-cells-message",
+        ),
+        (
+            "cells message not JSON",
+            cast_body("{{{"),
+            "bad-cells-message",
+        ),
+        ("body over the size limit", oversized, "too-large"),
+    ];
+    for (what, body, code) in cases {
+        topo.publish_raw(
+            "top",
+            Publication::new("nova", "cells.intercell.targeted", body.clone()),
+        )
+        .await
+        .expect("published");
+        let dead = topo
+            .dead_letter("top")
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(dead.code, code, "{what}: {dead:?}");
+        assert!(!dead.reason.is_empty(), "{what}");
+        assert_eq!(dead.body, body, "{what}: the original body is kept");
+        still_routes(&mut topo, "after_bad_input").await;
+    }
+    topo.stop().await;
+}
