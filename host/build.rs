@@ -62,8 +62,9 @@ fn main() {
 
     ensure_wasm_target(&rustc);
 
-    // In OUT_DIR rather than next to cargo's output: that is overwritten as
-    // explained at PLUGINS, and it is shared by every build of the host.
+    // Copied into OUT_DIR rather than used where cargo writes them: building
+    // adversary overwrites nova_cells.wasm there (see PLUGINS), and that
+    // directory is shared by every build of the host, OUT_DIR by none.
     let plugins_dir = PathBuf::from(required_env("OUT_DIR")).join("plugins");
     if let Err(e) = fs::create_dir_all(&plugins_dir) {
         panic!("cannot create {}: {e}", plugins_dir.display());

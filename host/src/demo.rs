@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::client::{entry_cast, Outgoing};
 use crate::config::{Config, NeighbourConfig, TransportUrl};
 use crate::policy::{LoadedPolicy, PolicyEngine};
-use crate::transport::{Broker, Outcome, QueueSpec};
+use crate::transport::{Broker, ExchangeKind, Outcome, QueueSpec};
 use crate::wire::{self, Direction};
 use crate::CellHost;
 
@@ -90,6 +90,10 @@ pub async fn record_local(
     config: &Config,
 ) -> Result<mpsc::UnboundedReceiver<Processed>> {
     let topic = &config.local.topic;
+    // As an oslo.messaging server does: the exchange, then its queue.
+    broker
+        .declare_exchange(&config.cell.control_exchange, ExchangeKind::Topic)
+        .await?;
     broker
         .declare_queue(
             &QueueSpec::oslo(topic),

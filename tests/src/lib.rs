@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use cellhost::client::{entry_cast, Outgoing};
 use cellhost::config::{Config, TransportUrl};
-use cellhost::demo::{record_local, tree_configs, Processed, NOVA_TOPOLOGY};
+use cellhost::demo::{tree_configs, Processed, NOVA_TOPOLOGY};
 use cellhost::policy::{LoadedPolicy, PolicyEngine};
 use cellhost::router::{Stats, CELL_HEADER, REASON_CODE_HEADER, REASON_HEADER};
 use cellhost::transport::{Broker, Publication};
@@ -73,11 +73,21 @@ pub fn engine() -> Arc<PolicyEngine> {
 
 /// The policy built from `plugins/<name>`, loaded with `config`.
 pub fn plugin(name: &str, config: &str) -> Result<Arc<LoadedPolicy>> {
-    let section = cellhost::config::PolicySection {
+    plugin_with(name, config, |_| {})
+}
+
+/// Like [`plugin`], with the `[policy]` section adjusted first (limits, say).
+pub fn plugin_with(
+    name: &str,
+    config: &str,
+    adjust: impl FnOnce(&mut cellhost::config::PolicySection),
+) -> Result<Arc<LoadedPolicy>> {
+    let mut section = cellhost::config::PolicySection {
         path: Some(cellhost::plugins::built_path(name)),
         config: config.to_string(),
         ..Default::default()
     };
+    adjust(&mut section);
     cellhost::plugins::load(&engine(), &section)
 }
 

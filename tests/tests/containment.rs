@@ -4,7 +4,7 @@
 
 use cellhost::client::Outgoing;
 use cellhost::transport::Publication;
-use cellhost_tests::{plugin, Direction, Topology, Transport};
+use cellhost_tests::{plugin, plugin_with, Direction, Topology, Transport};
 
 const PAIR: [(&str, Option<&str>); 2] = [("top", None), ("leaf", Some("top"))];
 
@@ -72,7 +72,11 @@ async fn a_policy_that_loops_forever_is_stopped_at_its_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_that_grows_memory_without_bound_hits_its_cap() {
-    let mut topo = adversary_pair(Transport::Rabbit).await;
+    // A deadline long enough that only the 16 MiB cap can stop it.
+    let policy = plugin_with("adversary", "", |p| p.deadline_ms = 2_000).expect("loads");
+    let mut topo = Topology::start(Transport::Rabbit, &PAIR, policy)
+        .await
+        .expect("topology starts");
     topo.send(
         "top",
         Outgoing::targeted("top!leaf", Direction::Down, "hog"),
@@ -81,7 +85,11 @@ async fn a_policy_that_grows_memory_without_bound_hits_its_cap() {
     .expect("sent");
     let dead = topo.dead_letter("top").await.expect("dead-lettered");
     assert_eq!(dead.code, "policy-trap", "{dead:?}");
-    assert!(dead.reason.to_lowercase().contains("memory"), "{dead:?}");
+    assert!(
+        dead.reason.to_lowercase().contains("memory"),
+        "{}",
+        dead.reason
+    );
     still_routes(&mut topo, "after_hog").await;
     topo.stop().await;
 }
