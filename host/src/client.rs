@@ -6,7 +6,7 @@
 use serde_json::{Map, Value};
 
 use crate::router::relay_body;
-use crate::transport::Publication;
+use crate::transport::{Broker, ExchangeKind, Publication, QueueSpec};
 use crate::wire::{CellsMessage, Direction, MessageType};
 
 /// What an application wants sent.
@@ -76,4 +76,28 @@ impl Outgoing {
 pub fn entry_cast(control_exchange: &str, queue_base: &str, message: &CellsMessage) -> Publication {
     let topic = format!("{queue_base}.{}", message.message_type.as_str());
     Publication::new(control_exchange, topic, relay_body(message))
+}
+
+/// Declares, on a cell's broker, what messages cast to it need: the control
+/// exchange, the shared intercell queues and their fanout exchanges, with the
+/// properties an oslo.messaging peer declares. A message sent before the
+/// cell's host is up then waits in its queue instead of being dropped.
+pub async fn declare_intercell(
+    broker: &Broker,
+    control_exchange: &str,
+    queue_base: &str,
+) -> anyhow::Result<()> {
+    broker
+        .declare_exchange(control_exchange, ExchangeKind::Topic)
+        .await?;
+    for kind in MessageType::all() {
+        let topic = format!("{queue_base}.{}", kind.as_str());
+        broker
+            .declare_queue(&QueueSpec::oslo(&topic), control_exchange, &topic)
+            .await?;
+        broker
+            .declare_exchange(&format!("{topic}_fanout"), ExchangeKind::Fanout)
+            .await?;
+    }
+    Ok(())
 }

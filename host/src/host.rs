@@ -17,6 +17,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::client::declare_intercell;
 use crate::config::Config;
 use crate::policy::LoadedPolicy;
 use crate::router::{Plan, RouteWorker, Router, Target};
@@ -155,24 +156,16 @@ impl CellHost {
 }
 
 /// Opens the link to a neighbour and makes sure what this cell publishes to
-/// exists there, with the properties an oslo peer would declare, so messages
-/// wait for the neighbour's host instead of being dropped as unroutable.
+/// exists there.
 async fn connect_neighbour(config: &Config, n: &crate::config::NeighbourConfig) -> Result<Broker> {
     let label = format!("{}->{}", config.cell.name, n.name);
     let broker = Broker::connect(&n.transport_url, &label).await?;
-    let exchange = &config.cell.control_exchange;
-    broker
-        .declare_exchange(exchange, ExchangeKind::Topic)
-        .await?;
-    for kind in MessageType::all() {
-        let topic = format!("{}.{}", config.cell.queue_base, kind.as_str());
-        broker
-            .declare_queue(&QueueSpec::oslo(&topic), exchange, &topic)
-            .await?;
-        broker
-            .declare_exchange(&format!("{topic}_fanout"), ExchangeKind::Fanout)
-            .await?;
-    }
+    declare_intercell(
+        &broker,
+        &config.cell.control_exchange,
+        &config.cell.queue_base,
+    )
+    .await?;
     Ok(broker)
 }
 

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Map, Value};
 
-use cellhost::client::{entry_cast, Outgoing};
+use cellhost::client::{declare_intercell, entry_cast, Outgoing};
 use cellhost::config::{Config, TransportUrl};
 use cellhost::policy::PolicyEngine;
 use cellhost::transport::Broker;
@@ -206,6 +206,7 @@ async fn send(args: SendArgs) -> Result<()> {
     outgoing.run_locally = !args.no_run_locally;
     let message = outgoing.to_message();
     let broker = Broker::connect(&url, "cellhost send").await?;
+    declare_intercell(&broker, &exchange, &queue_base).await?;
     broker
         .publish(entry_cast(&exchange, &queue_base, &message))
         .await

@@ -332,3 +332,21 @@ pub async fn drain_queue(uri: &str, queue: &str) -> Result<Vec<Vec<u8>>> {
     let _ = conn.close(200, "done".into()).await;
     Ok(out)
 }
+
+/// The `cellhost` binary cargo built beside this test (host/tests/cli.rs
+/// makes `cargo test` build it).
+pub fn cellhost_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> -> target/<profile>/cellhost
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("cellhost"))
+        .expect("test binary sits in target/<profile>/deps");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build --release -p cellhost`",
+        bin.display()
+    );
+    bin
+}
