@@ -3,11 +3,16 @@
 //! intercell topic, as `cellhost send`, the demo and the tests do, and as any
 //! oslo.messaging client does with `cast(ctxt, 'process_message', message=...)`.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use serde_json::{Map, Value};
+use tokio::sync::oneshot;
 
 use crate::router::relay_body;
 use crate::transport::{Broker, ExchangeKind, Publication, QueueSpec};
-use crate::wire::{CellsMessage, Direction, MessageType};
+use crate::wire::{CallInfo, CellsMessage, Context, Direction, MessageType, Reply, Request};
 
 /// What an application wants sent.
 #[derive(Debug, Clone)]
@@ -22,6 +27,8 @@ pub struct Outgoing {
     pub max_hop_count: u32,
     /// For broadcasts: also process in the originating cell.
     pub run_locally: bool,
+    /// Whether the sender waits for the response(s).
+    pub need_response: bool,
 }
 
 impl Outgoing {
@@ -35,6 +42,7 @@ impl Outgoing {
             target_cell: Some(target.to_string()),
             max_hop_count: 10,
             run_locally: true,
+            need_response: false,
         }
     }
 
@@ -58,7 +66,7 @@ impl Outgoing {
             method_name: self.method_name.clone(),
             method_kwargs: self.method_kwargs.clone(),
             direction: self.direction,
-            need_response: false,
+            need_response: self.need_response,
             fanout: false,
             uuid: uuid::Uuid::new_v4().to_string(),
             routing_path: String::new(),
@@ -76,6 +84,32 @@ impl Outgoing {
 pub fn entry_cast(control_exchange: &str, queue_base: &str, message: &CellsMessage) -> Publication {
     let topic = format!("{queue_base}.{}", message.message_type.as_str());
     Publication::new(control_exchange, topic, relay_body(message))
+}
+
+/// Calls `process_message` on a cell, as an application waiting for the
+/// response(s) would: the reply's result is one response object for a
+/// targeted message, a list for a broadcast.
+pub async fn call_into(
+    caller: &Caller,
+    control_exchange: &str,
+    queue_base: &str,
+    message: &CellsMessage,
+    timeout: Duration,
+) -> anyhow::Result<Reply> {
+    let mut message = message.clone();
+    message.need_response = true;
+    let mut args = Map::new();
+    args.insert("message".into(), Value::String(message.to_json()));
+    let request = caller.request(
+        "process_message",
+        args,
+        Context(message.ctxt.clone()),
+        timeout,
+    );
+    let topic = format!("{queue_base}.{}", message.message_type.as_str());
+    caller
+        .call(control_exchange, &topic, request, timeout)
+        .await
 }
 
 /// Declares, on a cell's broker, what messages cast to it need: the control
@@ -100,4 +134,125 @@ pub async fn declare_intercell(
             .await?;
     }
     Ok(())
+}
+
+/// Makes oslo calls over one broker: publishes requests carrying `_msg_id`
+/// and `_reply_q`, consumes its own reply queue, and hands each reply to the
+/// request that waits for it. The host calls its cell's application with it;
+/// `cellhost send --wait` and the tests call into a cell with it.
+#[derive(Clone)]
+pub struct Caller {
+    broker: Broker,
+    reply_queue: String,
+    pending: Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>,
+}
+
+impl Caller {
+    /// Declares a reply queue of its own on `broker` and starts consuming it.
+    pub async fn start(broker: Broker) -> anyhow::Result<Caller> {
+        let reply_queue = format!("reply_{}", crate::router::new_unique_id());
+        let spec = QueueSpec {
+            name: reply_queue.clone(),
+            durable: false,
+            auto_delete: true,
+        };
+        broker.declare_queue(&spec, "", "").await?;
+        let mut inbox = broker
+            .consume(std::slice::from_ref(&reply_queue), 512, "caller")
+            .await?;
+        let pending: Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>> = Arc::default();
+        let waiting = pending.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            while let Some(inbound) = inbox.next().await {
+                match crate::wire::decode_reply(&inbound.body, crate::wire::DEFAULT_BODY_LIMIT) {
+                    Ok(reply) => {
+                        let waiter = lock(&waiting).remove(&reply.msg_id);
+                        match waiter {
+                            Some(tx) => {
+                                let _ = tx.send(reply);
+                            }
+                            None => {
+                                tracing::info!(msg_id = %reply.msg_id, "reply for no waiting call (late or repeated)")
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "undecodable reply ignored"),
+                }
+                inbound.settle(crate::transport::Outcome::Ack);
+            }
+        });
+        Ok(Caller {
+            broker,
+            reply_queue,
+            pending,
+        })
+    }
+
+    /// The queue replies come back on (`_reply_q`).
+    pub fn reply_queue(&self) -> &str {
+        &self.reply_queue
+    }
+
+    /// Registers interest in the reply to `msg_id`; call before publishing
+    /// the request, so a fast reply is never missed.
+    pub fn expect(&self, msg_id: &str) -> oneshot::Receiver<Reply> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(msg_id.to_string(), tx);
+        rx
+    }
+
+    /// Stops waiting for `msg_id` (after a timeout).
+    pub fn forget(&self, msg_id: &str) {
+        lock(&self.pending).remove(msg_id);
+    }
+
+    /// The request of an oslo call, with a fresh `_msg_id`.
+    pub fn request(
+        &self,
+        method: &str,
+        args: Map<String, Value>,
+        context: Context,
+        timeout: Duration,
+    ) -> Request {
+        let mut request = Request::cast(method, args, context, crate::router::new_unique_id());
+        request.call = Some(CallInfo {
+            msg_id: crate::router::new_unique_id(),
+            reply_q: self.reply_queue.clone(),
+            timeout: Some(timeout.as_secs_f64()),
+        });
+        request
+    }
+
+    /// Calls `method` on `topic` and waits up to `timeout` for the reply.
+    pub async fn call(
+        &self,
+        exchange: &str,
+        topic: &str,
+        request: Request,
+        timeout: Duration,
+    ) -> anyhow::Result<Reply> {
+        let Some(msg_id) = request.call.as_ref().map(|c| c.msg_id.clone()) else {
+            anyhow::bail!("not a call: the request has no _msg_id");
+        };
+        let reply = self.expect(&msg_id);
+        let mut publication = Publication::new(exchange, topic, request.encode());
+        publication.expiration_ms = Some(timeout.as_millis() as u64);
+        if let Err(e) = self.broker.publish(publication).await {
+            self.forget(&msg_id);
+            return Err(e);
+        }
+        match tokio::time::timeout(timeout, reply).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => anyhow::bail!("the reply consumer stopped"),
+            Err(_) => {
+                self.forget(&msg_id);
+                anyhow::bail!("no reply to {msg_id} on {topic} within {timeout:?}")
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

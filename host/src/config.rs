@@ -95,6 +95,23 @@ pub struct PolicySection {
     /// Longest action list accepted from one `route` call.
     #[serde(default = "default_max_actions")]
     pub max_actions: usize,
+    /// Where compiled policies are kept between runs. Absent: the default
+    /// cache folder (see [`PolicySection::cache_dir`]); `""`: no disk cache.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl PolicySection {
+    /// The folder compiled policies are cached in: `cache_dir` if set,
+    /// `$XDG_CACHE_HOME/cellhost` or `~/.cache/cellhost` if not, and none
+    /// when it is set to `""` or there is no home to put it in.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        match &self.cache_dir {
+            Some(dir) if dir.as_os_str().is_empty() => None,
+            Some(dir) => Some(dir.clone()),
+            None => crate::policy::default_cache_dir(),
+        }
+    }
 }
 
 impl Default for PolicySection {
@@ -105,6 +122,7 @@ impl Default for PolicySection {
             deadline_ms: default_deadline_ms(),
             memory_mib: default_memory_mib(),
             max_actions: default_max_actions(),
+            cache_dir: None,
         }
     }
 }
@@ -223,6 +241,15 @@ impl Config {
             resolve(p);
         }
         if let Some(p) = self.cell.neighbours_file.as_mut() {
+            resolve(p);
+        }
+        // `""` means "no cache", not "the config file's folder".
+        if let Some(p) = self
+            .policy
+            .cache_dir
+            .as_mut()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
             resolve(p);
         }
     }
@@ -615,6 +642,21 @@ mod tests {
         .expect("write");
         let err = format!("{:#}", Config::load(&path).unwrap_err());
         assert!(err.contains("neighbours[0].name"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn policy_cache_dir_is_relative_to_the_file_and_empty_turns_it_off() {
+        let dir = std::env::temp_dir().join(format!("cellhost-cache-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("cell.toml");
+        let cell = "[cell]\nname = \"a\"\ntransport_url = \"memory://x\"\n";
+        std::fs::write(&path, format!("{cell}[policy]\ncache_dir = \"compiled\"\n"))
+            .expect("write");
+        let config = Config::load(&path).expect("valid");
+        assert_eq!(config.policy.cache_dir(), Some(dir.join("compiled")));
+        std::fs::write(&path, format!("{cell}[policy]\ncache_dir = \"\"\n")).expect("write");
+        assert_eq!(Config::load(&path).expect("valid").policy.cache_dir(), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

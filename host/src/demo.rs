@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -16,11 +16,11 @@ use futures::StreamExt;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
-use crate::client::{entry_cast, Outgoing};
+use crate::client::{call_into, entry_cast, Caller, Outgoing};
 use crate::config::{Config, NeighbourConfig, TransportUrl};
 use crate::policy::{LoadedPolicy, PolicyEngine};
-use crate::transport::{Broker, ExchangeKind, Outcome, QueueSpec};
-use crate::wire::{self, Direction};
+use crate::transport::{Broker, ExchangeKind, Outcome, Publication, QueueSpec};
+use crate::wire::{self, Direction, RemoteFailure, Reply, ReplyOutcome};
 use crate::CellHost;
 
 /// Nova's test topology: each cell and its parent.
@@ -81,14 +81,38 @@ pub struct Processed {
     pub routing_path: String,
     /// From the context key `cell_message_uuid`.
     pub message_uuid: String,
+    /// Whether it came as a call (a reply was wanted).
+    pub called: bool,
 }
 
-/// Consumes `config`'s local topic on `broker` as a cell's application would,
-/// sending what it processes down the returned channel.
-pub async fn record_local(
-    broker: &Broker,
-    config: &Config,
-) -> Result<mpsc::UnboundedReceiver<Processed>> {
+/// How a local worker answers calls.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Behaviour {
+    /// Answers with its cell's name.
+    CellName,
+    /// Answers `{"cell": <name>, "kwargs": <the call's kwargs>}`.
+    Echo,
+    /// Raises: answers with an oslo failure of this class and message.
+    Fail { class: String, message: String },
+    /// Never answers.
+    Silent,
+}
+
+/// A cell's application: it consumes the local topic like an oslo.messaging
+/// RPC server, records what it processed, and answers calls.
+pub struct LocalWorker {
+    pub processed: mpsc::UnboundedReceiver<Processed>,
+    behaviour: Arc<Mutex<Behaviour>>,
+}
+
+impl LocalWorker {
+    pub fn set_behaviour(&self, behaviour: Behaviour) {
+        *self.behaviour.lock().unwrap_or_else(|p| p.into_inner()) = behaviour;
+    }
+}
+
+/// Starts a local worker for `config`'s cell on `broker`.
+pub async fn start_local_worker(broker: &Broker, config: &Config) -> Result<LocalWorker> {
     let topic = &config.local.topic;
     // As an oslo.messaging server does: the exchange, then its queue.
     broker
@@ -109,40 +133,78 @@ pub async fn record_local(
         )
         .await?;
     let (tx, rx) = mpsc::unbounded_channel();
+    let behaviour = Arc::new(Mutex::new(Behaviour::CellName));
+    let answers = behaviour.clone();
     let cell = config.cell.name.clone();
+    let replies = broker.clone();
     tokio::spawn(async move {
         while let Some(inbound) = inbox.next().await {
-            match wire::decode_request(&inbound.body, wire::DEFAULT_BODY_LIMIT) {
-                Ok(request) => {
-                    let context = request.context.0;
-                    let text = |key: &str| {
-                        context
-                            .get(key)
-                            .and_then(Value::as_str)
-                            .unwrap_or_default()
-                            .to_string()
-                    };
-                    let processed = Processed {
-                        cell: cell.clone(),
-                        method: request.method,
-                        kwargs: request.args,
-                        routing_path: text("cell_routing_path"),
-                        message_uuid: text("cell_message_uuid"),
-                        context,
-                    };
-                    inbound.settle(Outcome::Ack);
-                    if tx.send(processed).is_err() {
-                        return;
-                    }
-                }
+            let request = match wire::decode_request(&inbound.body, wire::DEFAULT_BODY_LIMIT) {
+                Ok(r) => r,
                 Err(e) => {
                     tracing::error!(cell = %cell, error = %e, "local worker got an undecodable message");
                     inbound.settle(Outcome::Reject);
+                    continue;
                 }
+            };
+            inbound.settle(Outcome::Ack);
+            let context = request.context.0;
+            let text = |key: &str| {
+                context
+                    .get(key)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let processed = Processed {
+                cell: cell.clone(),
+                method: request.method,
+                kwargs: request.args,
+                routing_path: text("cell_routing_path"),
+                message_uuid: text("cell_message_uuid"),
+                called: request.call.is_some(),
+                context,
+            };
+            if let Some(call) = request.call {
+                let behaviour = answers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let outcome = match behaviour {
+                    Behaviour::CellName => Some(ReplyOutcome::Result(Value::String(cell.clone()))),
+                    Behaviour::Echo => Some(ReplyOutcome::Result(serde_json::json!({
+                        "cell": cell, "kwargs": processed.kwargs
+                    }))),
+                    Behaviour::Fail { class, message } => {
+                        Some(ReplyOutcome::Failure(RemoteFailure {
+                            class,
+                            module: "builtins".into(),
+                            message: message.clone(),
+                            tb: vec!["Traceback (most recent call last):\n".into()],
+                            args: vec![Value::String(message)],
+                            kwargs: Map::new(),
+                        }))
+                    }
+                    Behaviour::Silent => None,
+                };
+                if let Some(outcome) = outcome {
+                    let reply = Reply {
+                        msg_id: call.msg_id,
+                        outcome,
+                        ending: true,
+                    };
+                    let publication = Publication::new("", call.reply_q, reply.encode());
+                    if let Err(e) = replies.publish(publication).await {
+                        tracing::warn!(cell = %cell, error = %e, "local worker could not reply");
+                    }
+                }
+            }
+            if tx.send(processed).is_err() {
+                return;
             }
         }
     });
-    Ok(rx)
+    Ok(LocalWorker {
+        processed: rx,
+        behaviour,
+    })
 }
 
 /// Runs the demo and returns what it printed.
@@ -209,6 +271,21 @@ pub async fn run() -> Result<String> {
     )
     .await?;
 
+    demo.call(
+        "5. call, api-cell -> grandchild-cell1",
+        Outgoing::targeted(
+            "api-cell!child-cell2!grandchild-cell1",
+            Direction::Down,
+            "get_host_uptime",
+        ),
+    )
+    .await?;
+    demo.call(
+        "6. broadcast call down from api-cell",
+        Outgoing::broadcast(Direction::Down, "service_get_all"),
+    )
+    .await?;
+
     let mut out = demo.out;
     writeln!(
         out,
@@ -238,17 +315,14 @@ pub async fn run() -> Result<String> {
 pub async fn start_cells(
     configs: &[Config],
     policy: &Arc<LoadedPolicy>,
-) -> Result<(
-    Vec<CellHost>,
-    BTreeMap<String, mpsc::UnboundedReceiver<Processed>>,
-)> {
+) -> Result<(Vec<CellHost>, BTreeMap<String, LocalWorker>)> {
     let mut hosts = Vec::new();
     let mut workers = BTreeMap::new();
     for config in configs {
         let broker = Broker::connect(&config.cell.transport_url, &config.cell.name).await?;
         workers.insert(
             config.cell.name.clone(),
-            record_local(&broker, config).await?,
+            start_local_worker(&broker, config).await?,
         );
         hosts.push(CellHost::start(config.clone(), policy.clone()).await?);
     }
@@ -257,7 +331,7 @@ pub async fn start_cells(
 
 struct Demo<'a> {
     configs: &'a [Config],
-    workers: BTreeMap<String, mpsc::UnboundedReceiver<Processed>>,
+    workers: BTreeMap<String, LocalWorker>,
     out: String,
 }
 
@@ -287,8 +361,8 @@ impl Demo<'_> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while seen.len() < expect {
             let mut progressed = false;
-            for rx in self.workers.values_mut() {
-                while let Ok(p) = rx.try_recv() {
+            for worker in self.workers.values_mut() {
+                while let Ok(p) = worker.processed.try_recv() {
                     if p.message_uuid == message.uuid {
                         seen.push(p);
                         progressed = true;
@@ -324,6 +398,49 @@ impl Demo<'_> {
                 p.cell,
                 p.routing_path.replace('!', " -> ")
             )?;
+        }
+        Ok(())
+    }
+}
+
+impl Demo<'_> {
+    /// Calls into api-cell and prints the reply the application gets.
+    async fn call(&mut self, title: &str, outgoing: Outgoing) -> Result<()> {
+        let config = &self.configs[0];
+        let broker = Broker::connect(&config.cell.transport_url, "demo-caller").await?;
+        let caller = Caller::start(broker).await?;
+        let message = outgoing.to_message();
+        let reply = call_into(
+            &caller,
+            &config.cell.control_exchange,
+            &config.cell.queue_base,
+            &message,
+            Duration::from_secs(5),
+        )
+        .await?;
+        writeln!(
+            self.out,
+            "\n{title}: `{}` ({})",
+            message.method_name,
+            &message.uuid[..8]
+        )?;
+        match reply.outcome {
+            ReplyOutcome::Result(Value::Array(list)) => {
+                writeln!(self.out, "   reply: {} responses", list.len())?;
+                for r in list {
+                    writeln!(self.out, "   {}", wire::value_to_python_json(&r))?;
+                }
+            }
+            ReplyOutcome::Result(one) => {
+                writeln!(self.out, "   reply: {}", wire::value_to_python_json(&one))?
+            }
+            ReplyOutcome::Failure(f) => {
+                writeln!(self.out, "   reply: failure {}: {}", f.class, f.message)?
+            }
+        }
+        // Drain what the workers recorded for it, so later steps see only theirs.
+        for worker in self.workers.values_mut() {
+            while worker.processed.try_recv().is_ok() {}
         }
         Ok(())
     }

@@ -17,9 +17,10 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::client::declare_intercell;
+use crate::client::{declare_intercell, Caller};
 use crate::config::Config;
 use crate::policy::LoadedPolicy;
+use crate::responses::{Answering, Waiters};
 use crate::router::{Plan, RouteWorker, Router, Target};
 use crate::transport::{Broker, ExchangeKind, Inbound, Outcome, QueueSpec};
 use crate::wire::MessageType;
@@ -100,11 +101,18 @@ impl CellHost {
             })?;
             neighbours.insert(n.name.clone(), broker);
         }
+        let caller = Caller::start(own.clone()).await?;
         let links = Arc::new(Links { own, neighbours });
 
         let prefetch = config.cell.prefetch;
         let window = config.cell.confirm_window;
-        let router = Router::new(config, policy);
+        let router = Router::new(config, policy, caller.reply_queue().to_string());
+        let answering = Arc::new(Answering {
+            router: router.clone(),
+            caller,
+            waiters: Waiters::default(),
+            own: links.own.clone(),
+        });
         let (shutdown, stop) = watch::channel(false);
         let mut consumers = Vec::new();
         for (kind, queues) in queues_by_kind {
@@ -115,6 +123,7 @@ impl CellHost {
                 inbox,
                 worker,
                 links.clone(),
+                answering.clone(),
                 window,
                 stop.clone(),
             )));
@@ -175,6 +184,7 @@ async fn serve(
     mut inbox: crate::transport::Inbox,
     mut worker: RouteWorker,
     links: Arc<Links>,
+    answering: Arc<Answering>,
     window: usize,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -191,7 +201,7 @@ async fn serve(
                     break;
                 };
                 let plan = worker.plan(&inbound.body);
-                in_flight.push(carry_out(plan, inbound, links.clone(), router.clone()));
+                in_flight.push(carry_out(plan, inbound, links.clone(), answering.clone()));
             }
         }
     }
@@ -201,8 +211,12 @@ async fn serve(
 }
 
 /// Makes a plan's publications concurrently; acks the source once all are
-/// confirmed, or requeues it after a pause if any failed.
-async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, router: Arc<Router>) {
+/// confirmed, or requeues it after a pause if any failed. Then, if the
+/// message wants an answer, answers it in the background: the source does
+/// not wait on other cells.
+async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, answering: Arc<Answering>) {
+    let router = &answering.router;
+    let listening = plan.respond.as_ref().map(|r| answering.listen(r));
     let publishes = plan.sends.into_iter().map(|(target, publication)| {
         let links = links.clone();
         async move {
@@ -222,7 +236,16 @@ async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, router: Arc<
             router.handled(uuid);
         }
         inbound.settle(Outcome::Ack);
+        if let Some((response_uuid, from, responses)) = plan.arrived {
+            answering.arrived(&response_uuid, from, responses);
+        }
+        if let (Some(respond), Some(listening)) = (plan.respond, listening) {
+            tokio::spawn(answering.clone().answer(respond, listening));
+        }
         return;
+    }
+    if let Some(respond) = &plan.respond {
+        answering.abandon(respond);
     }
     router
         .stats

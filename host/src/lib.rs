@@ -12,10 +12,13 @@
 //! - [`wire`]: the oslo envelope and the cells message JSON; nothing of AMQP.
 //! - [`policy`]: wasmtime and the `cellhost:policy` world; nothing of brokers.
 //! - [`router`]: cells semantics and the host's invariants.
+//! - [`responses`]: waiting for answers and sending them on.
 //! - [`host`]: one running cell, wiring the above together.
 //! - [`client`]: what an application does to send into the network.
 //! - [`config`], [`demo`], [`plugins`]: configuration, the in-memory demo,
 //!   and the policies built with this crate.
+//! - [`policy_tools`]: `cellhost policy check | test | bench`, a policy on
+//!   the bench with no broker.
 
 pub mod client;
 pub mod config;
@@ -23,6 +26,8 @@ pub mod demo;
 pub mod host;
 pub mod plugins;
 pub mod policy;
+pub mod policy_tools;
+pub mod responses;
 pub mod router;
 pub mod transport;
 pub mod wire;

@@ -37,6 +37,9 @@ enum Command {
     Demo,
     /// Cast a message into a cell, as an application on that cell would.
     Send(SendArgs),
+    /// Check, test or benchmark a policy component, with no broker.
+    #[command(subcommand)]
+    Policy(cellhost::policy_tools::PolicyCommand),
 }
 
 #[derive(clap::Args)]
@@ -124,6 +127,8 @@ async fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Send(args) => send(args).await,
+        // Synchronous on purpose: wasmtime calls and their timing, no I/O to await.
+        Command::Policy(command) => cellhost::policy_tools::run(command),
     }
 }
 

@@ -6,10 +6,18 @@
 //! the publications to make (relays to neighbours, delivery to the local
 //! application, the dead-letter queue) before the source may be acknowledged.
 //! It publishes nothing itself; the host's consumer loop carries the plan out.
+//!
+//! For a message that wants a response, the plan also says how this cell
+//! answers ([`Respond`]): what to wait for (the local application's reply,
+//! the response lists of the neighbours it relayed to), for how long, and
+//! where the answer goes (the application's reply queue at the origin, a
+//! response message otherwise). Routing and policy errors become failure
+//! responses instead of dead letters when someone waits for an answer.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use serde_json::Value;
@@ -17,7 +25,10 @@ use serde_json::Value;
 use crate::config::Config;
 use crate::policy::{self, LoadedPolicy, PolicyError, PolicyInstance};
 use crate::transport::Publication;
-use crate::wire::{self, CellsMessage, Context, Direction, MessageType, Request};
+use crate::wire::{
+    self, nova_failure, CallInfo, CellResponse, CellsMessage, Context, Direction, MessageType,
+    RemoteFailure, Request,
+};
 
 /// Headers carried by dead-lettered messages.
 pub const REASON_HEADER: &str = "x-cellhost-reason";
@@ -40,6 +51,48 @@ pub struct Plan {
     pub uuid: Option<String>,
     pub sends: Vec<(Target, Publication)>,
     pub disposition: Disposition,
+    /// How this cell answers, when an answer is wanted.
+    pub respond: Option<Respond>,
+    /// Responses that reached their destination here: (`response_uuid`,
+    /// the neighbour that sent them, the responses).
+    pub arrived: Option<(String, String, Vec<CellResponse>)>,
+}
+
+/// The extra key carrying the time left to answer, in milliseconds. Nova
+/// peers ignore it and give every hop the full `call_timeout`.
+pub const BUDGET_KEY: &str = "cellhost_timeout_ms";
+
+/// What a cell does to answer a message that wants a response.
+#[derive(Debug)]
+pub struct Respond {
+    /// The message as this cell saw it (its hop appended).
+    pub message: CellsMessage,
+    pub is_origin: bool,
+    /// The application's call, at the origin.
+    pub reply_to: Option<CallInfo>,
+    /// The `_msg_id` of the call made to the local application, if any.
+    pub local_call: Option<String>,
+    /// Neighbours whose response lists this cell waits for.
+    pub awaiting: Vec<String>,
+    /// An answer known at once (a routing or policy error).
+    pub failure: Option<CellResponse>,
+    /// When the message was received here.
+    pub received: Instant,
+    /// The time this cell has to answer, from `received`.
+    pub budget: Duration,
+}
+
+impl Respond {
+    /// How long to wait for neighbours: long enough for their own shares,
+    /// short enough to answer in time.
+    pub fn wait_until(&self) -> Instant {
+        self.received + self.budget.mul_f64(0.9)
+    }
+
+    /// How long the local application may take.
+    pub fn local_timeout(&self) -> Duration {
+        Respond::local_timeout_of(self.budget)
+    }
 }
 
 /// How a message was dealt with, for logs, metrics and the demo.
@@ -57,6 +110,11 @@ pub enum Disposition {
     Dropped {
         reason: String,
     },
+    /// Refused with a failure response to whoever waits for one.
+    Refused {
+        code: &'static str,
+        reason: String,
+    },
     Duplicate,
 }
 
@@ -71,6 +129,8 @@ pub struct Stats {
     pub duplicates: AtomicU64,
     pub policy_failures: AtomicU64,
     pub publish_failures: AtomicU64,
+    /// Responses that came after their waiter had given up.
+    pub late_responses: AtomicU64,
 }
 
 impl Stats {
@@ -87,11 +147,13 @@ pub struct Router {
     neighbours: HashSet<String>,
     active: ArcSwap<LoadedPolicy>,
     dedupe: Dedupe,
+    /// Where this host's calls to the local application are answered.
+    reply_queue: String,
     pub stats: Stats,
 }
 
 impl Router {
-    pub fn new(config: Config, policy: Arc<LoadedPolicy>) -> Arc<Router> {
+    pub fn new(config: Config, policy: Arc<LoadedPolicy>, reply_queue: String) -> Arc<Router> {
         let wit_cell = wit_cell(&config);
         Arc::new(Router {
             cell_name: config.cell.name.clone(),
@@ -100,6 +162,7 @@ impl Router {
             wit_cell,
             config,
             active: ArcSwap::new(policy),
+            reply_queue,
             stats: Stats::default(),
         })
     }
@@ -155,6 +218,7 @@ impl RouteWorker {
     /// Decides what to do with one received body.
     pub fn plan(&mut self, body: &[u8]) -> Plan {
         let router = self.router.clone();
+        let received = Instant::now();
         router.stats.received.fetch_add(1, Ordering::Relaxed);
         let limit = router.config.cell.max_body_bytes;
         let request = match wire::decode_request(body, limit) {
@@ -168,15 +232,21 @@ impl RouteWorker {
         if router.dedupe.contains(&message.uuid) {
             router.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             tracing::info!(uuid = %message.uuid, "duplicate message dropped");
-            return Plan {
-                uuid: None,
-                sends: Vec::new(),
-                disposition: Disposition::Duplicate,
-            };
+            return Plan::nothing(None, Disposition::Duplicate);
         }
         let is_origin = message.routing_path.is_empty();
         message.append_hop(&router.cell_name);
         message.max_hop_count = message.max_hop_count.min(router.config.cell.max_hop_count);
+        // An application that calls waits for an answer, whatever the flag says.
+        let reply_to = if is_origin {
+            request.call.clone()
+        } else {
+            None
+        };
+        if reply_to.is_some() {
+            message.need_response = true;
+        }
+        let budget = self.budget(&message, reply_to.as_ref());
 
         let span = tracing::debug_span!(
             "route",
@@ -188,17 +258,39 @@ impl RouteWorker {
         );
         let _entered = span.enter();
 
+        let situation = Situation {
+            is_origin,
+            reply_to,
+            received,
+            budget,
+        };
         let actions = match self.ask_policy(&message, is_origin) {
             Ok(actions) => actions,
             Err(e) => {
                 router.stats.policy_failures.fetch_add(1, Ordering::Relaxed);
-                return self.dead_letter(body, Some(&message), e.reason_code(), e.to_string());
+                let failure = RemoteFailure {
+                    module: "cellhost.policy".into(),
+                    ..nova_failure("CellPolicyFailure", e.to_string())
+                };
+                return self.refuse(body, message, situation, e.reason_code(), failure);
             }
         };
         if let Some(instance) = &self.instance {
             span.record("policy", instance.policy().version());
         }
-        self.apply(body, message, actions)
+        self.apply(body, message, situation, actions)
+    }
+
+    /// The time this cell has to answer: what the sender left, else the
+    /// application's own call timeout, else the configured `call_timeout_s`.
+    fn budget(&self, message: &CellsMessage, reply_to: Option<&CallInfo>) -> Duration {
+        if let Some(ms) = message.extra.get(BUDGET_KEY).and_then(|v| v.as_u64()) {
+            return Duration::from_millis(ms);
+        }
+        if let Some(secs) = reply_to.and_then(|c| c.timeout).filter(|t| *t > 0.0) {
+            return Duration::from_secs_f64(secs.min(86_400.0));
+        }
+        Duration::from_secs(self.router.config.cell.call_timeout_s)
     }
 
     fn ask_policy(
@@ -233,22 +325,25 @@ impl RouteWorker {
     }
 
     /// Checks the policy's actions against the host's invariants and turns
-    /// them into publications. Any breach dead-letters the whole message:
-    /// half of a decision is never carried out.
-    fn apply(&self, body: &[u8], message: CellsMessage, actions: Vec<policy::Action>) -> Plan {
+    /// them into publications. Any breach refuses the whole message: half of
+    /// a decision is never carried out.
+    fn apply(
+        &self,
+        body: &[u8],
+        mut message: CellsMessage,
+        situation: Situation,
+        actions: Vec<policy::Action>,
+    ) -> Plan {
         let router = &self.router;
         let cfg = &router.config;
         if actions.len() > cfg.policy.max_actions {
-            return self.dead_letter(
-                body,
-                Some(&message),
-                "policy-too-many-actions",
-                format!(
-                    "policy returned {} actions, more than the limit of {}",
-                    actions.len(),
-                    cfg.policy.max_actions
-                ),
+            let reason = format!(
+                "policy returned {} actions, more than the limit of {}",
+                actions.len(),
+                cfg.policy.max_actions
             );
+            let failure = nova_failure("CellPolicyFailure", reason);
+            return self.refuse(body, message, situation, "policy-too-many-actions", failure);
         }
         let mut local = false;
         let mut relays: Vec<String> = Vec::new();
@@ -259,56 +354,82 @@ impl RouteWorker {
                 policy::Action::ProcessHere => local = true,
                 policy::Action::Relay(to) => {
                     if !router.neighbours.contains(&to) {
-                        return self.dead_letter(
+                        let reason = format!(
+                            "policy relayed to {to:?}, which is not a neighbour of {}",
+                            router.cell_name
+                        );
+                        let failure = nova_failure("CellRoutingInconsistency", reason);
+                        return self.refuse(
                             body,
-                            Some(&message),
+                            message,
+                            situation,
                             "policy-unknown-neighbour",
-                            format!(
-                                "policy relayed to {to:?}, which is not a neighbour of {}",
-                                router.cell_name
-                            ),
+                            failure,
                         );
                     }
                     if message.hop_count >= message.max_hop_count {
-                        return self.dead_letter(
-                            body,
-                            Some(&message),
-                            "hop-limit",
+                        let failure = nova_failure(
+                            "CellMaxHopCountReached",
                             format!(
-                                "policy relayed to {to:?} at hop {} of at most {}",
-                                message.hop_count, message.max_hop_count
+                                "Cell message has reached maximum hop count: {}",
+                                message.hop_count
                             ),
                         );
+                        return self.refuse(body, message, situation, "hop-limit", failure);
                     }
                     if !relays.contains(&to) {
                         relays.push(to);
                     }
                 }
-                policy::Action::ReplyError(f) => {
-                    refusals.push(format!("{}: {}", f.class, f.message))
-                }
+                policy::Action::ReplyError(f) => refusals.push(f),
                 policy::Action::Drop(reason) => drops.push(reason),
             }
+        }
+        // A refusal refuses the whole message, whatever else the policy said.
+        if let Some(first) = refusals.first() {
+            let failure = nova_failure(&first.class, first.message.clone());
+            return self.refuse(body, message, situation, "routing-error", failure);
+        }
+
+        let wants_response = message.need_response && message.message_type != MessageType::Response;
+        let uuid = message.uuid.clone();
+
+        // A response at its destination completes a waiting request here.
+        if local && message.message_type == MessageType::Response {
+            return self.responses_arrived(message, relays);
         }
 
         let mut sends = Vec::with_capacity(relays.len() + 1);
         if !relays.is_empty() {
-            let body = relay_body(&message);
+            if wants_response {
+                // Each hop answers before its own share runs out, so the next
+                // one gets a smaller share of what is left.
+                let left = situation
+                    .budget
+                    .saturating_sub(situation.received.elapsed());
+                let share = left.mul_f64(0.8).as_millis().max(1) as u64;
+                message.extra.insert(BUDGET_KEY.into(), Value::from(share));
+            }
             let topic = router.intercell_topic(message.message_type);
-            let exchange = if message.fanout {
-                format!("{topic}_fanout")
-            } else {
-                cfg.cell.control_exchange.clone()
-            };
             for to in &relays {
+                let fanout = message.fanout || self.last_hop_of_response(&message, to);
+                let exchange = if fanout {
+                    format!("{topic}_fanout")
+                } else {
+                    cfg.cell.control_exchange.clone()
+                };
+                let body = relay_body(&message);
                 sends.push((
                     Target::Neighbour(to.clone()),
-                    Publication::new(exchange.clone(), topic.clone(), body.clone()),
+                    Publication::new(exchange, topic.clone(), body),
                 ));
             }
         }
+        let mut local_call = None;
         if local {
-            sends.push((Target::Own, self.local_delivery(&message)));
+            let (publication, msg_id) = self.local_delivery(&message, wants_response, &situation);
+            local_call = msg_id;
+            sends.push((Target::Own, publication));
         }
         router
             .stats
@@ -319,41 +440,115 @@ impl RouteWorker {
             .delivered_local
             .fetch_add(local as u64, Ordering::Relaxed);
 
-        if !refusals.is_empty() {
-            let reason = refusals.join("; ");
-            let mut plan = self.dead_letter(body, Some(&message), "routing-error", reason);
-            plan.sends.extend(sends);
-            return plan;
-        }
-        if sends.is_empty() {
+        let respond = wants_response.then(|| {
+            // Broadcasts gather at every hop; a targeted message is waited
+            // for only by its origin, its target answers the origin directly.
+            let awaiting = match message.message_type {
+                MessageType::Broadcast => relays.clone(),
+                _ if situation.is_origin => relays.clone(),
+                _ => Vec::new(),
+            };
+            (local_call.is_some() || !awaiting.is_empty() || situation.is_origin).then(|| Respond {
+                message: message.clone(),
+                is_origin: situation.is_origin,
+                reply_to: situation.reply_to.clone(),
+                local_call: local_call.clone(),
+                awaiting,
+                failure: None,
+                received: situation.received,
+                budget: situation.budget,
+            })
+        });
+        let respond = respond.flatten();
+
+        if sends.is_empty() && respond.is_none() {
             let reason = if drops.is_empty() {
                 "policy chose no action".to_string()
             } else {
                 drops.join("; ")
             };
             router.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(uuid = %message.uuid, %reason, "message dropped by policy");
-            return Plan {
-                uuid: Some(message.uuid),
-                sends,
-                disposition: Disposition::Dropped { reason },
-            };
+            tracing::info!(uuid = %uuid, %reason, "message dropped by policy");
+            return Plan::nothing(Some(uuid), Disposition::Dropped { reason });
         }
-        tracing::debug!(uuid = %message.uuid, local, ?relays, "routed");
+        tracing::debug!(uuid = %uuid, local, ?relays, "routed");
         Plan {
-            uuid: Some(message.uuid.clone()),
+            uuid: Some(uuid),
             sends,
             disposition: Disposition::Routed {
                 routing_path: message.routing_path,
                 local,
                 relays,
             },
+            respond,
+            arrived: None,
         }
     }
 
-    /// An oslo cast of `method_name(**method_kwargs)` to the local topic, with
-    /// the message's context plus where it came from.
-    fn local_delivery(&self, message: &CellsMessage) -> Publication {
+    /// Nova fans a response out on its last hop, so that every host of the
+    /// destination cell sees it and the one whose request waits takes it.
+    fn last_hop_of_response(&self, message: &CellsMessage, next: &str) -> bool {
+        message.message_type == MessageType::Response
+            && message.target_cell.as_deref()
+                == Some(&format!("{}!{next}", message.routing_path) as &str)
+    }
+
+    /// A `parse_responses` message reached its destination: its responses go
+    /// to the request waiting for them, not to the application.
+    fn responses_arrived(&self, message: CellsMessage, relays: Vec<String>) -> Plan {
+        let uuid = message.uuid.clone();
+        if !relays.is_empty() {
+            tracing::warn!(uuid = %uuid, ?relays, "policy relayed a response that had arrived; ignored");
+        }
+        let Some(response_uuid) = message.response_uuid.clone() else {
+            return self.dead_letter(
+                &[],
+                Some(&message),
+                "bad-response",
+                "response without response_uuid".into(),
+            );
+        };
+        let list = match message.method_kwargs.get("responses") {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(CellResponse::from_value)
+                .collect::<Result<Vec<_>, _>>(),
+            _ => Ok(Vec::new()),
+        };
+        let responses = match list {
+            Ok(r) => r,
+            Err(e) => {
+                return self.dead_letter(&[], Some(&message), e.reason_code(), e.to_string());
+            }
+        };
+        let from = message
+            .routing_path
+            .split('!')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        Plan {
+            uuid: Some(uuid),
+            sends: Vec::new(),
+            disposition: Disposition::Routed {
+                routing_path: message.routing_path,
+                local: true,
+                relays: Vec::new(),
+            },
+            respond: None,
+            arrived: Some((response_uuid, from, responses)),
+        }
+    }
+
+    /// Deliver to the local application: an oslo cast of
+    /// `method_name(**method_kwargs)` to the local topic, or a call when an
+    /// answer is wanted, with the message's context plus where it came from.
+    fn local_delivery(
+        &self,
+        message: &CellsMessage,
+        call: bool,
+        situation: &Situation,
+    ) -> (Publication, Option<String>) {
         let cfg = &self.router.config;
         let mut context = message.ctxt.clone();
         context.insert(
@@ -364,17 +559,72 @@ impl RouteWorker {
             "cell_message_uuid".into(),
             Value::String(message.uuid.clone()),
         );
-        let request = Request::cast(
+        let mut request = Request::cast(
             &message.method_name,
             message.method_kwargs.clone(),
             Context(context),
             new_unique_id(),
         );
-        Publication::new(
+        let mut msg_id = None;
+        let mut expiration_ms = None;
+        if call {
+            let timeout = Respond::local_timeout_of(situation.budget);
+            let id = new_unique_id();
+            request.call = Some(CallInfo {
+                msg_id: id.clone(),
+                reply_q: self.router.reply_queue.clone(),
+                timeout: Some(timeout.as_secs_f64()),
+            });
+            msg_id = Some(id);
+            expiration_ms = Some(timeout.as_millis().max(1) as u64);
+        }
+        let mut publication = Publication::new(
             cfg.cell.control_exchange.clone(),
             cfg.local.topic.clone(),
             request.encode(),
-        )
+        );
+        publication.expiration_ms = expiration_ms;
+        (publication, msg_id)
+    }
+
+    /// A message that cannot be routed: a failure response when someone
+    /// waits for an answer, the dead-letter queue otherwise.
+    fn refuse(
+        &self,
+        body: &[u8],
+        message: CellsMessage,
+        situation: Situation,
+        code: &'static str,
+        failure: RemoteFailure,
+    ) -> Plan {
+        let reason = format!("{}: {}", failure.class, failure.message);
+        if !message.need_response || message.message_type == MessageType::Response {
+            return self.dead_letter(body, Some(&message), code, reason);
+        }
+        tracing::warn!(
+            cell = %self.router.cell_name,
+            uuid = %message.uuid,
+            code,
+            %reason,
+            "message refused; the sender gets a failure response"
+        );
+        let response = CellResponse::failed(message.routing_path.clone(), &failure);
+        Plan {
+            uuid: Some(message.uuid.clone()),
+            sends: Vec::new(),
+            disposition: Disposition::Refused { code, reason },
+            respond: Some(Respond {
+                is_origin: situation.is_origin,
+                reply_to: situation.reply_to,
+                local_call: None,
+                awaiting: Vec::new(),
+                failure: Some(response),
+                received: situation.received,
+                budget: situation.budget,
+                message,
+            }),
+            arrived: None,
+        }
     }
 
     fn dead_letter(
@@ -393,14 +643,46 @@ impl RouteWorker {
             %reason,
             "message dead-lettered"
         );
-        let publication = Publication::new("", router.dead_letter_queue(), body.to_vec())
+        let body = match (body.is_empty(), message) {
+            (true, Some(m)) => relay_body(m),
+            _ => body.to_vec(),
+        };
+        let publication = Publication::new("", router.dead_letter_queue(), body)
             .with_header(REASON_HEADER, truncate(&reason, 1000))
             .with_header(REASON_CODE_HEADER, code)
             .with_header(CELL_HEADER, router.cell_name.clone());
+        let mut plan = Plan::nothing(
+            message.map(|m| m.uuid.clone()),
+            Disposition::DeadLettered { code, reason },
+        );
+        plan.sends.push((Target::Own, publication));
+        plan
+    }
+}
+
+/// What the router knows of a message besides its content.
+#[derive(Debug, Clone)]
+struct Situation {
+    is_origin: bool,
+    reply_to: Option<CallInfo>,
+    received: Instant,
+    budget: Duration,
+}
+
+impl Respond {
+    fn local_timeout_of(budget: Duration) -> Duration {
+        budget.mul_f64(0.8)
+    }
+}
+
+impl Plan {
+    fn nothing(uuid: Option<String>, disposition: Disposition) -> Plan {
         Plan {
-            uuid: message.map(|m| m.uuid.clone()),
-            sends: vec![(Target::Own, publication)],
-            disposition: Disposition::DeadLettered { code, reason },
+            uuid,
+            sends: Vec::new(),
+            disposition,
+            respond: None,
+            arrived: None,
         }
     }
 }
@@ -427,7 +709,7 @@ fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
 
-fn wit_message(m: &CellsMessage, is_origin: bool) -> policy::Message {
+pub(crate) fn wit_message(m: &CellsMessage, is_origin: bool) -> policy::Message {
     policy::Message {
         uuid: m.uuid.clone(),
         message_type: match m.message_type {
@@ -453,7 +735,7 @@ fn wit_message(m: &CellsMessage, is_origin: bool) -> policy::Message {
     }
 }
 
-fn wit_cell(config: &Config) -> policy::Cell {
+pub(crate) fn wit_cell(config: &Config) -> policy::Cell {
     let neighbour = |n: &crate::config::NeighbourConfig| policy::Neighbour {
         name: n.name.clone(),
         is_parent: n.is_parent,

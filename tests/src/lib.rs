@@ -13,15 +13,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use cellhost::client::{entry_cast, Outgoing};
+use cellhost::client::{call_into, entry_cast, Caller, Outgoing};
 use cellhost::config::{Config, TransportUrl};
-use cellhost::demo::{tree_configs, Processed, NOVA_TOPOLOGY};
+use cellhost::demo::{tree_configs, LocalWorker, Processed, NOVA_TOPOLOGY};
 use cellhost::policy::{LoadedPolicy, PolicyEngine};
 use cellhost::router::{Stats, CELL_HEADER, REASON_CODE_HEADER, REASON_HEADER};
 use cellhost::transport::{Broker, Publication};
+use cellhost::wire::Reply;
 use cellhost::CellHost;
-use tokio::sync::mpsc;
 
+pub use cellhost::demo::Behaviour;
 pub use cellhost::demo::NOVA_TOPOLOGY as NOVA;
 pub use cellhost::wire::Direction;
 
@@ -41,7 +42,7 @@ pub struct Topology {
     prefix: String,
     pub configs: Vec<Config>,
     hosts: Vec<CellHost>,
-    workers: BTreeMap<String, mpsc::UnboundedReceiver<Processed>>,
+    workers: BTreeMap<String, LocalWorker>,
     vhosts: Vec<String>,
 }
 
@@ -157,6 +158,47 @@ impl Topology {
         Ok(message.uuid)
     }
 
+    /// How `cell`'s application answers calls from now on.
+    pub fn set_behaviour(&self, cell: &str, behaviour: Behaviour) {
+        self.workers
+            .get(cell)
+            .unwrap_or_else(|| panic!("no worker for {cell}"))
+            .set_behaviour(behaviour);
+    }
+
+    /// An oslo caller on `cell`'s broker, as an application there has.
+    pub async fn caller(&self, cell: &str) -> Result<Caller> {
+        let config = self.config(cell);
+        let broker = Broker::connect(&config.cell.transport_url, "test-caller").await?;
+        Caller::start(broker).await
+    }
+
+    /// Calls into `origin` and waits up to `timeout` for the reply.
+    pub async fn call(&self, origin: &str, outgoing: Outgoing, timeout: Duration) -> Result<Reply> {
+        let caller = self.caller(origin).await?;
+        self.call_with(&caller, origin, outgoing, timeout).await
+    }
+
+    /// Like [`Topology::call`], with a caller shared by many calls.
+    pub async fn call_with(
+        &self,
+        caller: &Caller,
+        origin: &str,
+        outgoing: Outgoing,
+        timeout: Duration,
+    ) -> Result<Reply> {
+        let config = self.config(origin);
+        let message = outgoing.to_message();
+        call_into(
+            caller,
+            &config.cell.control_exchange,
+            &config.cell.queue_base,
+            &message,
+            timeout,
+        )
+        .await
+    }
+
     /// Publishes any body onto `cell`'s broker, e.g. malformed input.
     pub async fn publish_raw(&self, cell: &str, publication: Publication) -> Result<()> {
         let config = self.config(cell);
@@ -173,8 +215,8 @@ impl Topology {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         while found.len() < count {
             let mut progressed = false;
-            for rx in self.workers.values_mut() {
-                while let Ok(p) = rx.try_recv() {
+            for worker in self.workers.values_mut() {
+                while let Ok(p) = worker.processed.try_recv() {
                     if p.message_uuid == uuid {
                         found.push(p);
                         progressed = true;

@@ -55,7 +55,7 @@ async fn run_and_send_route_a_message_between_two_processes() {
     let broker = Broker::connect(&leaf_config.cell.transport_url, "leaf-app")
         .await
         .expect("connect");
-    let mut processed = cellhost::demo::record_local(&broker, &leaf_config)
+    let mut worker = cellhost::demo::start_local_worker(&broker, &leaf_config)
         .await
         .expect("worker");
 
@@ -102,7 +102,7 @@ async fn run_and_send_route_a_message_between_two_processes() {
     let uuid = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert_eq!(uuid.len(), 36, "send prints the message uuid: {uuid:?}");
 
-    let got = tokio::time::timeout(PATIENCE, processed.recv())
+    let got = tokio::time::timeout(PATIENCE, worker.processed.recv())
         .await
         .expect("the leaf's application got the message in time")
         .expect("worker alive");

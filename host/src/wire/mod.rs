@@ -10,12 +10,14 @@
 mod cells;
 mod envelope;
 mod json;
+mod response;
 
 pub use cells::{CellsMessage, Direction, MessageType};
 pub use envelope::{
     decode_reply, decode_request, CallInfo, Context, RemoteFailure, Reply, ReplyOutcome, Request,
 };
 pub use json::{to_python_json, value_to_python_json, write_python_json, PythonFormatter};
+pub use response::{nova_failure, CellResponse};
 
 use serde_json::Value;
 use std::fmt;
