@@ -7,11 +7,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Map, Value};
 
-use cellhost::client::{declare_intercell, entry_cast, Outgoing};
+use cellhost::client::{call_into, declare_intercell, entry_cast, Caller, Outgoing};
 use cellhost::config::{Config, TransportUrl};
 use cellhost::policy::PolicyEngine;
 use cellhost::transport::Broker;
-use cellhost::wire::Direction;
+use cellhost::wire::{Direction, ReplyOutcome};
 use cellhost::CellHost;
 
 #[derive(Parser)]
@@ -76,6 +76,12 @@ struct SendArgs {
     /// For a broadcast: do not process it in the cell it is sent from.
     #[arg(long)]
     no_run_locally: bool,
+    /// Call instead of cast: wait for the response(s) and print them as JSON.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: how long to wait for the answer, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -212,13 +218,29 @@ async fn send(args: SendArgs) -> Result<()> {
     let message = outgoing.to_message();
     let broker = Broker::connect(&url, "cellhost send").await?;
     declare_intercell(&broker, &exchange, &queue_base).await?;
-    broker
-        .publish(entry_cast(&exchange, &queue_base, &message))
-        .await
-        .context("the broker did not confirm the message")?;
+    if !args.wait {
+        broker
+            .publish(entry_cast(&exchange, &queue_base, &message))
+            .await
+            .context("the broker did not confirm the message")?;
+        broker.close().await;
+        println!("{}", message.uuid);
+        return Ok(());
+    }
+    if !(args.timeout > 0.0 && args.timeout < 86_400.0) {
+        anyhow::bail!("--timeout must be between 0 and 86400 seconds");
+    }
+    let timeout = std::time::Duration::from_secs_f64(args.timeout);
+    let caller = Caller::start(broker.clone()).await?;
+    let reply = call_into(&caller, &exchange, &queue_base, &message, timeout).await;
     broker.close().await;
-    println!("{}", message.uuid);
-    Ok(())
+    match reply?.outcome {
+        ReplyOutcome::Result(value) => {
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(())
+        }
+        ReplyOutcome::Failure(f) => anyhow::bail!("the call failed: {}: {}", f.class, f.message),
+    }
 }
 
 fn json_object(flag: &str, text: &str) -> Result<Map<String, Value>> {
