@@ -9,7 +9,6 @@ use serde_json::{Map, Value};
 
 use cellhost::client::{call_into, declare_intercell, entry_cast, Caller, Outgoing};
 use cellhost::config::{Config, TransportUrl};
-use cellhost::policy::PolicyEngine;
 use cellhost::transport::Broker;
 use cellhost::wire::{Direction, ReplyOutcome};
 use cellhost::CellHost;
@@ -144,7 +143,7 @@ async fn run(paths: Vec<PathBuf>) -> Result<()> {
         .iter()
         .map(|p| Config::load(p))
         .collect::<Result<Vec<_>>>()?;
-    let engine = PolicyEngine::new()?;
+    let engine = cellhost::plugins::engine(configs.iter().map(|c| &c.policy))?;
     let mut hosts = Vec::new();
     for config in configs {
         let policy = cellhost::plugins::load(&engine, &config.policy)

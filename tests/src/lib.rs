@@ -104,6 +104,17 @@ impl Topology {
         topology: &[(&str, Option<&str>)],
         policy: Arc<LoadedPolicy>,
     ) -> Result<Topology> {
+        Topology::start_with(transport, topology, policy, true).await
+    }
+
+    /// Like [`Topology::start`]; without the built-in local workers when
+    /// `workers` is false, for tests that bring their own application.
+    pub async fn start_with(
+        transport: Transport,
+        topology: &[(&str, Option<&str>)],
+        policy: Arc<LoadedPolicy>,
+        workers: bool,
+    ) -> Result<Topology> {
         let prefix = format!("cht-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let vhosts: Vec<String> = match transport {
             Transport::Rabbit => topology
@@ -129,9 +140,16 @@ impl Topology {
             workers: BTreeMap::new(),
             vhosts,
         };
-        let (hosts, workers) = cellhost::demo::start_cells(&topo.configs, &policy).await?;
-        topo.hosts = hosts;
-        topo.workers = workers;
+        if workers {
+            let (hosts, workers) = cellhost::demo::start_cells(&topo.configs, &policy).await?;
+            topo.hosts = hosts;
+            topo.workers = workers;
+        } else {
+            for config in &topo.configs {
+                topo.hosts
+                    .push(CellHost::start(config.clone(), policy.clone()).await?);
+            }
+        }
         Ok(topo)
     }
 

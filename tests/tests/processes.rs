@@ -120,11 +120,23 @@ async fn run_and_send_route_a_message_between_two_processes() {
 
     // A call: `send --wait` prints the response the leaf's application gave.
     let out = Command::new(cellhost_bin())
-        .args(["send", "--url", &url(&top), "--type", "targeted", "--target", "top!leaf"])
+        .args([
+            "send",
+            "--url",
+            &url(&top),
+            "--type",
+            "targeted",
+            "--target",
+            "top!leaf",
+        ])
         .args(["--method", "get_host_uptime", "--wait", "--timeout", "15"])
         .output()
         .expect("cellhost send --wait runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let printed: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("send --wait prints JSON");
     assert_eq!(
