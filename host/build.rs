@@ -4,7 +4,8 @@
 //!
 //! This script owns that nested build: the target it needs, the environment
 //! it runs in, and what it tells cargo. It sets `CELLHOST_PLUGINS_DIR` to the
-//! absolute directory holding `nova_cells.wasm` and `adversary.wasm`.
+//! absolute directory holding `nova_cells.wasm`, `adversary.wasm` and
+//! `keep_local.wasm`.
 
 use std::env;
 use std::ffi::{OsStr, OsString};
@@ -28,6 +29,7 @@ const WASM_TARGET: &str = "wasm32-wasip2";
 const PLUGINS: &[(&str, &str)] = &[
     ("nova-cells", "nova_cells.wasm"),
     ("adversary", "adversary.wasm"),
+    ("keep-local", "keep_local.wasm"),
 ];
 
 /// Variables the outer build sets or honours that would change the nested

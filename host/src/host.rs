@@ -19,7 +19,8 @@ use tokio::task::JoinHandle;
 
 use crate::client::{declare_intercell, Caller};
 use crate::config::Config;
-use crate::policy::LoadedPolicy;
+use crate::policy::{LoadedPolicy, PolicyEngine};
+use crate::reload::{PolicyReloader, Reloaded, WatchGuard};
 use crate::responses::{Answering, Waiters};
 use crate::router::{Plan, RouteWorker, Router, Target};
 use crate::transport::{Broker, ExchangeKind, Inbound, Outcome, QueueSpec};
@@ -50,6 +51,7 @@ pub struct CellHost {
     links: Arc<Links>,
     shutdown: watch::Sender<bool>,
     consumers: Vec<JoinHandle<()>>,
+    reloader: Option<(Arc<PolicyReloader>, Option<WatchGuard>)>,
 }
 
 impl CellHost {
@@ -134,11 +136,40 @@ impl CellHost {
             links,
             shutdown,
             consumers,
+            reloader: None,
         })
     }
 
     pub fn router(&self) -> &Arc<Router> {
         &self.router
+    }
+
+    /// Lets the cell's policy be reloaded with `engine`, and with `watch`,
+    /// reloads it whenever its file changes.
+    pub fn enable_reload(
+        &mut self,
+        engine: Arc<PolicyEngine>,
+        watch: bool,
+    ) -> Result<Arc<PolicyReloader>> {
+        let reloader = PolicyReloader::new(engine, self.router.clone());
+        let guard = if watch && reloader.path().is_some() {
+            Some(reloader.watch()?)
+        } else {
+            None
+        };
+        self.reloader = Some((reloader.clone(), guard));
+        Ok(reloader)
+    }
+
+    /// Reloads the policy from its file now (SIGHUP, an operator's request).
+    pub async fn reload_policy(&self) -> Result<Reloaded> {
+        match &self.reloader {
+            Some((reloader, _)) => reloader.reload().await,
+            None => anyhow::bail!(
+                "reloading is not enabled for cell {}",
+                self.router.cell_name()
+            ),
+        }
     }
 
     /// Returns when a consumer stops on its own (its broker went away).
@@ -151,7 +182,9 @@ impl CellHost {
     }
 
     /// Stops consuming, finishes what is in flight, and closes the connections.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
+        // No reload may swap a policy in while the consumers drain.
+        self.reloader = None;
         let _ = self.shutdown.send(true);
         for consumer in self.consumers {
             let _ = consumer.await;

@@ -13,6 +13,7 @@
 //! - [`policy`]: wasmtime and the `cellhost:policy` world; nothing of brokers.
 //! - [`router`]: cells semantics and the host's invariants.
 //! - [`responses`]: waiting for answers and sending them on.
+//! - [`reload`]: swapping a cell's policy while it runs.
 //! - [`host`]: one running cell, wiring the above together.
 //! - [`client`]: what an application does to send into the network.
 //! - [`config`], [`demo`], [`plugins`]: configuration, the in-memory demo,
@@ -27,6 +28,7 @@ pub mod host;
 pub mod plugins;
 pub mod policy;
 pub mod policy_tools;
+pub mod reload;
 pub mod responses;
 pub mod router;
 pub mod transport;

@@ -145,10 +145,27 @@ async fn run(paths: Vec<PathBuf>) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let engine = cellhost::plugins::engine(configs.iter().map(|c| &c.policy))?;
     let mut hosts = Vec::new();
+    let mut reloaders = Vec::new();
     for config in configs {
         let policy = cellhost::plugins::load(&engine, &config.policy)
             .with_context(|| format!("cell {}", config.cell.name))?;
-        hosts.push(CellHost::start(config, policy).await?);
+        let mut host = CellHost::start(config, policy).await?;
+        reloaders.push(host.enable_reload(engine.clone(), true)?);
+        hosts.push(host);
+    }
+    // SIGHUP reloads every cell's policy from its file.
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                for reloader in reloaders.iter().filter(|r| r.path().is_some()) {
+                    // The outcome is logged; a refused version leaves the old one serving.
+                    let _ = reloader.reload().await;
+                }
+            }
+        });
     }
     let stopped_by_itself = {
         let any_stopped =

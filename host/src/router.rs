@@ -180,6 +180,11 @@ impl Router {
         self.active.load_full()
     }
 
+    /// Makes `policy` the version new messages are routed by; returns the old one.
+    pub fn swap_policy(&self, policy: Arc<LoadedPolicy>) -> Arc<LoadedPolicy> {
+        self.active.swap(policy)
+    }
+
     /// Remembers that the message with `uuid` was fully handled.
     pub fn handled(&self, uuid: &str) {
         self.dedupe.insert(uuid);
@@ -298,6 +303,21 @@ impl RouteWorker {
         message: &CellsMessage,
         is_origin: bool,
     ) -> Result<Vec<policy::Action>, PolicyError> {
+        let view = wit_message(message, is_origin);
+        match self.call_policy(&view) {
+            // The deadline is wall-clock time: a thread descheduled on a busy
+            // machine can miss it through no fault of the policy. One more try
+            // on a fresh instance tells that from a policy that really spins,
+            // which then costs two deadlines instead of one.
+            Err(PolicyError::Deadline(d)) => {
+                tracing::warn!(uuid = %message.uuid, deadline = ?d, "policy call missed its deadline; retrying once on a fresh instance");
+                self.call_policy(&view)
+            }
+            other => other,
+        }
+    }
+
+    fn call_policy(&mut self, view: &policy::Message) -> Result<Vec<policy::Action>, PolicyError> {
         let active = self.router.active.load();
         let stale = match &self.instance {
             Some(i) => !Arc::ptr_eq(i.policy(), &active),
@@ -313,11 +333,10 @@ impl RouteWorker {
         let Some(instance) = self.instance.as_mut() else {
             return Err(PolicyError::Trap("no policy instance".into()));
         };
-        let view = wit_message(message, is_origin);
-        let result = instance.route(&view, &self.router.wit_cell);
+        let result = instance.route(view, &self.router.wit_cell);
         if let Err(e) = &result {
             if e.poisons_instance() {
-                // A trapped instance is unusable; the next message gets a fresh one.
+                // A trapped instance is unusable; the next call gets a fresh one.
                 self.instance = None;
             }
         }

@@ -115,6 +115,17 @@ impl Topology {
         policy: Arc<LoadedPolicy>,
         workers: bool,
     ) -> Result<Topology> {
+        Topology::start_configured(transport, topology, policy, workers, |_| {}).await
+    }
+
+    /// Like [`Topology::start_with`], with each cell's config adjusted first.
+    pub async fn start_configured(
+        transport: Transport,
+        topology: &[(&str, Option<&str>)],
+        policy: Arc<LoadedPolicy>,
+        workers: bool,
+        adjust: impl Fn(&mut Config),
+    ) -> Result<Topology> {
         let prefix = format!("cht-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let vhosts: Vec<String> = match transport {
             Transport::Rabbit => topology
@@ -132,6 +143,8 @@ impl Topology {
                 name: format!("{prefix}-{cell}"),
             },
         });
+        let mut configs = configs;
+        configs.iter_mut().for_each(adjust);
         let mut topo = Topology {
             transport,
             prefix,
@@ -174,6 +187,55 @@ impl Topology {
         )
         .await?;
         Ok(message.uuid)
+    }
+
+    /// The host serving `cell`.
+    pub fn host_mut(&mut self, cell: &str) -> &mut CellHost {
+        self.hosts
+            .iter_mut()
+            .find(|h| h.router().cell_name() == cell)
+            .unwrap_or_else(|| panic!("no host for {cell}"))
+    }
+
+    /// Every local delivery so far, waiting until there are at least `count`.
+    pub async fn drain_processed(
+        &mut self,
+        count: usize,
+        patience: Duration,
+    ) -> Result<Vec<Processed>> {
+        let mut found = Vec::new();
+        let deadline = tokio::time::Instant::now() + patience;
+        while found.len() < count {
+            let before = found.len();
+            for worker in self.workers.values_mut() {
+                while let Ok(p) = worker.processed.try_recv() {
+                    found.push(p);
+                }
+            }
+            if found.len() == before {
+                if tokio::time::Instant::now() > deadline {
+                    bail!("{} of {count} local deliveries arrived", found.len());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        Ok(found)
+    }
+
+    /// The counters of one cell's host.
+    pub fn counts_of(&self, cell: &str) -> Counts {
+        let host = self
+            .hosts
+            .iter()
+            .find(|h| h.router().cell_name() == cell)
+            .unwrap_or_else(|| panic!("no host for {cell}"));
+        let s = &host.router().stats;
+        Counts {
+            received: Stats::get(&s.received),
+            delivered_local: Stats::get(&s.delivered_local),
+            relayed: Stats::get(&s.relayed),
+            dead_lettered: Stats::get(&s.dead_lettered),
+        }
     }
 
     /// How `cell`'s application answers calls from now on.
@@ -409,4 +471,80 @@ pub fn cellhost_bin() -> std::path::PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Fresh vhosts owned by one run of a bench or test: deleted by
+/// [`Vhosts::remove`], or when dropped, so a run that fails half-way leaves
+/// none behind.
+pub struct Vhosts {
+    names: Vec<String>,
+}
+
+impl Vhosts {
+    /// Creates the vhosts and gives guest all rights on them.
+    pub fn create(names: Vec<String>) -> Result<Vhosts> {
+        // Owned before they exist: a failed creation still removes the ones made.
+        let vhosts = Vhosts { names };
+        create_vhosts(&vhosts.names)?;
+        Ok(vhosts)
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Deletes the vhosts now, reporting a failure that `Drop` would swallow.
+    pub fn remove(mut self) -> Result<()> {
+        delete_vhosts(&std::mem::take(&mut self.names))
+    }
+}
+
+impl Drop for Vhosts {
+    fn drop(&mut self) {
+        if !self.names.is_empty() {
+            let _ = delete_vhosts(&self.names);
+        }
+    }
+}
+
+/// The AMQP URI of `vhost` on the local RabbitMQ as guest, for lapin or a
+/// shovel definition (the vhost is percent-encoded, as the URI spec wants).
+pub fn local_amqp_uri(vhost: &str) -> String {
+    let mut encoded = String::with_capacity(vhost.len());
+    for byte in vhost.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    format!("amqp://guest:guest@127.0.0.1:5672/{encoded}")
+}
+
+/// What a passive `queue.declare` tells of a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueState {
+    /// Messages ready for delivery; delivered but unacknowledged ones are not counted.
+    pub ready: u32,
+    pub consumers: u32,
+}
+
+/// Reads `queue`'s depth and consumer count without declaring it. A missing
+/// queue is an error, and the broker then closes `channel`.
+pub async fn queue_state(channel: &lapin::Channel, queue: &str) -> Result<QueueState> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("passive declare of queue {queue:?}"))?;
+    Ok(QueueState {
+        ready: declared.message_count(),
+        consumers: declared.consumer_count(),
+    })
 }

@@ -1,0 +1,591 @@
+//! One-hop relay throughput: how fast one cellhost moves a backlog of cells
+//! messages from its cell's broker to a neighbour's, against RabbitMQ's own
+//! Shovel moving the same bodies between two vhosts in `on-confirm` mode (the
+//! same guarantee: a source message is acked only after the destination
+//! broker confirmed its copy).
+//!
+//! Every run starts from fresh vhosts and a source queue pre-filled with
+//! `MESSAGES` (default 50 000) oslo casts of `process_message` carrying a
+//! cells message targeted from `top` to `top!leaf`, nothing consuming yet.
+//! - cellhost: one host for `top` (pair topology `top` ← `leaf`, nova-cells
+//!   policy). No host serves `leaf`, so what `top` relays piles up in leaf's
+//!   `cells.intercell.targeted`.
+//! - Shovel: a dynamic shovel from `q` in one vhost to `q` in another, with
+//!   `src-prefetch-count` 256 (cellhost's prefetch) and, so Shovel is not
+//!   held to cellhost's window, 1000 (Shovel's own default).
+//!
+//! The sides alternate for `ROUNDS` rounds (default 3). A run ends when the
+//! destination holds every message and the source has none left (passive
+//! declares every 10 ms); the source's unacked count is then checked to be 0
+//! with `rabbitmqctl` (too slow to poll inside the timing). Two durations are
+//! reported: from just before the relay is started (`CellHost::start`,
+//! `rabbitmqctl set_parameter`), which charges Shovel the CLI's start-up, and
+//! from the first sight of the relay's consumer on the source queue, which
+//! compares the relaying alone.
+//!
+//!     cargo bench -p cellhost-tests --bench relay_throughput
+//!     MESSAGES=100000 ROUNDS=5 cargo bench -p cellhost-tests --bench relay_throughput
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use cellhost::client::{declare_intercell, entry_cast, Outgoing};
+use cellhost::config::{Config, TransportUrl};
+use cellhost::demo::tree_configs;
+use cellhost::policy::LoadedPolicy;
+use cellhost::router::Stats;
+use cellhost::transport::Broker;
+use cellhost::CellHost;
+use cellhost_tests::{local_amqp_uri, queue_state, Direction, QueueState, Vhosts};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use serde_json::{json, Map, Value};
+
+const PAIR: [(&str, Option<&str>); 2] = [("top", None), ("leaf", Some("top"))];
+const TARGET: &str = "top!leaf";
+/// cellhost's default `prefetch`; the first Shovel variant uses the same.
+const CELLHOST_PREFETCH: u16 = 256;
+/// Shovel's default `src-prefetch-count`.
+const SHOVEL_DEFAULT_PREFETCH: u16 = 1000;
+/// Publishes whose confirms are awaited together when filling a queue.
+const FILL_BATCH: usize = 1000;
+
+/// The relays compared, in the order each round runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Cellhost,
+    Shovel { prefetch: u16 },
+}
+
+impl Side {
+    const ALL: [Side; 3] = [
+        Side::Cellhost,
+        Side::Shovel {
+            prefetch: CELLHOST_PREFETCH,
+        },
+        Side::Shovel {
+            prefetch: SHOVEL_DEFAULT_PREFETCH,
+        },
+    ];
+
+    fn label(self) -> String {
+        match self {
+            Side::Cellhost => "cellhost".into(),
+            Side::Shovel { prefetch } => format!("shovel (prefetch {prefetch})"),
+        }
+    }
+}
+
+/// The two durations of one run.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    /// From just before the relay was started.
+    total: Duration,
+    /// From the first sight of its consumer on the source queue.
+    relaying: Duration,
+}
+
+/// The queues a run watches: the source, its relay's destination.
+struct Ends {
+    src: Probe,
+    dst: Probe,
+}
+
+/// A connection to one vhost that reads one queue's state.
+struct Probe {
+    connection: Connection,
+    channel: Channel,
+    queue: String,
+}
+
+impl Probe {
+    async fn open(vhost: &str, queue: &str) -> Result<Probe> {
+        let connection =
+            Connection::connect(&local_amqp_uri(vhost), ConnectionProperties::default())
+                .await
+                .with_context(|| format!("connecting to vhost {vhost}"))?;
+        let channel = connection.create_channel().await?;
+        Ok(Probe {
+            connection,
+            channel,
+            queue: queue.to_string(),
+        })
+    }
+
+    async fn state(&self) -> Result<QueueState> {
+        queue_state(&self.channel, &self.queue).await
+    }
+
+    async fn close(self) {
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let messages: u32 = env_or("MESSAGES", 50_000)?;
+    let rounds: usize = env_or("ROUNDS", 3)?;
+    ensure!(
+        messages > 0 && rounds > 0,
+        "MESSAGES and ROUNDS must be positive"
+    );
+    ensure_shovel_plugin()?;
+    // Compiled once, outside every timing; each host instantiates it afresh.
+    let policy = cellhost_tests::plugin("nova_cells", "")?;
+    let bodies = bodies(messages);
+    let mean = bodies.iter().map(Vec::len).sum::<usize>() / bodies.len();
+    println!(
+        "{messages} messages of {mean} bytes ({} bytes of cells message), {rounds} rounds; \
+         cellhost prefetch {CELLHOST_PREFETCH}, confirm_window {}",
+        cells_message_len(&bodies[0])?,
+        Config::for_cell("top", TransportUrl::Memory { name: "top".into() })
+            .cell
+            .confirm_window,
+    );
+
+    let mut results: Vec<(Side, Vec<Timing>)> = Side::ALL.iter().map(|s| (*s, vec![])).collect();
+    for round in 1..=rounds {
+        for (side, timings) in &mut results {
+            let timing = match *side {
+                Side::Cellhost => run_cellhost(&bodies, &policy).await,
+                Side::Shovel { prefetch } => run_shovel(&bodies, prefetch).await,
+            }
+            .with_context(|| format!("round {round}, {}", side.label()))?;
+            println!(
+                "round {round} {:<26} total {:>7.3} s {:>7.0} msg/s | from consumer {:>7.3} s {:>7.0} msg/s",
+                side.label(),
+                timing.total.as_secs_f64(),
+                rate(messages, timing.total),
+                timing.relaying.as_secs_f64(),
+                rate(messages, timing.relaying),
+            );
+            timings.push(timing);
+        }
+    }
+
+    println!("\nmedians over {rounds} runs (msg/s):");
+    let medians: Vec<(Side, f64, f64)> = results
+        .iter()
+        .map(|(side, timings)| {
+            let total = median(timings.iter().map(|t| rate(messages, t.total)).collect());
+            let relaying = median(timings.iter().map(|t| rate(messages, t.relaying)).collect());
+            (*side, total, relaying)
+        })
+        .collect();
+    for (side, total, relaying) in &medians {
+        println!(
+            "  {:<26} total {total:>7.0} | from consumer {relaying:>7.0}",
+            side.label()
+        );
+    }
+    let (_, host_total, host_relaying) = medians[0];
+    for (side, total, relaying) in &medians[1..] {
+        println!(
+            "  cellhost / {:<26} total {:>5.2} | from consumer {:>5.2}",
+            side.label(),
+            host_total / total,
+            host_relaying / relaying,
+        );
+    }
+    Ok(())
+}
+
+/// One cellhost for `top` relays the backlog of top's targeted queue to leaf.
+async fn run_cellhost(bodies: &[Vec<u8>], policy: &Arc<LoadedPolicy>) -> Result<Timing> {
+    let prefix = fresh_prefix();
+    let vhosts = Vhosts::create(PAIR.iter().map(|(c, _)| format!("{prefix}-{c}")).collect())?;
+    let configs = tree_configs(&PAIR, |cell| {
+        format!("rabbit://guest:guest@127.0.0.1:5672/{prefix}-{cell}")
+            .parse()
+            .expect("a well-formed bench URL")
+    });
+    let top = configs
+        .iter()
+        .find(|c| c.cell.name == "top")
+        .expect("top is in PAIR")
+        .clone();
+    let (exchange, queue_base) = (&top.cell.control_exchange, &top.cell.queue_base);
+    // The queues exist before any host: the backlog waits in top's, and leaf's
+    // can be watched from the start (the host declares it again, unchanged).
+    for config in &configs {
+        let broker = Broker::connect(&config.cell.transport_url, "bench-setup").await?;
+        declare_intercell(&broker, exchange, queue_base).await?;
+        broker.close().await;
+    }
+    let queue = format!("{queue_base}.targeted");
+    let (top_vhost, leaf_vhost) = (&vhosts.names()[0], &vhosts.names()[1]);
+    fill(top_vhost, exchange, &queue, bodies).await?;
+    let ends = Ends {
+        src: Probe::open(top_vhost, &queue).await?,
+        dst: Probe::open(leaf_vhost, &queue).await?,
+    };
+    let count = bodies.len() as u32;
+    ensure!(
+        ends.src.state().await?.ready == count,
+        "top's backlog is incomplete"
+    );
+
+    let started = Instant::now();
+    let (host, timing) = tokio::try_join!(
+        CellHost::start(top.clone(), policy.clone()),
+        watch(&ends, count, started)
+    )?;
+    // A message the policy refused or the host failed to relay would also
+    // have stopped the run short; check nothing of the kind happened.
+    let stats = &host.router().stats;
+    ensure!(
+        Stats::get(&stats.relayed) == u64::from(count)
+            && Stats::get(&stats.dead_lettered) == 0
+            && Stats::get(&stats.publish_failures) == 0,
+        "top relayed {}, dead-lettered {}, failed {} publications",
+        Stats::get(&stats.relayed),
+        Stats::get(&stats.dead_lettered),
+        Stats::get(&stats.publish_failures),
+    );
+    await_no_unacked(top_vhost, &queue).await?;
+    check_relayed(&ends.dst, "top", 1).await?;
+    host.shutdown().await;
+    ends.src.close().await;
+    ends.dst.close().await;
+    vhosts.remove()?;
+    Ok(timing)
+}
+
+/// A dynamic shovel relays the same bodies from `q` in one vhost to `q` in another.
+async fn run_shovel(bodies: &[Vec<u8>], prefetch: u16) -> Result<Timing> {
+    let prefix = fresh_prefix();
+    let vhosts = Vhosts::create(vec![format!("{prefix}-src"), format!("{prefix}-dst")])?;
+    let (src_vhost, dst_vhost) = (&vhosts.names()[0], &vhosts.names()[1]);
+    let queue = "q";
+    // Declared as oslo declares cellhost's queues (transient), so both brokers
+    // do the same work per message; the shovel finds them and declares nothing.
+    for vhost in vhosts.names() {
+        declare_transient_queue(vhost, queue).await?;
+    }
+    fill(src_vhost, "", queue, bodies).await?;
+    let ends = Ends {
+        src: Probe::open(src_vhost, queue).await?,
+        dst: Probe::open(dst_vhost, queue).await?,
+    };
+    let count = bodies.len() as u32;
+    ensure!(
+        ends.src.state().await?.ready == count,
+        "src's backlog is incomplete"
+    );
+
+    let name = format!("{prefix}-shovel");
+    let definition = json!({
+        "src-protocol": "amqp091",
+        "src-uri": local_amqp_uri(src_vhost),
+        "src-queue": queue,
+        "src-prefetch-count": prefetch,
+        "dest-protocol": "amqp091",
+        "dest-uri": local_amqp_uri(dst_vhost),
+        "dest-queue": queue,
+        "ack-mode": "on-confirm",
+    })
+    .to_string();
+    let started = Instant::now();
+    let set_args = [
+        "set_parameter",
+        "-p",
+        src_vhost,
+        "shovel",
+        &name,
+        &definition,
+    ];
+    let set = rabbitmqctl_async(&set_args);
+    let ((), timing) = tokio::try_join!(set, watch(&ends, count, started))?;
+    await_no_unacked(src_vhost, queue).await?;
+    check_relayed(&ends.dst, "", 0).await?;
+    rabbitmqctl_async(&["clear_parameter", "-p", src_vhost, "shovel", &name]).await?;
+    ends.src.close().await;
+    ends.dst.close().await;
+    vhosts.remove()?;
+    Ok(timing)
+}
+
+/// Waits until the destination holds `count` messages and the source none.
+async fn watch(ends: &Ends, count: u32, started: Instant) -> Result<Timing> {
+    // Generous: a relay slower than 200 msg/s is broken, not slow.
+    let deadline = started + Duration::from_secs(60).max(Duration::from_millis(5 * count as u64));
+    // Polled finely until the relay shows up, so its start is sharp.
+    let attached = loop {
+        let src = ends.src.state().await?;
+        if src.consumers > 0 || src.ready < count {
+            break Instant::now();
+        }
+        if Instant::now() > deadline {
+            bail!("no consumer came to the source queue");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    loop {
+        let dst = ends.dst.state().await?;
+        ensure!(
+            dst.ready <= count,
+            "{} messages reached the destination, sent {count}",
+            dst.ready
+        );
+        if dst.ready == count && ends.src.state().await?.ready == 0 {
+            let done = Instant::now();
+            return Ok(Timing {
+                total: done - started,
+                relaying: done - attached,
+            });
+        }
+        if Instant::now() > deadline {
+            let src = ends.src.state().await?;
+            bail!(
+                "timed out: destination holds {} of {count}, source {} ready",
+                dst.ready,
+                src.ready
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The bodies every run relays: oslo casts of `process_message` as an
+/// application on `top` sends them, with a Nova-sized context and arguments.
+fn bodies(count: u32) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| {
+            let mut outgoing = Outgoing::targeted(TARGET, Direction::Down, "reboot_instance");
+            outgoing.method_kwargs = object(json!({
+                "instance": {
+                    "uuid": uuid::Uuid::new_v4().to_string(),
+                    "host": format!("compute-{}", i % 64),
+                    "node": format!("compute-{}.leaf.example.org", i % 64),
+                    "vm_state": "active",
+                    "task_state": "rebooting",
+                    "power_state": 1,
+                    "flavor": "m1.small",
+                    "cell_name": TARGET,
+                },
+                "reboot_type": "SOFT",
+            }));
+            outgoing.ctxt = object(json!({
+                "request_id": format!("req-{}", uuid::Uuid::new_v4()),
+                "user_id": "5f2f4d8a1c3e4b6f9a7d2e1c0b9a8f7e",
+                "project_id": "0c7e3a9b5d1f4e2a8c6b4d2f0e8a6c4b",
+                "user_name": "demo",
+                "project_name": "demo",
+                "roles": ["member", "reader"],
+                "is_admin": false,
+                "read_deleted": "no",
+                "remote_address": "10.0.4.12",
+                "timestamp": "2024-05-02T10:12:33.123456",
+                "instance_lock_checked": false,
+            }));
+            entry_cast("nova", "cells.intercell", &outgoing.to_message()).body
+        })
+        .collect()
+}
+
+fn object(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => unreachable!("object() is given JSON object literals"),
+    }
+}
+
+/// The length of the cells message inside an oslo body, for the report.
+fn cells_message_len(body: &[u8]) -> Result<usize> {
+    let request = cellhost::wire::decode_request(body, usize::MAX)?;
+    Ok(request.cells_message()?.to_json().len())
+}
+
+/// Publishes `bodies` with confirms, as oslo.messaging sets the properties,
+/// keeping up to `FILL_BATCH` confirms in flight.
+async fn fill(vhost: &str, exchange: &str, routing_key: &str, bodies: &[Vec<u8>]) -> Result<()> {
+    let connection =
+        Connection::connect(&local_amqp_uri(vhost), ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    // What cellhost's own publisher sets, so relayed and shovelled copies
+    // carry the same properties.
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_delivery_mode(2)
+        .with_priority(0)
+        .with_headers(FieldTable::default());
+    for batch in bodies.chunks(FILL_BATCH) {
+        let sends = batch.iter().map(|body| {
+            channel.basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties.clone(),
+            )
+        });
+        let confirms = futures::future::try_join_all(sends).await?;
+        for confirmation in futures::future::try_join_all(confirms).await? {
+            ensure!(
+                matches!(confirmation, Confirmation::Ack(_)),
+                "the broker did not take a message for {routing_key} on {vhost}: {confirmation:?}"
+            );
+        }
+    }
+    let _ = connection.close(200, "filled".into()).await;
+    Ok(())
+}
+
+async fn declare_transient_queue(vhost: &str, queue: &str) -> Result<()> {
+    let connection =
+        Connection::connect(&local_amqp_uri(vhost), ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = connection.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// Takes one message off the destination and checks it is a cells message
+/// for `top!leaf` that went through `routing_path` (`hop_count` hops).
+async fn check_relayed(dst: &Probe, routing_path: &str, hop_count: u32) -> Result<()> {
+    let got = dst
+        .channel
+        .basic_get(dst.queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .await?
+        .context("the destination queue is empty")?;
+    let request = cellhost::wire::decode_request(&got.delivery.data, usize::MAX)?;
+    let message = request.cells_message()?;
+    ensure!(
+        message.target_cell.as_deref() == Some(TARGET)
+            && message.routing_path == routing_path
+            && message.hop_count == hop_count,
+        "unexpected message at the destination: target {:?}, path {:?}, hops {}",
+        message.target_cell,
+        message.routing_path,
+        message.hop_count
+    );
+    Ok(())
+}
+
+/// Checks, with `rabbitmqctl` (AMQP cannot tell), that the source queue has
+/// no unacknowledged message left, waiting a little for a last ack in flight.
+async fn await_no_unacked(vhost: &str, queue: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listing = rabbitmqctl_output(&[
+            "list_queues",
+            "-p",
+            vhost,
+            "--no-table-headers",
+            "name",
+            "messages_unacknowledged",
+        ])
+        .await?;
+        let unacked = listing
+            .lines()
+            .filter_map(|line| line.split_once('\t'))
+            .find(|(name, _)| name.trim() == queue)
+            .with_context(|| format!("no queue {queue} in list_queues of {vhost}: {listing}"))?
+            .1
+            .trim()
+            .parse::<u64>()
+            .with_context(|| format!("list_queues of {vhost}: {listing}"))?;
+        if unacked == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{unacked} messages of {queue} on {vhost} stay unacknowledged");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Enables the shovel plugin if this broker does not run it yet.
+fn ensure_shovel_plugin() -> Result<()> {
+    let listed = Command::new("rabbitmq-plugins")
+        .args(["list", "-e", "-m"])
+        .output()
+        .context("running rabbitmq-plugins")?;
+    ensure!(
+        listed.status.success(),
+        "rabbitmq-plugins list failed: {}",
+        String::from_utf8_lossy(&listed.stderr).trim()
+    );
+    let enabled = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .any(|l| l.trim() == "rabbitmq_shovel");
+    if enabled {
+        return Ok(());
+    }
+    println!("rabbitmq_shovel is not enabled: running `rabbitmq-plugins enable rabbitmq_shovel`");
+    let out = Command::new("rabbitmq-plugins")
+        .args(["enable", "rabbitmq_shovel"])
+        .output()
+        .context("running rabbitmq-plugins")?;
+    ensure!(
+        out.status.success(),
+        "rabbitmq-plugins enable rabbitmq_shovel failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Runs `rabbitmqctl` without blocking the runtime, so a run can be watched
+/// while the command is still starting up.
+async fn rabbitmqctl_async(args: &[&str]) -> Result<()> {
+    rabbitmqctl_output(args).await.map(|_| ())
+}
+
+async fn rabbitmqctl_output(args: &[&str]) -> Result<String> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .await
+        .context("running rabbitmqctl")?;
+    ensure!(
+        out.status.success(),
+        "rabbitmqctl {} failed: {}",
+        args.first().copied().unwrap_or_default(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn fresh_prefix() -> String {
+    // Not `cht-`, which the test harness uses.
+    format!("chr-{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a valid number")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn rate(messages: u32, took: Duration) -> f64 {
+    f64::from(messages) / took.as_secs_f64()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 0 {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}

@@ -1,0 +1,156 @@
+//! Hot reload under load: a cell's policy is replaced a hundred times while
+//! thousands of messages a second flow through a real RabbitMQ, alternating
+//! two versions that route differently. Every message is delivered exactly
+//! once, by one version or the other, and the host never stops consuming.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cellhost::client::{entry_cast, Outgoing};
+use cellhost::plugins::built_path;
+use cellhost::policy::content_hash;
+use cellhost::transport::Broker;
+use cellhost_tests::{plugin, Direction, Topology, Transport};
+
+const PAIR: [(&str, Option<&str>); 2] = [("top", None), ("leaf", Some("top"))];
+
+/// Deploys `wasm` as operators should: written beside, then renamed over.
+fn deploy(file: &Path, wasm: &[u8]) {
+    let staging = file.with_extension("wasm.new");
+    std::fs::write(&staging, wasm).expect("staging file written");
+    std::fs::rename(&staging, file).expect("renamed into place");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_reloads_under_load_lose_and_duplicate_nothing() {
+    // nova-cells relays `top!leaf` messages to leaf; keep-local processes
+    // them at top. Either is right, both or neither is a bug.
+    let nova = std::fs::read(built_path("nova_cells")).expect("nova-cells built");
+    let keep = std::fs::read(built_path("keep_local")).expect("keep-local built");
+    let dir =
+        std::env::temp_dir().join(format!("cellhost-reload-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("policy.wasm");
+    deploy(&file, &nova);
+
+    let policy = plugin("nova_cells", "").expect("policy");
+    let policy_file = file.clone();
+    let mut topo = Topology::start_configured(Transport::Rabbit, &PAIR, policy, true, |c| {
+        if c.cell.name == "top" {
+            c.policy.path = Some(policy_file.clone());
+        }
+    })
+    .await
+    .expect("topology starts");
+    let reloader = topo
+        .host_mut("top")
+        .enable_reload(cellhost_tests::engine(), true)
+        .expect("watching the policy file");
+
+    // A steady stream into top: bursts of 40 every 10 ms, pipelined.
+    let config = topo.config("top").clone();
+    let broker = Broker::connect(&config.cell.transport_url, "load")
+        .await
+        .expect("connect");
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sent = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let burst: Vec<_> = (0..40)
+                    .map(|_| Outgoing::targeted("top!leaf", Direction::Down, "steady").to_message())
+                    .collect();
+                let publishes = burst.iter().map(|m| {
+                    broker.publish(entry_cast(
+                        &config.cell.control_exchange,
+                        &config.cell.queue_base,
+                        m,
+                    ))
+                });
+                for result in futures::future::join_all(publishes).await {
+                    result.expect("the broker confirms the test's messages");
+                }
+                sent.extend(burst.into_iter().map(|m| m.uuid));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            sent
+        })
+    };
+
+    let router = topo.host_mut("top").router().clone();
+    for i in 0..100 {
+        let wasm = if i % 2 == 0 { &keep } else { &nova };
+        let hash = content_hash(wasm);
+        deploy(&file, wasm);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while router.active_policy().hash() != hash {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "reload {i} not served in time (last error: {:?})",
+                reloader.last_error()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = publisher.await.expect("publisher finished");
+    assert_eq!(reloader.swaps(), 100);
+    assert_eq!(reloader.last_error(), None);
+    assert!(
+        sent.len() > 2000,
+        "the stream was steady: {} messages",
+        sent.len()
+    );
+
+    let processed = match topo
+        .drain_processed(sent.len(), Duration::from_secs(60))
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => panic!(
+            "{e}; top: {:?}, leaf: {:?}, first dead letter at top: {:?}",
+            topo.counts_of("top"),
+            topo.counts_of("leaf"),
+            topo.dead_letter("top").await.map(|d| d.reason)
+        ),
+    };
+    let mut times: HashMap<&str, usize> = HashMap::new();
+    let mut by_cell: HashMap<&str, usize> = HashMap::new();
+    for p in &processed {
+        *times.entry(p.message_uuid.as_str()).or_default() += 1;
+        *by_cell.entry(p.cell.as_str()).or_default() += 1;
+    }
+    for uuid in &sent {
+        assert_eq!(
+            times.get(uuid.as_str()),
+            Some(&1),
+            "message {uuid} delivered {:?} times",
+            times.get(uuid.as_str())
+        );
+    }
+    assert_eq!(
+        processed.len(),
+        sent.len(),
+        "no delivery beyond the messages sent"
+    );
+    assert!(
+        by_cell.get("top").copied().unwrap_or(0) > 0,
+        "keep-local served some: {by_cell:?}"
+    );
+    assert!(
+        by_cell.get("leaf").copied().unwrap_or(0) > 0,
+        "nova-cells served some: {by_cell:?}"
+    );
+    // Each message was received once at top and routed one way or the other.
+    let top = topo.counts_of("top");
+    assert_eq!(top.received as usize, sent.len());
+    assert_eq!((top.relayed + top.delivered_local) as usize, sent.len());
+    assert_eq!(top.dead_lettered, 0);
+    topo.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
