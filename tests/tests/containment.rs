@@ -193,3 +193,81 @@ async fn malformed_input_is_dead_lettered_and_the_host_keeps_serving() {
     }
     topo.stop().await;
 }
+
+/// Sends `method` to the adversary at `top` and returns its dead letter.
+async fn provoke(topo: &Topology, method: &str) -> cellhost_tests::DeadLetter {
+    topo.send(
+        "top",
+        Outgoing::targeted("top!leaf", Direction::Down, method),
+    )
+    .await
+    .expect("sent");
+    topo.dead_letter("top").await.expect("dead-lettered")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_recursion_traps_and_is_contained() {
+    let mut topo = adversary_pair(Transport::Rabbit).await;
+    let dead = provoke(&topo, "recurse").await;
+    // Rust keeps its stack in linear memory: running off its bottom is an
+    // out-of-bounds access there, or wasm's own stack overflow, by frame size.
+    assert_eq!(dead.code, "policy-trap", "{dead:?}");
+    assert!(
+        dead.reason.contains("out of bounds memory access")
+            || dead.reason.contains("stack overflow"),
+        "{}",
+        dead.reason
+    );
+    still_routes(&mut topo, "after_recurse").await;
+    topo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_action_list_is_refused_whole() {
+    // Building 100 000 actions takes longer than the default deadline, which
+    // would stop it first; with time enough, the action cap must.
+    let policy = plugin_with("adversary", "", |p| p.deadline_ms = 2_000).expect("loads");
+    let mut topo = Topology::start(Transport::Rabbit, &PAIR, policy)
+        .await
+        .expect("topology starts");
+    let before = topo.counts();
+    let dead = provoke(&topo, "flood").await;
+    assert_eq!(dead.code, "policy-too-many-actions", "{dead:?}");
+    assert!(dead.reason.contains("100000 actions"), "{}", dead.reason);
+    // Not one of the 100 000 relays was carried out.
+    assert_eq!(topo.counts().relayed, before.relayed);
+    still_routes(&mut topo, "after_flood").await;
+    topo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaying_to_a_cell_that_is_no_neighbour_is_refused() {
+    let mut topo = adversary_pair(Transport::Rabbit).await;
+    let dead = provoke(&topo, "stray").await;
+    assert_eq!(dead.code, "policy-unknown-neighbour", "{dead:?}");
+    assert!(dead.reason.contains("no-such-cell"), "{}", dead.reason);
+    still_routes(&mut topo, "after_stray").await;
+    topo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_sees_no_files_and_no_environment() {
+    let mut topo = adversary_pair(Transport::Rabbit).await;
+    // The adversary reports what it could reach as its error.
+    let dead = provoke(&topo, "read-file").await;
+    assert_eq!(dead.code, "policy-error", "{dead:?}");
+    assert!(
+        dead.reason.contains("reading /etc/hostname failed"),
+        "{}",
+        dead.reason
+    );
+    let dead = provoke(&topo, "read-env").await;
+    assert!(
+        dead.reason
+            .contains("0 environment variables visible, HOME visible: false"),
+        "{}",
+        dead.reason
+    );
+    still_routes(&mut topo, "after_snooping").await;
+    topo.stop().await;
+}

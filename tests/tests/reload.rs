@@ -154,3 +154,96 @@ async fn a_hundred_reloads_under_load_lose_and_duplicate_nothing() {
     topo.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_fails_to_load_leaves_the_current_one_serving() {
+    let nova = std::fs::read(built_path("nova_cells")).expect("nova-cells built");
+    let adversary = std::fs::read(built_path("adversary")).expect("adversary built");
+    let dir =
+        std::env::temp_dir().join(format!("cellhost-refuse-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("policy.wasm");
+    deploy(&file, &nova);
+
+    let policy = plugin("nova_cells", "").expect("policy");
+    let policy_file = file.clone();
+    // nova-cells ignores its config; the adversary refuses this one in init.
+    let mut topo = Topology::start_configured(Transport::Memory, &PAIR, policy, true, |c| {
+        if c.cell.name == "top" {
+            c.policy.path = Some(policy_file.clone());
+            c.policy.config = "fail-init".into();
+        }
+    })
+    .await
+    .expect("topology starts");
+    let reloader = topo
+        .host_mut("top")
+        .enable_reload(cellhost_tests::engine(), false)
+        .expect("reload enabled");
+    let serving = topo
+        .host_mut("top")
+        .router()
+        .active_policy()
+        .hash()
+        .to_string();
+
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "not WebAssembly",
+            b"#!/bin/sh\necho not a policy\n".to_vec(),
+            "not WebAssembly",
+        ),
+        (
+            "a component of another world",
+            b"(component)".to_vec(),
+            "not a cellhost:policy component",
+        ),
+        (
+            "a half-written file",
+            nova[..nova.len() / 2].to_vec(),
+            "not a valid WebAssembly component",
+        ),
+        (
+            "an init that fails",
+            adversary.clone(),
+            "init refused the configuration",
+        ),
+    ];
+    for (what, bytes, expected) in cases {
+        deploy(&file, &bytes);
+        let err = reloader.reload().await.expect_err(what);
+        assert!(format!("{err:#}").contains(expected), "{what}: {err:#}");
+        let reported = reloader.last_error().unwrap_or_default();
+        assert!(reported.contains(expected), "{what}: reported {reported:?}");
+        assert_eq!(
+            topo.host_mut("top").router().active_policy().hash(),
+            serving,
+            "{what}"
+        );
+        // And the old version still routes.
+        let uuid = topo
+            .send(
+                "top",
+                Outgoing::targeted("top!leaf", Direction::Down, "still_here"),
+            )
+            .await
+            .expect("sent");
+        let got = topo
+            .processed(&uuid, 1)
+            .await
+            .expect("routed by the old version");
+        assert_eq!(got[0].cell, "leaf", "{what}");
+    }
+    // A good version afterwards is taken, and clears the error.
+    deploy(
+        &file,
+        &std::fs::read(built_path("keep_local")).expect("built"),
+    );
+    assert!(matches!(
+        reloader.reload().await,
+        Ok(cellhost::reload::Reloaded::Swapped { .. })
+    ));
+    assert_eq!(reloader.last_error(), None);
+    topo.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
