@@ -27,7 +27,7 @@ use crate::router::Router;
 
 /// How long a file must stay unchanged before it is read: a writer that is
 /// still copying it in is waited for.
-const SETTLE: Duration = Duration::from_millis(40);
+const SETTLE: Duration = Duration::from_millis(10);
 
 /// What a reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
