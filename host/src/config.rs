@@ -99,6 +99,29 @@ pub struct PolicySection {
     /// cache folder (see [`PolicySection::cache_dir`]); `""`: no disk cache.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// What happens to a message the policy fails on (trap, deadline, error).
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// After this many policy failures in a row, a reloaded version is
+    /// unloaded in favour of the one it replaced. 0: never.
+    #[serde(default = "default_failures_before_fallback")]
+    pub failures_before_fallback: u64,
+}
+
+/// `policy.on_failure`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// Publish it to the cell's dead-letter queue with the reason.
+    #[default]
+    DeadLetter,
+    /// Reject it back to the broker without requeueing (the broker's own
+    /// dead-lettering, if configured, takes it from there).
+    Reject,
+}
+
+fn default_failures_before_fallback() -> u64 {
+    20
 }
 
 impl PolicySection {
@@ -123,6 +146,8 @@ impl Default for PolicySection {
             memory_mib: default_memory_mib(),
             max_actions: default_max_actions(),
             cache_dir: None,
+            on_failure: OnFailure::default(),
+            failures_before_fallback: default_failures_before_fallback(),
         }
     }
 }

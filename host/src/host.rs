@@ -268,7 +268,11 @@ async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, answering: A
         if let Some(uuid) = &plan.uuid {
             router.handled(uuid);
         }
-        inbound.settle(Outcome::Ack);
+        inbound.settle(if plan.reject {
+            Outcome::Reject
+        } else {
+            Outcome::Ack
+        });
         if let Some((response_uuid, from, responses)) = plan.arrived {
             answering.arrived(&response_uuid, from, responses);
         }

@@ -19,10 +19,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use serde_json::Value;
 
-use crate::config::Config;
+use crate::config::{Config, OnFailure};
 use crate::policy::{self, LoadedPolicy, PolicyError, PolicyInstance};
 use crate::transport::Publication;
 use crate::wire::{
@@ -56,6 +56,8 @@ pub struct Plan {
     /// Responses that reached their destination here: (`response_uuid`,
     /// the neighbour that sent them, the responses).
     pub arrived: Option<(String, String, Vec<CellResponse>)>,
+    /// Reject the source back to the broker instead of acknowledging it.
+    pub reject: bool,
 }
 
 /// The extra key carrying the time left to answer, in milliseconds. Nova
@@ -110,6 +112,10 @@ pub enum Disposition {
     Dropped {
         reason: String,
     },
+    /// Rejected back to the broker (`policy.on_failure = "reject"`).
+    Rejected {
+        reason: String,
+    },
     /// Refused with a failure response to whoever waits for one.
     Refused {
         code: &'static str,
@@ -131,6 +137,8 @@ pub struct Stats {
     pub publish_failures: AtomicU64,
     /// Responses that came after their waiter had given up.
     pub late_responses: AtomicU64,
+    /// Times a failing policy version was unloaded for the previous one.
+    pub fallbacks: AtomicU64,
 }
 
 impl Stats {
@@ -149,6 +157,9 @@ pub struct Router {
     dedupe: Dedupe,
     /// Where this host's calls to the local application are answered.
     reply_queue: String,
+    /// The version the active one replaced, to fall back on.
+    previous: ArcSwapOption<LoadedPolicy>,
+    consecutive_failures: AtomicU64,
     pub stats: Stats,
 }
 
@@ -163,6 +174,8 @@ impl Router {
             config,
             active: ArcSwap::new(policy),
             reply_queue,
+            previous: ArcSwapOption::empty(),
+            consecutive_failures: AtomicU64::new(0),
             stats: Stats::default(),
         })
     }
@@ -180,9 +193,41 @@ impl Router {
         self.active.load_full()
     }
 
-    /// Makes `policy` the version new messages are routed by; returns the old one.
+    /// Makes `policy` the version new messages are routed by; returns the old
+    /// one, which is kept to fall back on.
     pub fn swap_policy(&self, policy: Arc<LoadedPolicy>) -> Arc<LoadedPolicy> {
-        self.active.swap(policy)
+        let old = self.active.swap(policy);
+        self.previous.store(Some(old.clone()));
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        old
+    }
+
+    /// Counts a policy trap; past `policy.failures_before_fallback` in a row,
+    /// the active version is unloaded for the one it replaced.
+    fn policy_failed(&self, error: &PolicyError) {
+        // A policy that returns an error on purpose is not broken.
+        if !error.poisons_instance() {
+            return;
+        }
+        let limit = self.config.policy.failures_before_fallback;
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if limit == 0 || failures < limit {
+            return;
+        }
+        let Some(previous) = self.previous.swap(None) else {
+            return;
+        };
+        let failing = self.active.swap(previous.clone());
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            cell = %self.cell_name,
+            failing = failing.version(),
+            restored = previous.version(),
+            failures,
+            last_error = %error,
+            "policy unloaded after failing {failures} times in a row; the previous version serves again"
+        );
     }
 
     /// Remembers that the message with `uuid` was fully handled.
@@ -270,9 +315,26 @@ impl RouteWorker {
             budget,
         };
         let actions = match self.ask_policy(&message, is_origin) {
-            Ok(actions) => actions,
+            Ok(actions) => {
+                router.consecutive_failures.store(0, Ordering::Relaxed);
+                actions
+            }
             Err(e) => {
                 router.stats.policy_failures.fetch_add(1, Ordering::Relaxed);
+                router.policy_failed(&e);
+                let wants_answer =
+                    message.need_response && message.message_type != MessageType::Response;
+                if router.config.policy.on_failure == OnFailure::Reject && !wants_answer {
+                    tracing::warn!(uuid = %message.uuid, error = %e, "policy failed; message rejected back to the broker");
+                    let mut plan = Plan::nothing(
+                        Some(message.uuid),
+                        Disposition::Rejected {
+                            reason: e.to_string(),
+                        },
+                    );
+                    plan.reject = true;
+                    return plan;
+                }
                 let failure = RemoteFailure {
                     module: "cellhost.policy".into(),
                     ..nova_failure("CellPolicyFailure", e.to_string())
@@ -501,6 +563,7 @@ impl RouteWorker {
             },
             respond,
             arrived: None,
+            reject: false,
         }
     }
 
@@ -556,6 +619,7 @@ impl RouteWorker {
             },
             respond: None,
             arrived: Some((response_uuid, from, responses)),
+            reject: false,
         }
     }
 
@@ -643,6 +707,7 @@ impl RouteWorker {
                 message,
             }),
             arrived: None,
+            reject: false,
         }
     }
 
@@ -702,6 +767,7 @@ impl Plan {
             disposition,
             respond: None,
             arrived: None,
+            reject: false,
         }
     }
 }

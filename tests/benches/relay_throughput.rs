@@ -81,13 +81,91 @@ impl Side {
     }
 }
 
-/// The two durations of one run.
+/// The two durations of one run, and the CPU it took.
 #[derive(Debug, Clone, Copy)]
 struct Timing {
     /// From just before the relay was started.
     total: Duration,
     /// From the first sight of its consumer on the source queue.
     relaying: Duration,
+    /// CPU seconds over `total`: this process's and the broker's.
+    cpu: Cpu,
+}
+
+impl Timing {
+    fn new(started: Instant, before: Cpu, finish: Finish, after: Cpu) -> Timing {
+        Timing {
+            total: finish.done - started,
+            relaying: finish.done - finish.attached,
+            cpu: Cpu {
+                own: after.own - before.own,
+                broker: after.broker.zip(before.broker).map(|(a, b)| a - b),
+            },
+        }
+    }
+}
+
+/// When a run's relay was first seen consuming, and when it was done.
+struct Finish {
+    attached: Instant,
+    done: Instant,
+}
+
+/// CPU seconds used so far by this process (the host in a cellhost run, only
+/// the probes in a Shovel run) and by the broker's Erlang VM (where Shovel
+/// runs). Unlike throughput, CPU per message barely moves when other work
+/// shares the machine.
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    own: f64,
+    broker: Option<f64>,
+}
+
+/// Reads [`Cpu`] from /proc; the broker's share is unknown when no local
+/// `beam.smp` is found.
+struct CpuMeter {
+    ticks_per_second: f64,
+    broker_pid: Option<String>,
+}
+
+impl CpuMeter {
+    fn new() -> CpuMeter {
+        let ticks_per_second = Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+            .unwrap_or(100.0);
+        let broker_pid = std::fs::read_dir("/proc").ok().and_then(|entries| {
+            entries.flatten().find_map(|entry| {
+                let pid = entry.file_name().to_string_lossy().into_owned();
+                let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+                (comm.trim() == "beam.smp").then_some(pid)
+            })
+        });
+        CpuMeter {
+            ticks_per_second,
+            broker_pid,
+        }
+    }
+
+    fn read(&self) -> Cpu {
+        Cpu {
+            own: self.seconds("self").unwrap_or(0.0),
+            broker: self.broker_pid.as_deref().and_then(|pid| self.seconds(pid)),
+        }
+    }
+
+    /// User plus system time of `pid`.
+    fn seconds(&self, pid: &str) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may hold spaces; the fields after it start with
+        // the state (field 3), so utime (14) and stime (15) are 11 and 12.
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+        let utime: f64 = fields.get(11)?.parse().ok()?;
+        let stime: f64 = fields.get(12)?.parse().ok()?;
+        Some((utime + stime) / self.ticks_per_second)
+    }
 }
 
 /// The queues a run watches: the source, its relay's destination.
@@ -137,6 +215,10 @@ async fn main() -> Result<()> {
     ensure_shovel_plugin()?;
     // Compiled once, outside every timing; each host instantiates it afresh.
     let policy = cellhost_tests::plugin("nova_cells", "")?;
+    let meter = CpuMeter::new();
+    if meter.broker_pid.is_none() {
+        println!("no local beam.smp found: the broker's CPU is not reported");
+    }
     let bodies = bodies(messages);
     let mean = bodies.iter().map(Vec::len).sum::<usize>() / bodies.len();
     println!(
@@ -152,37 +234,48 @@ async fn main() -> Result<()> {
     for round in 1..=rounds {
         for (side, timings) in &mut results {
             let timing = match *side {
-                Side::Cellhost => run_cellhost(&bodies, &policy).await,
-                Side::Shovel { prefetch } => run_shovel(&bodies, prefetch).await,
+                Side::Cellhost => run_cellhost(&bodies, &policy, &meter).await,
+                Side::Shovel { prefetch } => run_shovel(&bodies, prefetch, &meter).await,
             }
             .with_context(|| format!("round {round}, {}", side.label()))?;
             println!(
-                "round {round} {:<26} total {:>7.3} s {:>7.0} msg/s | from consumer {:>7.3} s {:>7.0} msg/s",
+                "round {round} {:<26} total {:>7.3} s {:>7.0} msg/s | from consumer {:>7.3} s {:>7.0} msg/s \
+                 | CPU µs/msg: process {:>5.1}, broker {}",
                 side.label(),
                 timing.total.as_secs_f64(),
                 rate(messages, timing.total),
                 timing.relaying.as_secs_f64(),
                 rate(messages, timing.relaying),
+                per_message_us(messages, timing.cpu.own),
+                timing
+                    .cpu
+                    .broker
+                    .map(|b| format!("{:>5.1}", per_message_us(messages, b)))
+                    .unwrap_or_else(|| "n/a".into()),
             );
             timings.push(timing);
         }
     }
 
-    println!("\nmedians over {rounds} runs (msg/s):");
+    println!("\nmedians over {rounds} runs (msg/s; CPU µs per message, process + broker):");
     let medians: Vec<(Side, f64, f64)> = results
         .iter()
         .map(|(side, timings)| {
             let total = median(timings.iter().map(|t| rate(messages, t.total)).collect());
             let relaying = median(timings.iter().map(|t| rate(messages, t.relaying)).collect());
+            let cpu = median(
+                timings
+                    .iter()
+                    .map(|t| per_message_us(messages, t.cpu.own + t.cpu.broker.unwrap_or(0.0)))
+                    .collect(),
+            );
+            println!(
+                "  {:<26} total {total:>7.0} | from consumer {relaying:>7.0} | CPU {cpu:>5.1}",
+                side.label()
+            );
             (*side, total, relaying)
         })
         .collect();
-    for (side, total, relaying) in &medians {
-        println!(
-            "  {:<26} total {total:>7.0} | from consumer {relaying:>7.0}",
-            side.label()
-        );
-    }
     let (_, host_total, host_relaying) = medians[0];
     for (side, total, relaying) in &medians[1..] {
         println!(
@@ -196,7 +289,11 @@ async fn main() -> Result<()> {
 }
 
 /// One cellhost for `top` relays the backlog of top's targeted queue to leaf.
-async fn run_cellhost(bodies: &[Vec<u8>], policy: &Arc<LoadedPolicy>) -> Result<Timing> {
+async fn run_cellhost(
+    bodies: &[Vec<u8>],
+    policy: &Arc<LoadedPolicy>,
+    meter: &CpuMeter,
+) -> Result<Timing> {
     let prefix = fresh_prefix();
     let vhosts = Vhosts::create(PAIR.iter().map(|(c, _)| format!("{prefix}-{c}")).collect())?;
     let configs = tree_configs(&PAIR, |cell| {
@@ -230,11 +327,15 @@ async fn run_cellhost(bodies: &[Vec<u8>], policy: &Arc<LoadedPolicy>) -> Result<
         "top's backlog is incomplete"
     );
 
+    let before = meter.read();
     let started = Instant::now();
-    let (host, timing) = tokio::try_join!(
+    let (host, finish) = tokio::try_join!(
         CellHost::start(top.clone(), policy.clone()),
         watch(&ends, count, started)
     )?;
+    let (a, d) = (finish.attached, finish.done);
+    let timing = Timing::new(started, before, finish, meter.read());
+    eprintln!("PERFWINDOW {a:?} {d:?}");
     // A message the policy refused or the host failed to relay would also
     // have stopped the run short; check nothing of the kind happened.
     let stats = &host.router().stats;
@@ -257,7 +358,7 @@ async fn run_cellhost(bodies: &[Vec<u8>], policy: &Arc<LoadedPolicy>) -> Result<
 }
 
 /// A dynamic shovel relays the same bodies from `q` in one vhost to `q` in another.
-async fn run_shovel(bodies: &[Vec<u8>], prefetch: u16) -> Result<Timing> {
+async fn run_shovel(bodies: &[Vec<u8>], prefetch: u16, meter: &CpuMeter) -> Result<Timing> {
     let prefix = fresh_prefix();
     let vhosts = Vhosts::create(vec![format!("{prefix}-src"), format!("{prefix}-dst")])?;
     let (src_vhost, dst_vhost) = (&vhosts.names()[0], &vhosts.names()[1]);
@@ -290,6 +391,7 @@ async fn run_shovel(bodies: &[Vec<u8>], prefetch: u16) -> Result<Timing> {
         "ack-mode": "on-confirm",
     })
     .to_string();
+    let before = meter.read();
     let started = Instant::now();
     let set_args = [
         "set_parameter",
@@ -300,7 +402,8 @@ async fn run_shovel(bodies: &[Vec<u8>], prefetch: u16) -> Result<Timing> {
         &definition,
     ];
     let set = rabbitmqctl_async(&set_args);
-    let ((), timing) = tokio::try_join!(set, watch(&ends, count, started))?;
+    let ((), finish) = tokio::try_join!(set, watch(&ends, count, started))?;
+    let timing = Timing::new(started, before, finish, meter.read());
     await_no_unacked(src_vhost, queue).await?;
     check_relayed(&ends.dst, "", 0).await?;
     rabbitmqctl_async(&["clear_parameter", "-p", src_vhost, "shovel", &name]).await?;
@@ -311,7 +414,7 @@ async fn run_shovel(bodies: &[Vec<u8>], prefetch: u16) -> Result<Timing> {
 }
 
 /// Waits until the destination holds `count` messages and the source none.
-async fn watch(ends: &Ends, count: u32, started: Instant) -> Result<Timing> {
+async fn watch(ends: &Ends, count: u32, started: Instant) -> Result<Finish> {
     // Generous: a relay slower than 200 msg/s is broken, not slow.
     let deadline = started + Duration::from_secs(60).max(Duration::from_millis(5 * count as u64));
     // Polled finely until the relay shows up, so its start is sharp.
@@ -333,10 +436,9 @@ async fn watch(ends: &Ends, count: u32, started: Instant) -> Result<Timing> {
             dst.ready
         );
         if dst.ready == count && ends.src.state().await?.ready == 0 {
-            let done = Instant::now();
-            return Ok(Timing {
-                total: done - started,
-                relaying: done - attached,
+            return Ok(Finish {
+                attached,
+                done: Instant::now(),
             });
         }
         if Instant::now() > deadline {
@@ -578,6 +680,10 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
 
 fn rate(messages: u32, took: Duration) -> f64 {
     f64::from(messages) / took.as_secs_f64()
+}
+
+fn per_message_us(messages: u32, cpu_seconds: f64) -> f64 {
+    cpu_seconds * 1e6 / f64::from(messages)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

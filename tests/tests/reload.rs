@@ -247,3 +247,143 @@ async fn a_version_that_fails_to_load_leaves_the_current_one_serving() {
     topo.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_keeps_trapping_is_unloaded_for_the_previous_one() {
+    let nova = std::fs::read(built_path("nova_cells")).expect("nova-cells built");
+    let adversary = std::fs::read(built_path("adversary")).expect("adversary built");
+    let dir = std::env::temp_dir().join(format!(
+        "cellhost-fallback-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("policy.wasm");
+    deploy(&file, &nova);
+    let policy_file = file.clone();
+    let mut topo = Topology::start_configured(
+        Transport::Memory,
+        &PAIR,
+        plugin("nova_cells", "").expect("policy"),
+        true,
+        |c| {
+            if c.cell.name == "top" {
+                c.policy.path = Some(policy_file.clone());
+                c.policy.failures_before_fallback = 3;
+            }
+        },
+    )
+    .await
+    .expect("topology starts");
+    let reloader = topo
+        .host_mut("top")
+        .enable_reload(cellhost_tests::engine(), false)
+        .expect("reload enabled");
+    deploy(&file, &adversary);
+    reloader.reload().await.expect("the adversary loads");
+    let router = topo.host_mut("top").router().clone();
+    assert_eq!(router.active_policy().hash(), content_hash(&adversary));
+
+    for i in 1..=3u64 {
+        topo.send(
+            "top",
+            Outgoing::targeted("top!leaf", Direction::Down, "trap"),
+        )
+        .await
+        .expect("sent");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while topo.counts_of("top").dead_lettered < i {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "trap {i} not dead-lettered"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    // The third trap in a row brought nova-cells back.
+    assert_eq!(router.active_policy().hash(), content_hash(&nova));
+    assert_eq!(cellhost::router::Stats::get(&router.stats.fallbacks), 1);
+    let uuid = topo
+        .send(
+            "top",
+            Outgoing::targeted("top!leaf", Direction::Down, "trap"),
+        )
+        .await
+        .expect("sent");
+    let got = topo
+        .processed(&uuid, 1)
+        .await
+        .expect("routed by nova-cells");
+    assert_eq!(got[0].cell, "leaf");
+    topo.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_reject_hands_the_message_back_to_the_broker() {
+    let policy = plugin("adversary", "").expect("policy");
+    let topo = Topology::start_configured(Transport::Rabbit, &PAIR, policy, true, |c| {
+        c.policy.on_failure = cellhost::config::OnFailure::Reject;
+    })
+    .await
+    .expect("topology starts");
+    // The operator's broker-side dead-lettering, as a RabbitMQ policy.
+    let vhost = format!("{}-top", topo.prefix());
+    let status = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "set_policy",
+            "-p",
+            &vhost,
+            "rejected",
+            "^cells\\.intercell\\.targeted$",
+        ])
+        .arg(r#"{"dead-letter-exchange": "", "dead-letter-routing-key": "rejected"}"#)
+        .args(["--apply-to", "queues"])
+        .status()
+        .expect("rabbitmqctl runs");
+    assert!(status.success());
+    let top_url = topo.config("top").cell.transport_url.amqp_uris().remove(0);
+    {
+        let conn = lapin::Connection::connect(&top_url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let channel = conn.create_channel().await.expect("channel");
+        channel
+            .queue_declare("rejected".into(), Default::default(), Default::default())
+            .await
+            .expect("declare");
+        let _ = conn.close(200, "done".into()).await;
+    }
+    let uuid = topo
+        .send(
+            "top",
+            Outgoing::targeted("top!leaf", Direction::Down, "trap"),
+        )
+        .await
+        .expect("sent");
+    let deadline = tokio::time::Instant::now() + cellhost_tests::PATIENCE;
+    let rejected = loop {
+        let got = cellhost_tests::drain_queue(&top_url, "rejected")
+            .await
+            .expect("read");
+        if !got.is_empty() {
+            break got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing was rejected to the broker"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(rejected.len(), 1);
+    assert!(String::from_utf8_lossy(&rejected[0]).contains(&uuid));
+    // Not dead-lettered by the host itself.
+    assert!(
+        cellhost_tests::drain_queue(&top_url, "cells.intercell.dead")
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    assert_eq!(topo.counts_of("top").dead_lettered, 0);
+    topo.stop().await;
+}
