@@ -99,6 +99,10 @@ pub struct PolicySection {
     /// cache folder (see [`PolicySection::cache_dir`]); `""`: no disk cache.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// A folder the policy may read (never write), seen inside as `/data`.
+    /// Nothing else of the host's filesystem is visible to a policy.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
     /// What happens to a message the policy fails on (trap, deadline, error).
     #[serde(default)]
     pub on_failure: OnFailure,
@@ -146,6 +150,7 @@ impl Default for PolicySection {
             memory_mib: default_memory_mib(),
             max_actions: default_max_actions(),
             cache_dir: None,
+            data_dir: None,
             on_failure: OnFailure::default(),
             failures_before_fallback: default_failures_before_fallback(),
         }
@@ -268,6 +273,9 @@ impl Config {
         if let Some(p) = self.cell.neighbours_file.as_mut() {
             resolve(p);
         }
+        if let Some(p) = self.policy.data_dir.as_mut() {
+            resolve(p);
+        }
         // `""` means "no cache", not "the config file's folder".
         if let Some(p) = self
             .policy
@@ -317,6 +325,11 @@ impl Config {
         if let Some(path) = &self.policy.path {
             if !path.is_file() {
                 bail!("`policy.path`: no policy file at {}", path.display());
+            }
+        }
+        if let Some(dir) = &self.policy.data_dir {
+            if !dir.is_dir() {
+                bail!("`policy.data_dir`: no folder at {}", dir.display());
             }
         }
         let mut seen = HashSet::new();

@@ -58,6 +58,7 @@ pub fn limits(section: &PolicySection) -> Limits {
         memory_bytes: usize::try_from(section.memory_mib)
             .unwrap_or(usize::MAX)
             .saturating_mul(1 << 20),
+        data_dir: section.data_dir.clone(),
     }
 }
 

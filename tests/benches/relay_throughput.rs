@@ -35,7 +35,7 @@ use cellhost::client::{declare_intercell, entry_cast, Outgoing};
 use cellhost::config::{Config, TransportUrl};
 use cellhost::demo::tree_configs;
 use cellhost::policy::LoadedPolicy;
-use cellhost::router::Stats;
+use cellhost::router::{RouteWorker, Router, Stats};
 use cellhost::transport::Broker;
 use cellhost::CellHost;
 use cellhost_tests::{local_amqp_uri, queue_state, Direction, QueueState, Vhosts};
@@ -204,8 +204,18 @@ impl Probe {
     }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    let workers: usize = std::env::var("WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?
+        .block_on(amain())
+}
+async fn amain() -> Result<()> {
     let messages: u32 = env_or("MESSAGES", 50_000)?;
     let rounds: usize = env_or("ROUNDS", 3)?;
     ensure!(
@@ -221,20 +231,44 @@ async fn main() -> Result<()> {
     }
     let bodies = bodies(messages);
     let mean = bodies.iter().map(Vec::len).sum::<usize>() / bodies.len();
+    let config = Config::for_cell("top", TransportUrl::Memory { name: "top".into() });
     println!(
         "{messages} messages of {mean} bytes ({} bytes of cells message), {rounds} rounds; \
-         cellhost prefetch {CELLHOST_PREFETCH}, confirm_window {}",
+         cellhost prefetch {}, confirm_window {}",
         cells_message_len(&bodies[0])?,
-        Config::for_cell("top", TransportUrl::Memory { name: "top".into() })
-            .cell
-            .confirm_window,
+        config.cell.prefetch,
+        config.cell.confirm_window,
+    );
+    let planning = plan_alone(&bodies, &policy)?;
+    println!(
+        "router plan alone (decode, policy, encode; no broker): {:.1} µs/message, \
+         so one consumer tops out near {:.0} msg/s",
+        planning.as_secs_f64() * 1e6,
+        1.0 / planning.as_secs_f64(),
     );
 
     let mut results: Vec<(Side, Vec<Timing>)> = Side::ALL.iter().map(|s| (*s, vec![])).collect();
     for round in 1..=rounds {
         for (side, timings) in &mut results {
+            if std::env::var("SIDES")
+                .map(|v| !v.contains(&side.label()[..4]))
+                .unwrap_or(false)
+            {
+                timings.push(Timing {
+                    total: Duration::from_secs(1),
+                    relaying: Duration::from_secs(1),
+                    cpu: Cpu {
+                        own: 0.0,
+                        broker: None,
+                    },
+                });
+                continue;
+            }
             let timing = match *side {
                 Side::Cellhost => run_cellhost(&bodies, &policy, &meter).await,
+                Side::Shovel { prefetch } if std::env::var("LAPIN").is_ok() => {
+                    run_lapin(&bodies, prefetch, &meter).await
+                }
                 Side::Shovel { prefetch } => run_shovel(&bodies, prefetch, &meter).await,
             }
             .with_context(|| format!("round {round}, {}", side.label()))?;
@@ -288,6 +322,36 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// The time the router takes to plan one relay, measured in process on up
+/// to 20 000 of the bodies: the serial part of a consumer's work, done by
+/// its one task whatever the window.
+fn plan_alone(bodies: &[Vec<u8>], policy: &Arc<LoadedPolicy>) -> Result<Duration> {
+    let configs = tree_configs(&PAIR, |cell| TransportUrl::Memory {
+        name: format!("plan-{cell}"),
+    });
+    let top = configs
+        .into_iter()
+        .find(|c| c.cell.name == "top")
+        .expect("top is in PAIR");
+    let mut worker = RouteWorker::new(Router::new(top, policy.clone(), "reply_plan".into()));
+    let sample = &bodies[..bodies.len().min(20_000)];
+    // The first plans instantiate the policy and warm the caches.
+    for body in sample.iter().take(500) {
+        worker.plan(body);
+    }
+    let started = Instant::now();
+    for body in sample {
+        let plan = worker.plan(body);
+        ensure!(
+            plan.sends.len() == 1,
+            "the router planned {} publications for one relay: {:?}",
+            plan.sends.len(),
+            plan.disposition
+        );
+    }
+    Ok(started.elapsed() / sample.len() as u32)
+}
+
 /// One cellhost for `top` relays the backlog of top's targeted queue to leaf.
 async fn run_cellhost(
     bodies: &[Vec<u8>],
@@ -306,6 +370,13 @@ async fn run_cellhost(
         .find(|c| c.cell.name == "top")
         .expect("top is in PAIR")
         .clone();
+    let mut top = top;
+    if let Ok(p) = std::env::var("PREFETCH") {
+        top.cell.prefetch = p.parse()?;
+    }
+    if let Ok(p) = std::env::var("WINDOW") {
+        top.cell.confirm_window = p.parse()?;
+    }
     let (exchange, queue_base) = (&top.cell.control_exchange, &top.cell.queue_base);
     // The queues exist before any host: the backlog waits in top's, and leaf's
     // can be watched from the start (the host declares it again, unchanged).
@@ -333,9 +404,7 @@ async fn run_cellhost(
         CellHost::start(top.clone(), policy.clone()),
         watch(&ends, count, started)
     )?;
-    let (a, d) = (finish.attached, finish.done);
     let timing = Timing::new(started, before, finish, meter.read());
-    eprintln!("PERFWINDOW {a:?} {d:?}");
     // A message the policy refused or the host failed to relay would also
     // have stopped the run short; check nothing of the kind happened.
     let stats = &host.router().stats;
@@ -694,4 +763,78 @@ fn median(mut values: Vec<f64>) -> f64 {
     } else {
         values[mid]
     }
+}
+
+async fn run_lapin(bodies: &[Vec<u8>], prefetch: u16, meter: &CpuMeter) -> Result<Timing> {
+    use futures::StreamExt;
+    let prefix = fresh_prefix();
+    let vhosts = Vhosts::create(vec![format!("{prefix}-src"), format!("{prefix}-dst")])?;
+    let (src_vhost, dst_vhost) = (&vhosts.names()[0], &vhosts.names()[1]);
+    let queue = "q";
+    for vhost in vhosts.names() {
+        declare_transient_queue(vhost, queue).await?;
+    }
+    fill(src_vhost, "", queue, bodies).await?;
+    let ends = Ends {
+        src: Probe::open(src_vhost, queue).await?,
+        dst: Probe::open(dst_vhost, queue).await?,
+    };
+    let count = bodies.len() as u32;
+    let window = (prefetch as usize) * 3 / 4;
+    let before = meter.read();
+    let started = Instant::now();
+    let sc =
+        Connection::connect(&local_amqp_uri(src_vhost), ConnectionProperties::default()).await?;
+    let dc =
+        Connection::connect(&local_amqp_uri(dst_vhost), ConnectionProperties::default()).await?;
+    let sch = sc.create_channel().await?;
+    sch.basic_qos(prefetch, Default::default()).await?;
+    let pch = dc.create_channel().await?;
+    pch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut consumer = sch
+        .basic_consume(
+            queue.into(),
+            "lr".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let relay = async {
+        let mut inflight = futures::stream::FuturesUnordered::new();
+        let mut done: std::collections::BTreeSet<u64> = Default::default();
+        let mut acked = 0u64;
+        let mut relayed = 0u32;
+        while relayed < count {
+            tokio::select! {
+                biased;
+                Some(r) = inflight.next(), if !inflight.is_empty() => {
+                    let tag: u64 = r?;
+                    relayed += 1;
+                    done.insert(tag);
+                    let mut top = acked;
+                    while done.remove(&(top + 1)) { top += 1; }
+                    if top > acked { sch.basic_ack(top, lapin::options::BasicAckOptions { multiple: true }).await?; acked = top; }
+                }
+                Some(d) = consumer.next(), if inflight.len() < window => {
+                    let d = d?;
+                    let pch = pch.clone();
+                    inflight.push(async move {
+                        let props = d.properties.clone();
+                        let c = pch.basic_publish("".into(), "q".into(), BasicPublishOptions::default(), &d.data, props).await?;
+                        c.await?;
+                        Ok::<u64, anyhow::Error>(d.delivery_tag)
+                    });
+                }
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    let ((), finish) = tokio::try_join!(relay, watch(&ends, count, started))?;
+    let timing = Timing::new(started, before, finish, meter.read());
+    let _ = sc.close(200, "x".into()).await;
+    let _ = dc.close(200, "x".into()).await;
+    ends.src.close().await;
+    ends.dst.close().await;
+    vhosts.remove()?;
+    Ok(timing)
 }

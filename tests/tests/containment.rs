@@ -271,3 +271,50 @@ async fn a_policy_sees_no_files_and_no_environment() {
     still_routes(&mut topo, "after_snooping").await;
     topo.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granted_data_folder_is_readable_and_nothing_more() {
+    let dir = std::env::temp_dir().join(format!("cellhost-data-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(dir.join("greeting.txt"), "routing table v7\n").expect("written");
+    let granted = dir.clone();
+    let policy = plugin_with("adversary", "", |p| p.data_dir = Some(granted)).expect("loads");
+    let mut topo = Topology::start(Transport::Rabbit, &PAIR, policy)
+        .await
+        .expect("topology starts");
+    let dead = provoke(&topo, "read-data").await;
+    assert!(
+        dead.reason
+            .contains(r#"/data/greeting.txt says \"routing table v7\""#)
+            || dead.reason.contains(r#"says "routing table v7""#),
+        "{}",
+        dead.reason
+    );
+    let dead = provoke(&topo, "write-data").await;
+    assert!(
+        dead.reason.contains("writing /data/graffiti.txt failed"),
+        "{}",
+        dead.reason
+    );
+    assert!(!dir.join("graffiti.txt").exists(), "the grant is read-only");
+    // Outside the grant, still nothing.
+    let dead = provoke(&topo, "read-file").await;
+    assert!(
+        dead.reason.contains("reading /etc/hostname failed"),
+        "{}",
+        dead.reason
+    );
+    still_routes(&mut topo, "after_data").await;
+    topo.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_sleeps_is_refused_not_waited_for() {
+    let mut topo = adversary_pair(Transport::Rabbit).await;
+    let dead = provoke(&topo, "sleep").await;
+    assert_eq!(dead.code, "policy-trap", "{dead:?}");
+    assert!(!dead.reason.contains("slept 30 s"), "{}", dead.reason);
+    still_routes(&mut topo, "after_sleep").await;
+    topo.stop().await;
+}

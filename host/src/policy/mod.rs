@@ -42,6 +42,8 @@ const TICK: Duration = Duration::from_millis(1);
 pub struct Limits {
     pub deadline: Duration,
     pub memory_bytes: usize,
+    /// The one grant a policy may have: a folder it can read, as `/data`.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Limits {
@@ -49,6 +51,7 @@ impl Default for Limits {
         Limits {
             deadline: Duration::from_millis(5),
             memory_bytes: 16 << 20,
+            data_dir: None,
         }
     }
 }
@@ -370,7 +373,7 @@ impl LoadedPolicy {
 
     /// A fresh instance with `init` already called.
     pub fn instantiate(self: &Arc<Self>) -> Result<PolicyInstance> {
-        let state = GuestState::new(&self.source, &self.limits);
+        let state = GuestState::new(&self.source, &self.limits)?;
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
@@ -410,7 +413,32 @@ impl PolicyInstance {
     pub fn route(&mut self, message: &Message, cell: &Cell) -> Result<Vec<Action>, PolicyError> {
         self.store
             .set_epoch_deadline(self.policy.limits.call_ticks());
-        match self.bindings.call_route(&mut self.store, message, cell) {
+        let (bindings, store) = (&self.bindings, &mut self.store);
+        let call = std::panic::AssertUnwindSafe(|| bindings.call_route(&mut *store, message, cell));
+        // WASI's synchronous host functions that block (a file read, a sleep,
+        // a poll) drive tokio with `block_on`, which panics on a runtime
+        // worker. A granted folder is read through such calls, so those run
+        // where blocking is allowed; anything else that blocks panics, and
+        // the panic is this policy's trap, not the host's.
+        let outcome = if self.policy.limits.data_dir.is_some() && on_multi_thread_runtime() {
+            tokio::task::block_in_place(|| std::panic::catch_unwind(call))
+        } else {
+            std::panic::catch_unwind(call)
+        };
+        let result = match outcome {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("a host function panicked");
+                return Err(PolicyError::Trap(format!(
+                    "the policy made a WASI call the host does not serve (it would block): {what}"
+                )));
+            }
+        };
+        match result {
             Ok(Ok(actions)) => Ok(actions),
             Ok(Err(refusal)) => Err(PolicyError::Refused(refusal)),
             Err(trap) => {
@@ -425,6 +453,11 @@ impl PolicyInstance {
             }
         }
     }
+}
+
+fn on_multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 /// Why `bytes` cannot be a component, when their first bytes already tell.
@@ -516,17 +549,25 @@ pub struct GuestState {
 }
 
 impl GuestState {
-    fn new(source: &str, limits: &Limits) -> GuestState {
+    fn new(source: &str, limits: &Limits) -> Result<GuestState> {
         let stderr = MemoryOutputPipe::new(4096);
-        // Deliberately empty: no preopened directories, no environment, no
-        // arguments, no sockets or name lookups.
-        let wasi = WasiCtxBuilder::new()
+        // Deliberately empty: no environment, no arguments, no sockets or
+        // name lookups, and no folder but the one the operator granted,
+        // read-only (wasmtime-wasi opens it with cap-std: nothing outside it
+        // is reachable through it).
+        let mut builder = WasiCtxBuilder::new();
+        builder
             .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        GuestState {
+            .allow_ip_name_lookup(false);
+        if let Some(dir) = &limits.data_dir {
+            builder
+                .preopened_dir(dir, "/data", wasmtime_wasi::FsPerms::ReadOnly)
+                .with_context(|| format!("granting the data folder {}", dir.display()))?;
+        }
+        let wasi = builder.build();
+        Ok(GuestState {
             wasi,
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
@@ -536,7 +577,7 @@ impl GuestState {
             source: source.into(),
             stderr,
             last_error: None,
-        }
+        })
     }
 
     fn last_error_log(&self) -> Option<String> {

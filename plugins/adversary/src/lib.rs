@@ -48,6 +48,12 @@ impl Policy for Adversary {
             "fail" => Err("adversary: refused by request".to_owned()),
             "read-file" => Err(read_file()),
             "read-env" => Err(read_env()),
+            "read-data" => Err(read_data()),
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(30));
+                Err("adversary: slept 30 s unhindered".to_owned())
+            }
+            "write-data" => Err(write_data()),
             _ => nova_cells::route(message, cell),
         }
     }
@@ -120,6 +126,22 @@ fn read_file() -> String {
             contents.len()
         ),
         Err(e) => format!("adversary: reading /etc/hostname failed: {e}"),
+    }
+}
+
+/// Reads the folder an operator may grant, seen as `/data`.
+fn read_data() -> String {
+    match std::fs::read_to_string("/data/greeting.txt") {
+        Ok(contents) => format!("adversary: /data/greeting.txt says {:?}", contents.trim()),
+        Err(e) => format!("adversary: reading /data/greeting.txt failed: {e}"),
+    }
+}
+
+/// Tries to write into the granted folder, which is read-only.
+fn write_data() -> String {
+    match std::fs::write("/data/graffiti.txt", b"was here") {
+        Ok(()) => "adversary: wrote /data/graffiti.txt: the grant is writable".to_owned(),
+        Err(e) => format!("adversary: writing /data/graffiti.txt failed: {e}"),
     }
 }
 
