@@ -99,6 +99,11 @@ pub struct PolicySection {
     /// cache folder (see [`PolicySection::cache_dir`]); `""`: no disk cache.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// A candidate policy run beside the active one on live traffic: its
+    /// decisions are compared and the differences counted and logged, never
+    /// acted on.
+    #[serde(default)]
+    pub shadow: Option<PathBuf>,
     /// A folder the policy may read (never write), seen inside as `/data`.
     /// Nothing else of the host's filesystem is visible to a policy.
     #[serde(default)]
@@ -151,6 +156,7 @@ impl Default for PolicySection {
             max_actions: default_max_actions(),
             cache_dir: None,
             data_dir: None,
+            shadow: None,
             on_failure: OnFailure::default(),
             failures_before_fallback: default_failures_before_fallback(),
         }
@@ -276,6 +282,9 @@ impl Config {
         if let Some(p) = self.policy.data_dir.as_mut() {
             resolve(p);
         }
+        if let Some(p) = self.policy.shadow.as_mut() {
+            resolve(p);
+        }
         // `""` means "no cache", not "the config file's folder".
         if let Some(p) = self
             .policy
@@ -325,6 +334,11 @@ impl Config {
         if let Some(path) = &self.policy.path {
             if !path.is_file() {
                 bail!("`policy.path`: no policy file at {}", path.display());
+            }
+        }
+        if let Some(path) = &self.policy.shadow {
+            if !path.is_file() {
+                bail!("`policy.shadow`: no policy file at {}", path.display());
             }
         }
         if let Some(dir) = &self.policy.data_dir {

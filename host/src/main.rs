@@ -149,7 +149,10 @@ async fn run(paths: Vec<PathBuf>) -> Result<()> {
     for config in configs {
         let policy = cellhost::plugins::load(&engine, &config.policy)
             .with_context(|| format!("cell {}", config.cell.name))?;
+        let shadow = cellhost::plugins::load_shadow(&engine, &config.policy)
+            .with_context(|| format!("cell {}", config.cell.name))?;
         let mut host = CellHost::start(config, policy).await?;
+        host.router().set_shadow(shadow);
         reloaders.push(host.enable_reload(engine.clone(), true)?);
         hosts.push(host);
     }

@@ -74,3 +74,22 @@ pub fn load(engine: &Arc<PolicyEngine>, section: &PolicySection) -> Result<Arc<L
         None => engine.load("embedded nova-cells", NOVA_CELLS, &section.config, limits),
     }
 }
+
+/// Loads the shadow policy a `[policy]` section names, if any, with the same
+/// config and limits as the active one.
+pub fn load_shadow(
+    engine: &Arc<PolicyEngine>,
+    section: &PolicySection,
+) -> Result<Option<Arc<LoadedPolicy>>> {
+    let Some(path) = &section.shadow else {
+        return Ok(None);
+    };
+    let shadow = PolicySection {
+        path: Some(path.clone()),
+        shadow: None,
+        ..section.clone()
+    };
+    load(engine, &shadow)
+        .with_context(|| format!("shadow policy {}", path.display()))
+        .map(Some)
+}

@@ -139,6 +139,10 @@ pub struct Stats {
     pub late_responses: AtomicU64,
     /// Times a failing policy version was unloaded for the previous one.
     pub fallbacks: AtomicU64,
+    /// Messages the shadow policy was asked about, and how many it decided
+    /// differently from the active one.
+    pub shadow_compared: AtomicU64,
+    pub shadow_differences: AtomicU64,
 }
 
 impl Stats {
@@ -159,6 +163,8 @@ pub struct Router {
     reply_queue: String,
     /// The version the active one replaced, to fall back on.
     previous: ArcSwapOption<LoadedPolicy>,
+    /// A candidate run beside the active policy, compared, never acted on.
+    shadow: ArcSwapOption<LoadedPolicy>,
     consecutive_failures: AtomicU64,
     pub stats: Stats,
 }
@@ -175,6 +181,7 @@ impl Router {
             active: ArcSwap::new(policy),
             reply_queue,
             previous: ArcSwapOption::empty(),
+            shadow: ArcSwapOption::empty(),
             consecutive_failures: AtomicU64::new(0),
             stats: Stats::default(),
         })
@@ -191,6 +198,11 @@ impl Router {
     /// The policy version new messages are routed by.
     pub fn active_policy(&self) -> Arc<LoadedPolicy> {
         self.active.load_full()
+    }
+
+    /// Runs `candidate` beside the active policy on live traffic (or stops it).
+    pub fn set_shadow(&self, candidate: Option<Arc<LoadedPolicy>>) {
+        self.shadow.store(candidate);
     }
 
     /// Makes `policy` the version new messages are routed by; returns the old
@@ -251,6 +263,8 @@ impl Router {
 pub struct RouteWorker {
     router: Arc<Router>,
     instance: Option<PolicyInstance>,
+    /// An instance of the shadow policy, when one runs beside the active.
+    shadow: Option<PolicyInstance>,
 }
 
 impl RouteWorker {
@@ -258,6 +272,7 @@ impl RouteWorker {
         RouteWorker {
             router,
             instance: None,
+            shadow: None,
         }
     }
 
@@ -314,7 +329,12 @@ impl RouteWorker {
             received,
             budget,
         };
-        let actions = match self.ask_policy(&message, is_origin) {
+        let view = wit_message(&message, is_origin);
+        let outcome = self.ask_policy(&view);
+        if router.shadow.load().is_some() {
+            self.shadow_compare(&view, &outcome);
+        }
+        let actions = match outcome {
             Ok(actions) => {
                 router.consecutive_failures.store(0, Ordering::Relaxed);
                 actions
@@ -360,22 +380,65 @@ impl RouteWorker {
         Duration::from_secs(self.router.config.cell.call_timeout_s)
     }
 
-    fn ask_policy(
-        &mut self,
-        message: &CellsMessage,
-        is_origin: bool,
-    ) -> Result<Vec<policy::Action>, PolicyError> {
-        let view = wit_message(message, is_origin);
-        match self.call_policy(&view) {
+    fn ask_policy(&mut self, view: &policy::Message) -> Result<Vec<policy::Action>, PolicyError> {
+        match self.call_policy(view) {
             // The deadline is wall-clock time: a thread descheduled on a busy
             // machine can miss it through no fault of the policy. One more try
             // on a fresh instance tells that from a policy that really spins,
             // which then costs two deadlines instead of one.
             Err(PolicyError::Deadline(d)) => {
-                tracing::warn!(uuid = %message.uuid, deadline = ?d, "policy call missed its deadline; retrying once on a fresh instance");
-                self.call_policy(&view)
+                tracing::warn!(uuid = %view.uuid, deadline = ?d, "policy call missed its deadline; retrying once on a fresh instance");
+                self.call_policy(view)
             }
             other => other,
+        }
+    }
+
+    /// Asks the shadow policy too and compares; its answer is never acted on.
+    fn shadow_compare(
+        &mut self,
+        view: &policy::Message,
+        active: &Result<Vec<policy::Action>, PolicyError>,
+    ) {
+        let Some(shadow) = self.router.shadow.load_full() else {
+            return;
+        };
+        if self
+            .shadow
+            .as_ref()
+            .is_none_or(|i| !Arc::ptr_eq(i.policy(), &shadow))
+        {
+            self.shadow = shadow.instantiate().ok();
+        }
+        let candidate = match self.shadow.as_mut() {
+            Some(instance) => instance.route(view, &self.router.wit_cell),
+            None => Err(PolicyError::Trap(
+                "the shadow policy cannot be instantiated".into(),
+            )),
+        };
+        if candidate
+            .as_ref()
+            .err()
+            .is_some_and(PolicyError::poisons_instance)
+        {
+            self.shadow = None;
+        }
+        let stats = &self.router.stats;
+        stats.shadow_compared.fetch_add(1, Ordering::Relaxed);
+        let (active, candidate) = (decision_text(active), decision_text(&candidate));
+        if active != candidate {
+            let n = stats.shadow_differences.fetch_add(1, Ordering::Relaxed) + 1;
+            // The first differences in full; after that, a sample.
+            if n <= 20 || n.is_power_of_two() {
+                tracing::warn!(
+                    uuid = %view.uuid,
+                    method = %view.method_name,
+                    %active,
+                    shadow = %candidate,
+                    differences = n,
+                    "shadow policy decided differently"
+                );
+            }
         }
     }
 
@@ -769,6 +832,24 @@ impl Plan {
             arrived: None,
             reject: false,
         }
+    }
+}
+
+/// A decision as text, the same for equal decisions: for logs and for
+/// comparing the shadow policy with the active one.
+pub fn decision_text(decision: &Result<Vec<policy::Action>, PolicyError>) -> String {
+    match decision {
+        Err(e) => format!("failed: {e}"),
+        Ok(actions) => actions
+            .iter()
+            .map(|a| match a {
+                policy::Action::ProcessHere => "process-here".to_string(),
+                policy::Action::Relay(to) => format!("relay:{to}"),
+                policy::Action::ReplyError(f) => format!("reply-error:{}: {}", f.class, f.message),
+                policy::Action::Drop(reason) => format!("drop:{reason}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
     }
 }
 

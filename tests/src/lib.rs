@@ -43,6 +43,8 @@ pub struct Topology {
     pub configs: Vec<Config>,
     hosts: Vec<CellHost>,
     workers: BTreeMap<String, LocalWorker>,
+    /// Deliveries received while waiting for other messages, kept for later.
+    stash: Vec<Processed>,
     vhosts: Vec<String>,
 }
 
@@ -151,6 +153,7 @@ impl Topology {
             configs,
             hosts: Vec::new(),
             workers: BTreeMap::new(),
+            stash: Vec::new(),
             vhosts,
         };
         if workers {
@@ -291,7 +294,10 @@ impl Topology {
     /// Waits until `count` local deliveries of message `uuid` arrived, and
     /// returns them sorted by cell name.
     pub async fn processed(&mut self, uuid: &str, count: usize) -> Result<Vec<Processed>> {
-        let mut found = Vec::new();
+        let (mut found, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.stash)
+            .into_iter()
+            .partition(|p| p.message_uuid == uuid);
+        self.stash = others;
         let deadline = tokio::time::Instant::now() + PATIENCE;
         while found.len() < count {
             let mut progressed = false;
@@ -300,6 +306,8 @@ impl Topology {
                     if p.message_uuid == uuid {
                         found.push(p);
                         progressed = true;
+                    } else {
+                        self.stash.push(p);
                     }
                 }
             }

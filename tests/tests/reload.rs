@@ -387,3 +387,44 @@ async fn on_failure_reject_hands_the_message_back_to_the_broker() {
     assert_eq!(topo.counts_of("top").dead_lettered, 0);
     topo.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_policy_is_compared_and_never_acted_on() {
+    let mut topo = Topology::start(
+        Transport::Memory,
+        &PAIR,
+        plugin("nova_cells", "").expect("policy"),
+    )
+    .await
+    .expect("topology starts");
+    // The adversary decides like nova-cells except on its special methods:
+    // for `stray` it relays to a cell that does not exist.
+    let candidate = plugin("adversary", "").expect("candidate");
+    topo.host_mut("top").router().set_shadow(Some(candidate));
+    let mut sent = Vec::new();
+    for method in ["a", "stray", "b", "c", "stray", "d", "stray", "e"] {
+        let uuid = topo
+            .send(
+                "top",
+                Outgoing::targeted("top!leaf", Direction::Down, method),
+            )
+            .await
+            .expect("sent");
+        sent.push(uuid);
+    }
+    for uuid in &sent {
+        let got = topo
+            .processed(uuid, 1)
+            .await
+            .expect("routed by the active policy");
+        assert_eq!(
+            got[0].cell, "leaf",
+            "the shadow's decision was not acted on"
+        );
+    }
+    let stats = &topo.host_mut("top").router().stats;
+    assert_eq!(cellhost::router::Stats::get(&stats.shadow_compared), 8);
+    assert_eq!(cellhost::router::Stats::get(&stats.shadow_differences), 3);
+    assert_eq!(topo.counts_of("top").dead_lettered, 0);
+    topo.stop().await;
+}
