@@ -23,6 +23,22 @@ pub struct Config {
     pub policy: PolicySection,
     #[serde(default)]
     pub neighbours: Vec<NeighbourConfig>,
+    /// The admin listener; none when the section is absent.
+    #[serde(default)]
+    pub admin: Option<AdminSection>,
+}
+
+/// `[admin]`: where health, policy state, reloads and metrics are served.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Loopback by default: the admin API can reload policies.
+    #[serde(default = "default_admin_listen")]
+    pub listen: std::net::SocketAddr,
+}
+
+fn default_admin_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 9470))
 }
 
 /// `[cell]`: who this cell is and how it talks to its own broker.
@@ -264,6 +280,7 @@ impl Config {
             local: LocalSection::default(),
             policy: PolicySection::default(),
             neighbours: Vec::new(),
+            admin: None,
         }
     }
 

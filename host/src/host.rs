@@ -222,6 +222,7 @@ async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let router = worker.router().clone();
+    router.consumer_running(true);
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
@@ -239,6 +240,7 @@ async fn serve(
         }
     }
     // Stop taking messages, but finish the ones already started.
+    router.consumer_running(false);
     drop(inbox);
     while in_flight.next().await.is_some() {}
 }

@@ -14,6 +14,7 @@
 //! - [`router`]: cells semantics and the host's invariants.
 //! - [`responses`]: waiting for answers and sending them on.
 //! - [`reload`]: swapping a cell's policy while it runs.
+//! - [`admin`]: health, policy state, reload requests and metrics over HTTP.
 //! - [`host`]: one running cell, wiring the above together.
 //! - [`client`]: what an application does to send into the network.
 //! - [`config`], [`demo`], [`plugins`]: configuration, the in-memory demo,
@@ -21,6 +22,7 @@
 //! - [`policy_tools`]: `cellhost policy check | test | bench`, a policy on
 //!   the bench with no broker.
 
+pub mod admin;
 pub mod client;
 pub mod config;
 pub mod demo;

@@ -144,6 +144,8 @@ async fn run(paths: Vec<PathBuf>) -> Result<()> {
         .map(|p| Config::load(p))
         .collect::<Result<Vec<_>>>()?;
     let engine = cellhost::plugins::engine(configs.iter().map(|c| &c.policy))?;
+    // One admin listener per process, where the first config that asks says.
+    let admin = configs.iter().find_map(|c| c.admin.clone());
     let mut hosts = Vec::new();
     let mut reloaders = Vec::new();
     for config in configs {
@@ -155,6 +157,17 @@ async fn run(paths: Vec<PathBuf>) -> Result<()> {
         host.router().set_shadow(shadow);
         reloaders.push(host.enable_reload(engine.clone(), true)?);
         hosts.push(host);
+    }
+    if let Some(admin) = admin {
+        let cells = hosts
+            .iter()
+            .zip(&reloaders)
+            .map(|(h, r)| cellhost::admin::AdminCell {
+                router: h.router().clone(),
+                reloader: Some(r.clone()),
+            })
+            .collect();
+        cellhost::admin::serve(admin.listen, cells).await?;
     }
     // SIGHUP reloads every cell's policy from its file.
     #[cfg(unix)]

@@ -165,6 +165,8 @@ pub struct Router {
     previous: ArcSwapOption<LoadedPolicy>,
     /// A candidate run beside the active policy, compared, never acted on.
     shadow: ArcSwapOption<LoadedPolicy>,
+    /// Consumers running, one per message type when all is well.
+    consumers: std::sync::atomic::AtomicUsize,
     consecutive_failures: AtomicU64,
     pub stats: Stats,
 }
@@ -182,6 +184,7 @@ impl Router {
             reply_queue,
             previous: ArcSwapOption::empty(),
             shadow: ArcSwapOption::empty(),
+            consumers: std::sync::atomic::AtomicUsize::new(0),
             consecutive_failures: AtomicU64::new(0),
             stats: Stats::default(),
         })
@@ -198,6 +201,25 @@ impl Router {
     /// The policy version new messages are routed by.
     pub fn active_policy(&self) -> Arc<LoadedPolicy> {
         self.active.load_full()
+    }
+
+    /// The shadow policy, if one runs.
+    pub fn shadow_policy(&self) -> Option<Arc<LoadedPolicy>> {
+        self.shadow.load_full()
+    }
+
+    /// Whether a consumer runs for every message type.
+    pub fn consuming(&self) -> bool {
+        self.consumers.load(Ordering::Relaxed) == MessageType::all().len()
+    }
+
+    /// A consumer started (`true`) or stopped (`false`).
+    pub fn consumer_running(&self, running: bool) {
+        if running {
+            self.consumers.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.consumers.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Runs `candidate` beside the active policy on live traffic (or stops it).

@@ -141,17 +141,30 @@ impl CpuMeter {
             .ok()
             .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
             .unwrap_or(100.0);
-        let broker_pid = std::fs::read_dir("/proc").ok().and_then(|entries| {
-            entries.flatten().find_map(|entry| {
-                let pid = entry.file_name().to_string_lossy().into_owned();
-                let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
-                (comm.trim() == "beam.smp").then_some(pid)
-            })
-        });
-        CpuMeter {
+        let mut meter = CpuMeter {
             ticks_per_second,
-            broker_pid,
-        }
+            broker_pid: None,
+        };
+        // rabbitmqctl runs in a beam.smp too, briefly: the broker is the one
+        // that has used by far the most CPU.
+        let beams: Vec<String> = std::fs::read_dir("/proc")
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|entry| {
+                        std::fs::read_to_string(entry.path().join("comm"))
+                            .is_ok_and(|comm| comm.trim() == "beam.smp")
+                    })
+                    .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        meter.broker_pid = beams
+            .into_iter()
+            .filter_map(|pid| Some((meter.seconds(&pid)?, pid)))
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, pid)| pid);
+        meter
     }
 
     fn read(&self) -> Cpu {

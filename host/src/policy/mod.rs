@@ -252,6 +252,7 @@ impl PolicyEngine {
             pre,
             config: config.to_string(),
             limits,
+            loaded_at: std::time::SystemTime::now(),
         });
         policy
             .instantiate()
@@ -313,9 +314,15 @@ pub struct LoadedPolicy {
     pre: PolicyPre<GuestState>,
     config: String,
     limits: Limits,
+    loaded_at: std::time::SystemTime,
 }
 
 impl LoadedPolicy {
+    /// When this version was loaded.
+    pub fn loaded_at(&self) -> std::time::SystemTime {
+        self.loaded_at
+    }
+
     /// Where the policy came from (a path, or "embedded nova-cells").
     pub fn source(&self) -> &str {
         &self.source
