@@ -36,6 +36,9 @@ pub struct AdminCell {
 
 type Cells = Arc<Vec<AdminCell>>;
 
+/// A counter family: name, help text, and how to read it from a router's stats.
+type Counter = (&'static str, &'static str, fn(&Stats) -> u64);
+
 /// Binds `listen` and serves the admin API until the process ends.
 pub async fn serve(listen: SocketAddr, cells: Vec<AdminCell>) -> Result<SocketAddr> {
     let app = axum::Router::new()
@@ -130,7 +133,7 @@ async fn reload(State(cells): State<Cells>) -> Response {
 async fn metrics(State(cells): State<Cells>) -> Response {
     // The counters already live in each router; the text format is a few
     // lines per family, so they are written out directly.
-    let counters: [(&str, &str, fn(&Stats) -> u64); 12] = [
+    let counters: [Counter; 12] = [
         (
             "received",
             "Messages received on the intercell topics",
