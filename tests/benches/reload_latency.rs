@@ -6,22 +6,14 @@
 //!
 //!     cargo bench -p cellhost-tests --bench reload_latency
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use cellhost::plugins::built_path;
 use cellhost::policy::content_hash;
-use cellhost_tests::{plugin, Topology, Transport};
+use cellhost_tests::{deploy, plugin, Topology, Transport};
 
 const PAIR: [(&str, Option<&str>); 2] = [("top", None), ("leaf", Some("top"))];
-
-fn deploy(file: &Path, wasm: &[u8]) -> Result<()> {
-    let staging = file.with_extension("wasm.new");
-    std::fs::write(&staging, wasm)?;
-    std::fs::rename(&staging, file)?;
-    Ok(())
-}
 
 /// `wasm` with a custom section appended: the same policy, a new version.
 fn variant(wasm: &[u8], n: usize) -> Vec<u8> {
@@ -67,7 +59,7 @@ async fn main() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("cellhost-reload-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let file = dir.join("policy.wasm");
-    deploy(&file, &nova)?;
+    deploy(&file, &nova);
     let policy_file = file.clone();
     let mut topo = Topology::start_configured(
         Transport::Memory,
@@ -91,7 +83,7 @@ async fn main() -> Result<()> {
         async move {
             let hash = content_hash(&wasm);
             let started = Instant::now();
-            deploy(&file, &wasm)?;
+            deploy(&file, &wasm);
             while router.active_policy().hash() != hash {
                 if started.elapsed() > Duration::from_secs(20) {
                     bail!("not served within 20 s");
@@ -131,7 +123,7 @@ async fn main() -> Result<()> {
         .enable_reload(cellhost_tests::engine(), false)?;
     let mut requested = Vec::new();
     for i in 0..100 {
-        deploy(&file, if i % 2 == 0 { &keep } else { &nova })?;
+        deploy(&file, if i % 2 == 0 { &keep } else { &nova });
         let started = Instant::now();
         direct.reload().await?;
         requested.push(started.elapsed());

@@ -556,3 +556,35 @@ pub async fn queue_state(channel: &lapin::Channel, queue: &str) -> Result<QueueS
         consumers: declared.consumer_count(),
     })
 }
+
+/// Deploys `wasm` as an operator should: written beside `file`, then
+/// renamed over it, so a watcher never sees it half-written.
+pub fn deploy(file: &std::path::Path, wasm: &[u8]) {
+    let staging = file.with_extension("wasm.new");
+    std::fs::write(&staging, wasm).expect("staging file written");
+    std::fs::rename(&staging, file).expect("renamed into place");
+}
+
+/// Runs each named `async fn(Transport)` scenario as two tests, in modules
+/// `rabbit` and `memory`.
+#[macro_export]
+macro_rules! on_both_transports {
+    ($($scenario:ident),* $(,)?) => {
+        mod rabbit {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario($crate::Transport::Rabbit).await;
+                }
+            )*
+        }
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario($crate::Transport::Memory).await;
+                }
+            )*
+        }
+    };
+}

@@ -2,13 +2,12 @@
 //! the last reload error, reload requests, and Prometheus metrics.
 
 use std::net::SocketAddr;
-use std::path::Path;
 
 use cellhost::admin::{serve, AdminCell};
 use cellhost::client::Outgoing;
 use cellhost::plugins::built_path;
 use cellhost::policy::content_hash;
-use cellhost_tests::{plugin, Direction, Topology, Transport};
+use cellhost_tests::{deploy, plugin, Direction, Topology, Transport};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -34,12 +33,6 @@ async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
         .unwrap_or_default()
         .to_string();
     (status, body)
-}
-
-fn deploy(file: &Path, wasm: &[u8]) {
-    let staging = file.with_extension("wasm.new");
-    std::fs::write(&staging, wasm).expect("written");
-    std::fs::rename(&staging, file).expect("renamed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -257,28 +257,7 @@ async fn hundreds_of_calls_in_flight_get_their_own_answers(t: Transport) {
     topo.stop().await;
 }
 
-macro_rules! on_both_transports {
-    ($($scenario:ident),* $(,)?) => {
-        mod rabbit {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Transport::Rabbit).await;
-                }
-            )*
-        }
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Transport::Memory).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_transports!(
+cellhost_tests::on_both_transports!(
     a_call_to_a_grandchild_returns_its_value,
     a_call_whose_worker_raises_returns_a_failure,
     a_broadcast_call_gathers_one_response_per_cell,

@@ -4,7 +4,6 @@
 //! once, by one version or the other, and the host never stops consuming.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,16 +12,9 @@ use cellhost::client::{entry_cast, Outgoing};
 use cellhost::plugins::built_path;
 use cellhost::policy::content_hash;
 use cellhost::transport::Broker;
-use cellhost_tests::{plugin, Direction, Topology, Transport};
+use cellhost_tests::{deploy, plugin, Direction, Topology, Transport};
 
 const PAIR: [(&str, Option<&str>); 2] = [("top", None), ("leaf", Some("top"))];
-
-/// Deploys `wasm` as operators should: written beside, then renamed over.
-fn deploy(file: &Path, wasm: &[u8]) {
-    let staging = file.with_extension("wasm.new");
-    std::fs::write(&staging, wasm).expect("staging file written");
-    std::fs::rename(&staging, file).expect("renamed into place");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_reloads_under_load_lose_and_duplicate_nothing() {

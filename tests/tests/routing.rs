@@ -269,28 +269,7 @@ async fn wait_for(cond: impl Fn() -> bool) {
     }
 }
 
-macro_rules! on_both_transports {
-    ($($scenario:ident),* $(,)?) => {
-        mod rabbit {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Transport::Rabbit).await;
-                }
-            )*
-        }
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Transport::Memory).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_transports!(
+cellhost_tests::on_both_transports!(
     targeted_to_grandchild_goes_through_child_cell2_only,
     targeted_to_self_to_a_child_and_up_to_the_top,
     broadcast_down_is_processed_in_every_cell,
