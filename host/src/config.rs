@@ -111,6 +111,9 @@ pub struct PolicySection {
     /// Longest action list accepted from one `route` call.
     #[serde(default = "default_max_actions")]
     pub max_actions: usize,
+    /// Most bytes of text (neighbour names, reasons, errors) in one answer.
+    #[serde(default = "default_max_action_bytes")]
+    pub max_action_bytes: usize,
     /// Where compiled policies are kept between runs. Absent: the default
     /// cache folder (see [`PolicySection::cache_dir`]); `""`: no disk cache.
     #[serde(default)]
@@ -120,6 +123,10 @@ pub struct PolicySection {
     /// acted on.
     #[serde(default)]
     pub shadow: Option<PathBuf>,
+    /// A promotion gate: messages with the decisions expected of them (JSON
+    /// Lines); a reloaded version that disagrees with any is refused.
+    #[serde(default)]
+    pub gate: Option<PathBuf>,
     /// A folder the policy may read (never write), seen inside as `/data`.
     /// Nothing else of the host's filesystem is visible to a policy.
     #[serde(default)]
@@ -170,9 +177,11 @@ impl Default for PolicySection {
             deadline_ms: default_deadline_ms(),
             memory_mib: default_memory_mib(),
             max_actions: default_max_actions(),
+            max_action_bytes: default_max_action_bytes(),
             cache_dir: None,
             data_dir: None,
             shadow: None,
+            gate: None,
             on_failure: OnFailure::default(),
             failures_before_fallback: default_failures_before_fallback(),
         }
@@ -227,6 +236,9 @@ fn default_deadline_ms() -> u64 {
 }
 fn default_memory_mib() -> u64 {
     16
+}
+fn default_max_action_bytes() -> usize {
+    64 << 10
 }
 fn default_max_actions() -> usize {
     64
@@ -302,6 +314,9 @@ impl Config {
         if let Some(p) = self.policy.shadow.as_mut() {
             resolve(p);
         }
+        if let Some(p) = self.policy.gate.as_mut() {
+            resolve(p);
+        }
         // `""` means "no cache", not "the config file's folder".
         if let Some(p) = self
             .policy
@@ -351,6 +366,11 @@ impl Config {
         if let Some(path) = &self.policy.path {
             if !path.is_file() {
                 bail!("`policy.path`: no policy file at {}", path.display());
+            }
+        }
+        if let Some(path) = &self.policy.gate {
+            if !path.is_file() {
+                bail!("`policy.gate`: no gate file at {}", path.display());
             }
         }
         if let Some(path) = &self.policy.shadow {

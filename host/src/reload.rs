@@ -112,13 +112,20 @@ impl PolicyReloader {
         let engine = self.engine.clone();
         let section = self.section.clone();
         let source = path.display().to_string();
+        let config = self.router.config().clone();
         let policy = tokio::task::spawn_blocking(move || {
-            engine.load(
+            let policy = engine.load(
                 &source,
                 &wasm,
                 &section.config,
                 crate::plugins::limits(&section),
-            )
+            )?;
+            // The promotion gate, when the cell has one: the candidate must
+            // decide the gate's messages as expected before it may serve.
+            if let Some(gate) = &section.gate {
+                crate::policy_tools::gate(&policy, &config, gate)?;
+            }
+            anyhow::Ok(policy)
         })
         .await
         .context("the policy loader stopped")??;

@@ -511,6 +511,28 @@ impl RouteWorker {
             let failure = nova_failure("CellPolicyFailure", reason);
             return self.refuse(body, message, situation, "policy-too-many-actions", failure);
         }
+        let bytes: usize = actions
+            .iter()
+            .map(|a| match a {
+                policy::Action::ProcessHere => 0,
+                policy::Action::Relay(s) | policy::Action::Drop(s) => s.len(),
+                policy::Action::ReplyError(f) => f.class.len() + f.message.len(),
+            })
+            .sum();
+        if bytes > cfg.policy.max_action_bytes {
+            let reason = format!(
+                "policy returned {bytes} bytes of actions, more than the limit of {}",
+                cfg.policy.max_action_bytes
+            );
+            let failure = nova_failure("CellPolicyFailure", reason);
+            return self.refuse(
+                body,
+                message,
+                situation,
+                "policy-actions-too-large",
+                failure,
+            );
+        }
         let mut local = false;
         let mut relays: Vec<String> = Vec::new();
         let mut refusals = Vec::new();
@@ -860,19 +882,7 @@ impl Plan {
 /// A decision as text, the same for equal decisions: for logs and for
 /// comparing the shadow policy with the active one.
 pub fn decision_text(decision: &Result<Vec<policy::Action>, PolicyError>) -> String {
-    match decision {
-        Err(e) => format!("failed: {e}"),
-        Ok(actions) => actions
-            .iter()
-            .map(|a| match a {
-                policy::Action::ProcessHere => "process-here".to_string(),
-                policy::Action::Relay(to) => format!("relay:{to}"),
-                policy::Action::ReplyError(f) => format!("reply-error:{}: {}", f.class, f.message),
-                policy::Action::Drop(reason) => format!("drop:{reason}"),
-            })
-            .collect::<Vec<_>>()
-            .join(", "),
-    }
+    crate::policy_tools::decision_notation(decision).join(", ")
 }
 
 /// The oslo cast that carries `message` to a neighbour's intercell topic.

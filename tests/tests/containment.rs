@@ -318,3 +318,17 @@ async fn a_policy_that_sleeps_is_refused_not_waited_for() {
     still_routes(&mut topo, "after_sleep").await;
     topo.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_too_large_in_bytes_is_refused() {
+    let mut topo = adversary_pair(Transport::Rabbit).await;
+    let dead = provoke(&topo, "bloat").await;
+    assert_eq!(dead.code, "policy-actions-too-large", "{dead:?}");
+    assert!(
+        dead.reason.contains("1048576 bytes of actions"),
+        "{}",
+        dead.reason
+    );
+    still_routes(&mut topo, "after_bloat").await;
+    topo.stop().await;
+}

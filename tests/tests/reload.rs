@@ -420,3 +420,80 @@ async fn a_shadow_policy_is_compared_and_never_acted_on() {
     assert_eq!(topo.counts_of("top").dead_lettered, 0);
     topo.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_that_fails_the_promotion_gate_is_refused() {
+    let nova = std::fs::read(built_path("nova_cells")).expect("built");
+    let dir = std::env::temp_dir().join(format!("cellhost-gate-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("policy.wasm");
+    deploy(&file, &nova);
+    // The decisions any version serving `top` must keep.
+    let gate = dir.join("gate.jsonl");
+    let mut to_leaf = Outgoing::targeted("top!leaf", Direction::Down, "reboot").to_message();
+    to_leaf.uuid = "gate-to-leaf".into();
+    let mut broadcast = Outgoing::broadcast(Direction::Down, "sync").to_message();
+    broadcast.uuid = "gate-broadcast".into();
+    let line = |m: &cellhost::wire::CellsMessage, expect: &[&str]| {
+        let mut v: serde_json::Value = serde_json::from_str(&m.to_json()).expect("JSON");
+        v["expect"] = serde_json::json!(expect);
+        v.to_string()
+    };
+    std::fs::write(
+        &gate,
+        format!(
+            "{}\n{}\n",
+            line(&to_leaf, &["relay:leaf"]),
+            line(&broadcast, &["process-here", "relay:leaf"])
+        ),
+    )
+    .expect("gate written");
+
+    let (policy_file, gate_file) = (file.clone(), gate.clone());
+    let mut topo = Topology::start_configured(
+        Transport::Memory,
+        &PAIR,
+        plugin("nova_cells", "").expect("policy"),
+        true,
+        |c| {
+            if c.cell.name == "top" {
+                c.policy.path = Some(policy_file.clone());
+                c.policy.gate = Some(gate_file.clone());
+            }
+        },
+    )
+    .await
+    .expect("topology starts");
+    let reloader = topo
+        .host_mut("top")
+        .enable_reload(cellhost_tests::engine(), false)
+        .expect("reload enabled");
+
+    // keep-local processes everything at top: it fails the gate.
+    deploy(
+        &file,
+        &std::fs::read(built_path("keep_local")).expect("built"),
+    );
+    let err = format!(
+        "{:#}",
+        reloader.reload().await.expect_err("refused by the gate")
+    );
+    assert!(err.contains("2 of 2 messages decided differently"), "{err}");
+    assert!(err.contains("DIFFERS uuid gate-to-leaf"), "{err}");
+    assert!(err.contains(r#"["process-here"]"#), "{err}");
+    assert_eq!(
+        topo.host_mut("top").router().active_policy().hash(),
+        content_hash(&nova)
+    );
+
+    // The adversary decides these like nova-cells: it passes.
+    let adversary = std::fs::read(built_path("adversary")).expect("built");
+    deploy(&file, &adversary);
+    reloader.reload().await.expect("passes the gate");
+    assert_eq!(
+        topo.host_mut("top").router().active_policy().hash(),
+        content_hash(&adversary)
+    );
+    topo.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

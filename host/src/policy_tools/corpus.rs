@@ -315,6 +315,56 @@ fn route_at(
     result
 }
 
+/// The promotion gate of a live cell (`policy.gate`): every line of the gate
+/// file is a cells message as it reaches this cell, plus `"expect"`, the
+/// decision it must get. A candidate that decides any of them differently
+/// is refused, and the error shows each differing case.
+pub fn gate(policy: &Arc<LoadedPolicy>, config: &Config, path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read gate file {}", path.display()))?;
+    let mut outcomes = Vec::new();
+    let mut expected = Vec::new();
+    let mut instances = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = format!("gate file {} line {}", path.display(), i + 1);
+        let mut map: Map<String, Value> = serde_json::from_str(line)
+            .map_err(|e| anyhow!("{at}: not a JSON object on one line: {e}"))?;
+        let decision: Vec<String> = match map.shift_remove("expect") {
+            Some(v) => serde_json::from_value(v)
+                .map_err(|e| anyhow!("{at}: \"expect\" must be a list of decisions: {e}"))?,
+            None => bail!("{at}: no \"expect\" field with the decision this message must get"),
+        };
+        let message = CellsMessage::from_map(map).map_err(|e| anyhow!("{at}: {e}"))?;
+        let uuid = message.uuid.clone();
+        let result = route_at(policy, &mut instances, config, message);
+        outcomes.push(Outcome {
+            uuid: uuid.clone(),
+            cell: config.cell.name.clone(),
+            decision: decision_notation(&result),
+        });
+        expected.push(Expected {
+            uuid,
+            cell: None,
+            decision,
+        });
+    }
+    let differences = compare(&outcomes, &expected);
+    if differences.is_empty() {
+        return Ok(());
+    }
+    let cases: Vec<String> = differences.iter().map(|d| d.to_string()).collect();
+    bail!(
+        "the candidate fails the gate {}: {} of {} messages decided differently\n{}",
+        path.display(),
+        differences.len(),
+        outcomes.len(),
+        cases.join("\n")
+    )
+}
+
 /// One line of the expect file.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -12,6 +12,8 @@ mod bench;
 mod check;
 mod corpus;
 
+pub use corpus::gate;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -45,6 +45,7 @@ impl Policy for Adversary {
             "recurse" => Ok(vec![Action::Drop(format!("depth {}", recurse(0)))]),
             "flood" => Ok(flood(cell)),
             "stray" => Ok(vec![Action::Relay("no-such-cell".to_owned())]),
+            "bloat" => Ok(vec![Action::Drop("x".repeat(1 << 20))]),
             "fail" => Err("adversary: refused by request".to_owned()),
             "read-file" => Err(read_file()),
             "read-env" => Err(read_env()),
