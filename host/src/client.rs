@@ -3,6 +3,7 @@
 //! intercell topic, as `cellhost send`, the demo and the tests do, and as any
 //! oslo.messaging client does with `cast(ctxt, 'process_message', message=...)`.
 
+use crate::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -251,8 +252,4 @@ impl Caller {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -38,3 +38,9 @@ pub mod wire;
 
 pub use config::Config;
 pub use host::CellHost;
+
+/// Locks `m`. No code here panics while holding one of the host's locks,
+/// so a poisoned lock still guards consistent data: recover it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -12,6 +12,7 @@
 //! folder, so deploys that rename a new file into place are seen), by SIGHUP
 //! (`cellhost run`), and by calling [`PolicyReloader::reload`].
 
+use crate::lock;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -229,8 +230,4 @@ async fn read_settled(path: &PathBuf) -> Result<Vec<u8>> {
         );
     }
     Ok(wasm)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -11,6 +11,7 @@
 //! entry instead of failing the whole answer, and responses that arrive
 //! after their waiter gave up are counted and logged, never delivered.
 
+use crate::lock;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -355,8 +356,4 @@ fn is_timeout(r: &CellResponse) -> bool {
         && r.value
             .as_str()
             .is_some_and(|text| text.contains("\"CellTimeout\""))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

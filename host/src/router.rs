@@ -23,6 +23,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use serde_json::Value;
 
 use crate::config::{Config, OnFailure};
+use crate::lock;
 use crate::policy::{self, LoadedPolicy, PolicyError, PolicyInstance};
 use crate::transport::Publication;
 use crate::wire::{
@@ -358,7 +359,11 @@ impl RouteWorker {
         }
         let actions = match outcome {
             Ok(actions) => {
-                router.consecutive_failures.store(0, Ordering::Relaxed);
+                // Read before writing: the counter is shared by every
+                // consumer, and a write per message would bounce its line.
+                if router.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                    router.consecutive_failures.store(0, Ordering::Relaxed);
+                }
                 actions
             }
             Err(e) => {
@@ -599,6 +604,8 @@ impl RouteWorker {
                 message.extra.insert(BUDGET_KEY.into(), Value::from(share));
             }
             let topic = router.intercell_topic(message.message_type);
+            // One encoding serves every neighbour: the body does not depend on it.
+            let body = relay_body(&message);
             for to in &relays {
                 let fanout = message.fanout || self.last_hop_of_response(&message, to);
                 let exchange = if fanout {
@@ -606,10 +613,9 @@ impl RouteWorker {
                 } else {
                     cfg.cell.control_exchange.clone()
                 };
-                let body = relay_body(&message);
                 sends.push((
                     Target::Neighbour(to.clone()),
-                    Publication::new(exchange, topic.clone(), body),
+                    Publication::new(exchange, topic.clone(), body.clone()),
                 ));
             }
         }
@@ -995,8 +1001,4 @@ impl Dedupe {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -7,6 +7,7 @@
 //! URL says `memory://demo` shares one broker, as cells sharing a RabbitMQ
 //! would. Publishing is confirmed as soon as the message is queued.
 
+use crate::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -153,9 +154,4 @@ impl Settler {
             let _ = self.requeue.send(body);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Nothing panics while holding these locks; recover the data regardless.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
