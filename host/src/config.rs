@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+mod rabbit;
+pub use rabbit::RabbitOptions;
+
 /// Everything one `cellhost` needs to serve one cell.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,6 +29,10 @@ pub struct Config {
     /// The admin listener; none when the section is absent.
     #[serde(default)]
     pub admin: Option<AdminSection>,
+    /// oslo.messaging's RabbitMQ options for this cell's own broker, and for
+    /// each neighbour's that has none of its own.
+    #[serde(default)]
+    pub oslo_messaging_rabbit: RabbitOptions,
 }
 
 /// `[admin]`: where health, policy state, reloads and metrics are served.
@@ -202,6 +209,10 @@ pub struct NeighbourConfig {
     pub weight_scale: f64,
     #[serde(default)]
     pub capabilities: BTreeMap<String, Vec<String>>,
+    /// oslo.messaging's RabbitMQ options for this neighbour's broker, when
+    /// it is set up differently from the own one.
+    #[serde(default)]
+    pub oslo_messaging_rabbit: Option<RabbitOptions>,
 }
 
 fn default_queue_base() -> String {
@@ -293,7 +304,17 @@ impl Config {
             policy: PolicySection::default(),
             neighbours: Vec::new(),
             admin: None,
+            oslo_messaging_rabbit: RabbitOptions::default(),
         }
+    }
+
+    /// The RabbitMQ options that apply to `neighbour`'s broker: its own, or
+    /// this cell's.
+    pub fn rabbit_options_of<'a>(&'a self, neighbour: &'a NeighbourConfig) -> &'a RabbitOptions {
+        neighbour
+            .oslo_messaging_rabbit
+            .as_ref()
+            .unwrap_or(&self.oslo_messaging_rabbit)
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -316,6 +337,12 @@ impl Config {
         }
         if let Some(p) = self.policy.gate.as_mut() {
             resolve(p);
+        }
+        self.oslo_messaging_rabbit.resolve_paths(base);
+        for n in &mut self.neighbours {
+            if let Some(options) = n.oslo_messaging_rabbit.as_mut() {
+                options.resolve_paths(base);
+            }
         }
         // `""` means "no cache", not "the config file's folder".
         if let Some(p) = self
@@ -383,8 +410,13 @@ impl Config {
                 bail!("`policy.data_dir`: no folder at {}", dir.display());
             }
         }
+        self.oslo_messaging_rabbit
+            .validate("oslo_messaging_rabbit")?;
         let mut seen = HashSet::new();
         for (i, n) in self.neighbours.iter().enumerate() {
+            if let Some(options) = &n.oslo_messaging_rabbit {
+                options.validate(&format!("neighbours[{i}].oslo_messaging_rabbit"))?;
+            }
             check_cell_name(&format!("neighbours[{i}].name"), &n.name)?;
             if n.name == self.cell.name {
                 bail!(
@@ -485,6 +517,7 @@ pub fn parse_cells_config(text: &str, own_name: &str) -> Result<Vec<NeighbourCon
             weight_offset: entry.weight_offset,
             weight_scale: entry.weight_scale,
             capabilities: entry.capabilities,
+            oslo_messaging_rabbit: None,
         });
     }
     Ok(out)

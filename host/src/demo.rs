@@ -67,6 +67,7 @@ fn neighbour(name: &str, is_parent: bool, transport_url: TransportUrl) -> Neighb
         weight_offset: 0.0,
         weight_scale: 1.0,
         capabilities: BTreeMap::new(),
+        oslo_messaging_rabbit: None,
     }
 }
 
@@ -319,7 +320,12 @@ pub async fn start_cells(
     let mut hosts = Vec::new();
     let mut workers = BTreeMap::new();
     for config in configs {
-        let broker = Broker::connect(&config.cell.transport_url, &config.cell.name).await?;
+        let broker = Broker::connect(
+            &config.cell.transport_url,
+            &config.oslo_messaging_rabbit,
+            &config.cell.name,
+        )
+        .await?;
         workers.insert(
             config.cell.name.clone(),
             start_local_worker(&broker, config).await?,
@@ -349,7 +355,12 @@ impl Demo<'_> {
             .find(|c| c.cell.name == origin)
             .context("demo origin is not a cell")?;
         let message = outgoing.to_message();
-        let broker = Broker::connect(&config.cell.transport_url, "demo-client").await?;
+        let broker = Broker::connect(
+            &config.cell.transport_url,
+            &config.oslo_messaging_rabbit,
+            "demo-client",
+        )
+        .await?;
         broker
             .publish(entry_cast(
                 &config.cell.control_exchange,
@@ -407,7 +418,12 @@ impl Demo<'_> {
     /// Calls into api-cell and prints the reply the application gets.
     async fn call(&mut self, title: &str, outgoing: Outgoing) -> Result<()> {
         let config = &self.configs[0];
-        let broker = Broker::connect(&config.cell.transport_url, "demo-caller").await?;
+        let broker = Broker::connect(
+            &config.cell.transport_url,
+            &config.oslo_messaging_rabbit,
+            "demo-caller",
+        )
+        .await?;
         let caller = Caller::start(broker).await?;
         let message = outgoing.to_message();
         let reply = call_into(

@@ -59,9 +59,13 @@ impl CellHost {
     /// oslo RPC server declares, and starts consuming.
     pub async fn start(config: Config, policy: Arc<LoadedPolicy>) -> Result<CellHost> {
         let name = config.cell.name.clone();
-        let own = Broker::connect(&config.cell.transport_url, &name)
-            .await
-            .with_context(|| format!("cell {name}: own broker {}", config.cell.transport_url))?;
+        let own = Broker::connect(
+            &config.cell.transport_url,
+            &config.oslo_messaging_rabbit,
+            &name,
+        )
+        .await
+        .with_context(|| format!("cell {name}: own broker {}", config.cell.transport_url))?;
         let exchange = config.cell.control_exchange.clone();
         own.declare_exchange(&exchange, ExchangeKind::Topic).await?;
 
@@ -201,7 +205,7 @@ impl CellHost {
 /// exists there.
 async fn connect_neighbour(config: &Config, n: &crate::config::NeighbourConfig) -> Result<Broker> {
     let label = format!("{}->{}", config.cell.name, n.name);
-    let broker = Broker::connect(&n.transport_url, &label).await?;
+    let broker = Broker::connect(&n.transport_url, config.rabbit_options_of(n), &label).await?;
     declare_intercell(
         &broker,
         &config.cell.control_exchange,

@@ -248,7 +248,12 @@ async fn send(args: SendArgs) -> Result<()> {
     outgoing.max_hop_count = args.max_hop_count;
     outgoing.run_locally = !args.no_run_locally;
     let message = outgoing.to_message();
-    let broker = Broker::connect(&url, "cellhost send").await?;
+    let broker = Broker::connect(
+        &url,
+        &cellhost::config::RabbitOptions::default(),
+        "cellhost send",
+    )
+    .await?;
     declare_intercell(&broker, &exchange, &queue_base).await?;
     if !args.wait {
         broker

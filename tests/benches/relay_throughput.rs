@@ -365,7 +365,12 @@ async fn run_cellhost(
     // The queues exist before any host: the backlog waits in top's, and leaf's
     // can be watched from the start (the host declares it again, unchanged).
     for config in &configs {
-        let broker = Broker::connect(&config.cell.transport_url, "bench-setup").await?;
+        let broker = Broker::connect(
+            &config.cell.transport_url,
+            &config.oslo_messaging_rabbit,
+            "bench-setup",
+        )
+        .await?;
         declare_intercell(&broker, exchange, queue_base).await?;
         broker.close().await;
     }

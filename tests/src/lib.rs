@@ -252,7 +252,12 @@ impl Topology {
     /// An oslo caller on `cell`'s broker, as an application there has.
     pub async fn caller(&self, cell: &str) -> Result<Caller> {
         let config = self.config(cell);
-        let broker = Broker::connect(&config.cell.transport_url, "test-caller").await?;
+        let broker = Broker::connect(
+            &config.cell.transport_url,
+            &config.oslo_messaging_rabbit,
+            "test-caller",
+        )
+        .await?;
         Caller::start(broker).await
     }
 
@@ -285,7 +290,12 @@ impl Topology {
     /// Publishes any body onto `cell`'s broker, e.g. malformed input.
     pub async fn publish_raw(&self, cell: &str, publication: Publication) -> Result<()> {
         let config = self.config(cell);
-        let broker = Broker::connect(&config.cell.transport_url, "test-client").await?;
+        let broker = Broker::connect(
+            &config.cell.transport_url,
+            &config.oslo_messaging_rabbit,
+            "test-client",
+        )
+        .await?;
         broker.publish(publication).await?;
         broker.close().await;
         Ok(())

@@ -52,9 +52,13 @@ async fn run_and_send_route_a_message_between_two_processes() {
 
     // The application behind the leaf cell.
     let leaf_config = Config::load(&leaf_toml).expect("the config the host reads is valid");
-    let broker = Broker::connect(&leaf_config.cell.transport_url, "leaf-app")
-        .await
-        .expect("connect");
+    let broker = Broker::connect(
+        &leaf_config.cell.transport_url,
+        &leaf_config.oslo_messaging_rabbit,
+        "leaf-app",
+    )
+    .await
+    .expect("connect");
     let mut worker = cellhost::demo::start_local_worker(&broker, &leaf_config)
         .await
         .expect("worker");

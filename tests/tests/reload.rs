@@ -44,9 +44,13 @@ async fn a_hundred_reloads_under_load_lose_and_duplicate_nothing() {
 
     // A steady stream into top: bursts of 40 every 10 ms, pipelined.
     let config = topo.config("top").clone();
-    let broker = Broker::connect(&config.cell.transport_url, "load")
-        .await
-        .expect("connect");
+    let broker = Broker::connect(
+        &config.cell.transport_url,
+        &config.oslo_messaging_rabbit,
+        "load",
+    )
+    .await
+    .expect("connect");
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = {
         let stop = stop.clone();

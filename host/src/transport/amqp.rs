@@ -21,6 +21,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::{mpsc, Mutex};
 
+use crate::config::RabbitOptions;
+
 use super::{ExchangeKind, Inbound, Inbox, Outcome, Publication, QueueSpec, Settle};
 
 /// A connection to one RabbitMQ virtual host.
@@ -35,12 +37,18 @@ struct Inner {
     publisher: ArcSwap<Channel>,
     reopen: Mutex<()>,
     label: String,
+    /// oslo.messaging's options for this broker: how to declare, TLS.
+    options: RabbitOptions,
 }
 
 impl AmqpBroker {
     /// Tries each URI in turn (oslo.messaging's failover list) and keeps the
     /// first connection that opens.
-    pub async fn connect(uris: &[String], label: &str) -> Result<AmqpBroker> {
+    pub async fn connect(
+        uris: &[String],
+        options: &RabbitOptions,
+        label: &str,
+    ) -> Result<AmqpBroker> {
         let mut last_error = None;
         for uri in uris {
             let properties = ConnectionProperties::default()
@@ -54,6 +62,7 @@ impl AmqpBroker {
                             publisher: ArcSwap::from_pointee(publisher),
                             reopen: Mutex::new(()),
                             label: label.to_string(),
+                            options: options.clone(),
                         }),
                     });
                 }

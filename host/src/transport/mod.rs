@@ -13,7 +13,7 @@ use std::pin::Pin;
 use anyhow::Result;
 use futures::Stream;
 
-use crate::config::TransportUrl;
+use crate::config::{RabbitOptions, TransportUrl};
 
 /// One message to publish.
 #[derive(Debug, Clone)]
@@ -115,14 +115,19 @@ pub enum Broker {
 }
 
 impl Broker {
-    /// Connects to the broker at `url`; `name` labels the connection.
-    pub async fn connect(url: &TransportUrl, name: &str) -> Result<Broker> {
+    /// Connects to the broker at `url`, set up as `options` say; `name`
+    /// labels the connection.
+    pub async fn connect(
+        url: &TransportUrl,
+        options: &RabbitOptions,
+        name: &str,
+    ) -> Result<Broker> {
         match url {
             TransportUrl::Memory { name: broker } => {
                 Ok(Broker::Memory(memory::MemoryBroker::named(broker)))
             }
             TransportUrl::Amqp { .. } => Ok(Broker::Amqp(
-                amqp::AmqpBroker::connect(&url.amqp_uris(), name).await?,
+                amqp::AmqpBroker::connect(&url.amqp_uris(), options, name).await?,
             )),
         }
     }
