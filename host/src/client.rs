@@ -13,7 +13,9 @@ use tokio::sync::oneshot;
 
 use crate::router::relay_body;
 use crate::transport::{Broker, ExchangeKind, Publication, QueueSpec};
-use crate::wire::{CallInfo, CellsMessage, Context, Direction, MessageType, Reply, Request};
+use crate::wire::{
+    CallInfo, CellsMessage, Context, Direction, MessageType, Reply, ReplyOutcome, Request,
+};
 
 /// What an application wants sent.
 #[derive(Debug, Clone)]
@@ -101,12 +103,7 @@ pub async fn call_into(
     message.need_response = true;
     let mut args = Map::new();
     args.insert("message".into(), Value::String(message.to_json()));
-    let request = caller.request(
-        "process_message",
-        args,
-        Context(message.ctxt.clone()),
-        timeout,
-    );
+    let request = caller.request("process_message", args, Context(message.ctxt.clone()));
     let topic = format!("{queue_base}.{}", message.message_type.as_str());
     caller
         .call(control_exchange, &topic, request, timeout)
@@ -145,7 +142,44 @@ pub async fn declare_intercell(
 pub struct Caller {
     broker: Broker,
     reply_queue: String,
-    pending: Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>,
+    pending: Arc<Mutex<HashMap<String, Pending>>>,
+}
+
+/// A call waiting for its final reply.
+struct Pending {
+    tx: oneshot::Sender<Reply>,
+    /// A result that came without `ending`, as oslo.messaging before 2017
+    /// sent it: the `ending` reply that follows completes the call with it.
+    early: Option<Reply>,
+}
+
+/// Hands `reply` to the call waiting for it. Only a reply with `ending`
+/// completes a call: a heartbeat (call monitoring) never does.
+fn take_reply(pending: &Mutex<HashMap<String, Pending>>, reply: Reply) {
+    let mut pending = lock(pending);
+    let Some(waiting) = pending.get_mut(&reply.msg_id) else {
+        tracing::info!(msg_id = %reply.msg_id, "reply for no waiting call (late or repeated)");
+        return;
+    };
+    if reply.is_heartbeat() {
+        tracing::debug!(msg_id = %reply.msg_id, "call-monitor heartbeat");
+        return;
+    }
+    if !reply.ending {
+        waiting.early = Some(reply);
+        return;
+    }
+    let Some(waiting) = pending.remove(&reply.msg_id) else {
+        return;
+    };
+    let reply = match waiting.early {
+        Some(early) if reply.outcome == ReplyOutcome::Result(Value::Null) => Reply {
+            ending: true,
+            ..early
+        },
+        _ => reply,
+    };
+    let _ = waiting.tx.send(reply);
 }
 
 impl Caller {
@@ -161,23 +195,13 @@ impl Caller {
         let mut inbox = broker
             .consume(std::slice::from_ref(&reply_queue), 512, "caller")
             .await?;
-        let pending: Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>> = Arc::default();
+        let pending: Arc<Mutex<HashMap<String, Pending>>> = Arc::default();
         let waiting = pending.clone();
         tokio::spawn(async move {
             use futures::StreamExt;
             while let Some(inbound) = inbox.next().await {
                 match crate::wire::decode_reply(&inbound.body, crate::wire::DEFAULT_BODY_LIMIT) {
-                    Ok(reply) => {
-                        let waiter = lock(&waiting).remove(&reply.msg_id);
-                        match waiter {
-                            Some(tx) => {
-                                let _ = tx.send(reply);
-                            }
-                            None => {
-                                tracing::info!(msg_id = %reply.msg_id, "reply for no waiting call (late or repeated)")
-                            }
-                        }
-                    }
+                    Ok(reply) => take_reply(&waiting, reply),
                     Err(e) => tracing::warn!(error = %e, "undecodable reply ignored"),
                 }
                 inbound.settle(crate::transport::Outcome::Ack);
@@ -199,7 +223,7 @@ impl Caller {
     /// the request, so a fast reply is never missed.
     pub fn expect(&self, msg_id: &str) -> oneshot::Receiver<Reply> {
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(msg_id.to_string(), tx);
+        lock(&self.pending).insert(msg_id.to_string(), Pending { tx, early: None });
         rx
     }
 
@@ -208,19 +232,14 @@ impl Caller {
         lock(&self.pending).remove(msg_id);
     }
 
-    /// The request of an oslo call, with a fresh `_msg_id`.
-    pub fn request(
-        &self,
-        method: &str,
-        args: Map<String, Value>,
-        context: Context,
-        timeout: Duration,
-    ) -> Request {
+    /// The request of an oslo call, with a fresh `_msg_id`, without call
+    /// monitoring (its deadline goes in the `expiration` when it is sent).
+    pub fn request(&self, method: &str, args: Map<String, Value>, context: Context) -> Request {
         let mut request = Request::cast(method, args, context, crate::router::new_unique_id());
         request.call = Some(CallInfo {
             msg_id: crate::router::new_unique_id(),
             reply_q: self.reply_queue.clone(),
-            timeout: Some(timeout.as_secs_f64()),
+            timeout: None,
         });
         request
     }
@@ -251,5 +270,49 @@ impl Caller {
                 anyhow::bail!("no reply to {msg_id} on {topic} within {timeout:?}")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(msg_id: &str) -> (Mutex<HashMap<String, Pending>>, oneshot::Receiver<Reply>) {
+        let (tx, rx) = oneshot::channel();
+        let pending = HashMap::from([(msg_id.to_string(), Pending { tx, early: None })]);
+        (Mutex::new(pending), rx)
+    }
+
+    fn result(msg_id: &str, value: Value, ending: bool) -> Reply {
+        Reply {
+            msg_id: msg_id.into(),
+            outcome: ReplyOutcome::Result(value),
+            ending,
+        }
+    }
+
+    #[test]
+    fn heartbeats_never_complete_a_call() {
+        let (pending, mut rx) = waiting("m1");
+        take_reply(&pending, Reply::heartbeat("m1"));
+        take_reply(&pending, Reply::heartbeat("m1"));
+        assert!(rx.try_recv().is_err(), "still waiting after heartbeats");
+        take_reply(&pending, result("m1", Value::from("done"), true));
+        assert_eq!(
+            rx.try_recv().expect("answered").outcome,
+            ReplyOutcome::Result(Value::from("done"))
+        );
+    }
+
+    #[test]
+    fn a_result_before_its_ending_completes_with_the_ending() {
+        // oslo.messaging before 2017 sent the result, then an empty ending.
+        let (pending, mut rx) = waiting("m2");
+        take_reply(&pending, result("m2", Value::from(42), false));
+        assert!(rx.try_recv().is_err());
+        take_reply(&pending, result("m2", Value::Null, true));
+        let reply = rx.try_recv().expect("answered");
+        assert_eq!(reply.outcome, ReplyOutcome::Result(Value::from(42)));
+        assert!(reply.ending);
     }
 }

@@ -97,6 +97,9 @@ pub enum Behaviour {
     Fail { class: String, message: String },
     /// Never answers.
     Silent,
+    /// Sends this many call-monitor heartbeats, 50 ms apart, then answers
+    /// with its cell's name, as a slow oslo server asked to monitor does.
+    HeartbeatsFirst(u32),
 }
 
 /// A cell's application: it consumes the local topic like an oslo.messaging
@@ -184,6 +187,17 @@ pub async fn start_local_worker(broker: &Broker, config: &Config) -> Result<Loca
                         }))
                     }
                     Behaviour::Silent => None,
+                    Behaviour::HeartbeatsFirst(beats) => {
+                        for _ in 0..beats {
+                            let beat = Reply::heartbeat(call.msg_id.clone()).encode();
+                            let publication = Publication::new("", call.reply_q.clone(), beat);
+                            if let Err(e) = replies.publish(publication).await {
+                                tracing::warn!(cell = %cell, error = %e, "local worker could not heartbeat");
+                            }
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                        Some(ReplyOutcome::Result(Value::String(cell.clone())))
+                    }
                 };
                 if let Some(outcome) = outcome {
                     let reply = Reply {

@@ -238,7 +238,7 @@ async fn serve(
                     tracing::error!(cell = %router.cell_name(), "consumer ended: the broker connection is gone");
                     break;
                 };
-                let plan = worker.plan(&inbound.body);
+                let plan = worker.plan(&inbound.body, inbound.expiration_ms);
                 in_flight.push(carry_out(plan, inbound, links.clone(), answering.clone()));
             }
         }

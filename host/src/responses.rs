@@ -15,6 +15,7 @@ use crate::lock;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -22,7 +23,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::client::{entry_cast, Caller};
 use crate::router::{Respond, Router};
 use crate::transport::{Broker, Publication};
-use crate::wire::{nova_failure, CellResponse, CellsMessage, MessageType, Reply, ReplyOutcome};
+use crate::wire::{
+    nova_failure, CallInfo, CellResponse, CellsMessage, MessageType, Reply, ReplyOutcome,
+};
 
 /// How many finished waits are remembered, to tell a late response from
 /// one meant for another host of the same cell.
@@ -151,6 +154,17 @@ impl Answering {
     pub async fn answer(self: Arc<Self>, respond: Respond, listening: Listening) {
         let path = respond.message.routing_path.clone();
         let uuid = respond.message.uuid.clone();
+        // A caller that asked for call monitoring hears from this cell while
+        // it gathers, as it would from an oslo server, and stops waiting
+        // when it no longer does.
+        let heartbeats = respond
+            .reply_to
+            .as_ref()
+            .filter(|_| respond.is_origin)
+            .and_then(|call| {
+                let every = monitor_interval(call.timeout?)?;
+                Some(tokio::spawn(self.clone().heartbeat(call.clone(), every)))
+            });
         let mut responses = Vec::new();
         if let Some(failure) = respond.failure.clone() {
             responses.push(failure);
@@ -162,6 +176,9 @@ impl Answering {
             // Nova puts the cell's own response after its neighbours'.
             responses.extend(local);
         }
+        if let Some(heartbeats) = heartbeats {
+            heartbeats.abort();
+        }
         let sent = if respond.is_origin {
             self.reply_to_application(&respond, responses).await
         } else {
@@ -169,6 +186,23 @@ impl Answering {
         };
         if let Err(e) = sent {
             tracing::error!(cell = %self.router.cell_name(), %uuid, path = %path, error = %format!("{e:#}"), "could not send the answer");
+        }
+    }
+
+    /// Sends `call`'s caller a heartbeat reply every `every` until aborted.
+    async fn heartbeat(self: Arc<Self>, call: CallInfo, every: Duration) {
+        let start = tokio::time::Instant::now() + every;
+        let mut ticks = tokio::time::interval_at(start, every);
+        loop {
+            ticks.tick().await;
+            let beat = Reply::heartbeat(call.msg_id.clone()).encode();
+            if let Err(e) = self
+                .own
+                .publish(Publication::new("", call.reply_q.clone(), beat))
+                .await
+            {
+                tracing::warn!(cell = %self.router.cell_name(), msg_id = %call.msg_id, error = %format!("{e:#}"), "call-monitor heartbeat not sent");
+            }
         }
     }
 
@@ -351,9 +385,31 @@ impl Answering {
     }
 }
 
+/// How often to heartbeat a caller whose call-monitor timeout is `seconds`:
+/// every half of it, as oslo.messaging's server does (never more often than
+/// ten times a second).
+fn monitor_interval(seconds: f64) -> Option<Duration> {
+    (seconds.is_finite() && seconds > 0.0)
+        .then(|| Duration::from_secs_f64((seconds / 2.0).clamp(0.1, 86_400.0)))
+}
+
 fn is_timeout(r: &CellResponse) -> bool {
     r.failure
         && r.value
             .as_str()
             .is_some_and(|text| text.contains("\"CellTimeout\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::monitor_interval;
+    use std::time::Duration;
+
+    #[test]
+    fn heartbeats_come_every_half_monitor_timeout() {
+        assert_eq!(monitor_interval(5.0), Some(Duration::from_millis(2500)));
+        assert_eq!(monitor_interval(0.05), Some(Duration::from_millis(100)));
+        assert_eq!(monitor_interval(0.0), None);
+        assert_eq!(monitor_interval(f64::NAN), None);
+    }
 }

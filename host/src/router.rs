@@ -65,6 +65,9 @@ pub struct Plan {
 /// peers ignore it and give every hop the full `call_timeout`.
 pub const BUDGET_KEY: &str = "cellhost_timeout_ms";
 
+/// The longest budget taken from a caller: a day.
+const MAX_BUDGET_MS: u64 = 86_400_000;
+
 /// What a cell does to answer a message that wants a response.
 #[derive(Debug)]
 pub struct Respond {
@@ -303,8 +306,9 @@ impl RouteWorker {
         &self.router
     }
 
-    /// Decides what to do with one received body.
-    pub fn plan(&mut self, body: &[u8]) -> Plan {
+    /// Decides what to do with one received body; `expiration_ms` is the
+    /// AMQP `expiration` it came with (an oslo call's timeout).
+    pub fn plan(&mut self, body: &[u8], expiration_ms: Option<u64>) -> Plan {
         let router = self.router.clone();
         let received = Instant::now();
         router.stats.received.fetch_add(1, Ordering::Relaxed);
@@ -334,7 +338,7 @@ impl RouteWorker {
         if reply_to.is_some() {
             message.need_response = true;
         }
-        let budget = self.budget(&message, reply_to.as_ref());
+        let budget = self.budget(&message, reply_to.as_ref(), expiration_ms);
 
         let span = tracing::debug_span!(
             "route",
@@ -397,12 +401,21 @@ impl RouteWorker {
 
     /// The time this cell has to answer: what the sender left, else the
     /// application's own call timeout, else the configured `call_timeout_s`.
-    fn budget(&self, message: &CellsMessage, reply_to: Option<&CallInfo>) -> Duration {
+    ///
+    /// An oslo client carries its call's timeout in the AMQP `expiration`
+    /// (milliseconds). The `_timeout` key is something else, the call
+    /// *monitor* timeout, and says nothing of how long the caller waits.
+    fn budget(
+        &self,
+        message: &CellsMessage,
+        reply_to: Option<&CallInfo>,
+        expiration_ms: Option<u64>,
+    ) -> Duration {
         if let Some(ms) = message.extra.get(BUDGET_KEY).and_then(|v| v.as_u64()) {
             return Duration::from_millis(ms);
         }
-        if let Some(secs) = reply_to.and_then(|c| c.timeout).filter(|t| *t > 0.0) {
-            return Duration::from_secs_f64(secs.min(86_400.0));
+        if let Some(ms) = expiration_ms.filter(|ms| *ms > 0 && reply_to.is_some()) {
+            return Duration::from_millis(ms.min(MAX_BUDGET_MS));
         }
         Duration::from_secs(self.router.config.cell.call_timeout_s)
     }
@@ -769,7 +782,10 @@ impl RouteWorker {
             request.call = Some(CallInfo {
                 msg_id: id.clone(),
                 reply_q: self.router.reply_queue.clone(),
-                timeout: Some(timeout.as_secs_f64()),
+                // No call monitoring: the worker's deadline is the
+                // expiration below, and a worker asked to monitor would send
+                // heartbeats instead of silence.
+                timeout: None,
             });
             msg_id = Some(id);
             expiration_ms = Some(timeout.as_millis().max(1) as u64);

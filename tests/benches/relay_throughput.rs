@@ -328,11 +328,11 @@ fn plan_alone(bodies: &[Vec<u8>], policy: &Arc<LoadedPolicy>) -> Result<Duration
     let sample = &bodies[..bodies.len().min(20_000)];
     // The first plans instantiate the policy and warm the caches.
     for body in sample.iter().take(500) {
-        worker.plan(body);
+        worker.plan(body, None);
     }
     let started = Instant::now();
     for body in sample {
-        let plan = worker.plan(body);
+        let plan = worker.plan(body, None);
         ensure!(
             plan.sends.len() == 1,
             "the router planned {} publications for one relay: {:?}",

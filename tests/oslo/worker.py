@@ -1,23 +1,34 @@
 """A cell's application as a real oslo.messaging RPC server.
 
+    worker.py URL CELL [DELAY_SECONDS]
+
 Serves topic `cells.local` on the given transport URL and prints one JSON line
-per message it processed, after a first line `ready`. Used by the cellhost
+per message it processed, after a first line `ready`. With a delay, every
+method first sleeps that long (a slow or hung worker). Used by the cellhost
 interop tests; runs until its standard input closes.
 """
 import json
 import sys
 import threading
+import time
 
 from oslo_config import cfg
 import oslo_messaging as messaging
 
 
 class Endpoint(object):
-    def __init__(self, cell):
+    def __init__(self, cell, delay):
         self.cell = cell
+        self.delay = delay
 
     def _record(self, method, ctxt, kwargs):
         print(json.dumps({"method": method, "ctxt": ctxt, "kwargs": kwargs}), flush=True)
+        if self.delay:
+            time.sleep(self.delay)
+
+    def service_get_all(self, ctxt, **kwargs):
+        self._record("service_get_all", ctxt, kwargs)
+        return "services of %s" % self.cell
 
     def get_host_uptime(self, ctxt, **kwargs):
         self._record("get_host_uptime", ctxt, kwargs)
@@ -33,12 +44,13 @@ class Endpoint(object):
 
 def main():
     url, cell = sys.argv[1], sys.argv[2]
+    delay = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
     messaging.set_transport_defaults("nova")
     conf = cfg.CONF
     conf([], project="cellhost-interop")
     transport = messaging.get_rpc_transport(conf, url=url)
     target = messaging.Target(topic="cells.local", server="w-%s" % cell)
-    server = messaging.get_rpc_server(transport, target, [Endpoint(cell)], executor="threading")
+    server = messaging.get_rpc_server(transport, target, [Endpoint(cell, delay)], executor="threading")
     server.start()
     print("ready", flush=True)
     done = threading.Event()

@@ -22,6 +22,8 @@ use cellhost::transport::{Broker, Publication};
 use cellhost::wire::Reply;
 use cellhost::CellHost;
 
+pub mod oslo;
+
 pub use cellhost::demo::Behaviour;
 pub use cellhost::demo::NOVA_TOPOLOGY as NOVA;
 pub use cellhost::wire::Direction;

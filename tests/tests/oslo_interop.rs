@@ -3,104 +3,12 @@
 //! RPC client casts and calls into a cell, and a Python RPC server is the
 //! application behind the destination cell. Two cells on RabbitMQ.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::mpsc;
-
 use cellhost::client::Outgoing;
-use cellhost_tests::{plugin, Direction, Topology, Transport, PATIENCE};
+use cellhost_tests::oslo::{oslo_client, oslo_url as url, OsloWorker as Worker};
+use cellhost_tests::{plugin, Direction, Topology, Transport};
 use serde_json::{json, Value};
 
 const PAIR: [(&str, Option<&str>); 2] = [("top", None), ("leaf", Some("top"))];
-
-fn python() -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/oslo-venv/bin/python");
-    assert!(
-        venv.is_file(),
-        "{} is missing: `bash scripts/test` creates it (python3 -m venv target/oslo-venv && target/oslo-venv/bin/pip install oslo.messaging==18.3.1)",
-        venv.display()
-    );
-    venv
-}
-
-fn script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("oslo")
-        .join(name)
-}
-
-fn url(topo: &Topology, cell: &str) -> String {
-    let config = topo.config(cell);
-    config
-        .cell
-        .transport_url
-        .amqp_uris()
-        .remove(0)
-        .replacen("amqp://", "rabbit://", 1)
-}
-
-/// The Python worker, with its printed lines arriving on a channel.
-struct Worker {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Worker {
-    fn start(url: &str, cell: &str) -> Worker {
-        let mut child = Command::new(python())
-            .arg(script("worker.py"))
-            .args([url, cell])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the oslo.messaging worker starts");
-        let stdout: ChildStdout = child.stdout.take().expect("stdout piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let worker = Worker { child, lines };
-        assert_eq!(worker.next_line(), "ready");
-        worker
-    }
-
-    fn next_line(&self) -> String {
-        self.lines
-            .recv_timeout(PATIENCE)
-            .expect("the oslo.messaging worker printed a line in time")
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn oslo_client(url: &str, mode: &str, message: &Value) -> String {
-    let kind = message["message_type"]
-        .as_str()
-        .expect("has a type")
-        .to_string();
-    let out = Command::new(python())
-        .arg(script("client.py"))
-        .args([url, mode, &kind, &message.to_string()])
-        .output()
-        .expect("the oslo.messaging client runs");
-    assert!(
-        out.status.success(),
-        "oslo client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 fn entering(method: &str, kwargs: Value, need_response: bool) -> Value {
     let mut m = Outgoing::targeted("top!leaf", Direction::Down, method).to_message();

@@ -164,6 +164,11 @@ impl AmqpBroker {
                 async move {
                     match delivery {
                         Ok(d) => Some(Inbound {
+                            expiration_ms: d
+                                .properties
+                                .expiration()
+                                .as_ref()
+                                .and_then(|ms| ms.as_str().trim().parse().ok()),
                             body: d.data,
                             redelivered: d.redelivered,
                             settle: Settle::Amqp(Settler {

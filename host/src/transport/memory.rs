@@ -16,7 +16,12 @@ use tokio::sync::mpsc;
 
 use super::{ExchangeKind, Inbound, Inbox, Outcome, Publication, Settle};
 
-type Body = Vec<u8>;
+/// A queued message: its body and the per-message TTL it was published with,
+/// which the consumer sees as an AMQP consumer sees `expiration`.
+struct Body {
+    bytes: Vec<u8>,
+    expiration_ms: Option<u64>,
+}
 
 /// A handle on one named in-process broker.
 #[derive(Clone)]
@@ -98,7 +103,8 @@ impl MemoryBroker {
                 |(mut rx, requeue)| async move {
                     let body = rx.recv().await?;
                     let inbound = Inbound {
-                        body,
+                        body: body.bytes,
+                        expiration_ms: body.expiration_ms,
                         redelivered: false,
                         settle: Settle::Memory(Settler {
                             requeue: requeue.clone(),
@@ -132,7 +138,11 @@ impl MemoryBroker {
         let mut routed = false;
         for target in targets {
             if let Some(queue) = state.queues.get(target) {
-                routed |= queue.tx.send(p.body.clone()).is_ok();
+                let body = Body {
+                    bytes: p.body.clone(),
+                    expiration_ms: p.expiration_ms,
+                };
+                routed |= queue.tx.send(body).is_ok();
             }
         }
         if !routed {
@@ -149,9 +159,12 @@ pub(super) struct Settler {
 }
 
 impl Settler {
-    pub(super) fn settle(self, body: Body, outcome: Outcome) {
+    pub(super) fn settle(self, bytes: Vec<u8>, expiration_ms: Option<u64>, outcome: Outcome) {
         if outcome == Outcome::Requeue {
-            let _ = self.requeue.send(body);
+            let _ = self.requeue.send(Body {
+                bytes,
+                expiration_ms,
+            });
         }
     }
 }

@@ -75,6 +75,9 @@ impl QueueSpec {
 /// One received message, to be settled once it has been dealt with.
 pub struct Inbound {
     pub body: Vec<u8>,
+    /// The AMQP `expiration` it was published with, in milliseconds: where
+    /// an oslo.messaging client puts its call's timeout.
+    pub expiration_ms: Option<u64>,
     pub redelivered: bool,
     settle: Settle,
 }
@@ -99,7 +102,7 @@ impl Inbound {
     pub fn settle(self, outcome: Outcome) {
         match self.settle {
             Settle::Amqp(s) => s.settle(outcome),
-            Settle::Memory(s) => s.settle(self.body, outcome),
+            Settle::Memory(s) => s.settle(self.body, self.expiration_ms, outcome),
         }
     }
 }

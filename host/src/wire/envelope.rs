@@ -35,7 +35,10 @@ pub struct CallInfo {
     pub msg_id: String,
     /// The reply queue; replies go to the default exchange with this as routing key.
     pub reply_q: String,
-    /// Seconds the caller waits; `None` is Python's `None` (wait forever).
+    /// `_timeout`: oslo's call *monitor* timeout in seconds, `None` unless the
+    /// caller set `call_monitor_timeout`. When set, the server sends a
+    /// heartbeat reply every half of it while it works. The call's own
+    /// deadline is not here: it travels as the AMQP `expiration`.
     pub timeout: Option<f64>,
 }
 
@@ -395,6 +398,21 @@ impl Reply {
     /// The full AMQP body, as oslo.messaging 18 writes a reply.
     pub fn encode(&self) -> Vec<u8> {
         wrap_envelope(&encode_total(self))
+    }
+
+    /// A call-monitor heartbeat: no result, no failure, not the end. An oslo
+    /// server sends one every `_timeout / 2` seconds while it works.
+    pub fn heartbeat(msg_id: impl Into<String>) -> Reply {
+        Reply {
+            msg_id: msg_id.into(),
+            outcome: ReplyOutcome::Result(Value::Null),
+            ending: false,
+        }
+    }
+
+    /// Whether this is a heartbeat rather than an answer.
+    pub fn is_heartbeat(&self) -> bool {
+        !self.ending && self.outcome == ReplyOutcome::Result(Value::Null)
     }
 }
 
