@@ -322,3 +322,62 @@ async fn down_for_resets_open_connections_and_comes_back() -> Result<()> {
     back.close().await;
     Ok(())
 }
+
+/// cellhost's own transport through the proxy, as a host will be connected
+/// in the fault tests; the cut shows what the host sees today.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_transport_works_through_the_proxy() -> Result<()> {
+    use cellhost::config::{RabbitOptions, TransportUrl};
+    use cellhost::transport::{Broker, Outcome, Publication, QueueSpec};
+
+    let proxy = FaultProxy::start(RABBIT).await?;
+    let url: TransportUrl = format!("rabbit://guest:guest@127.0.0.1:{}/", proxy.port())
+        .parse()
+        .context("a proxy URL")?;
+    let broker = Broker::connect(&url, &RabbitOptions::default(), "fault-proxy-test").await?;
+    let queue = QueueSpec {
+        name: format!("fault-proxy-host-{}", uuid::Uuid::new_v4().simple()),
+        durable: false,
+        auto_delete: true,
+    };
+    broker.declare_queue(&queue, "", "").await?;
+    let mut inbox = broker
+        .consume(std::slice::from_ref(&queue.name), 10, "fault-proxy-test")
+        .await?;
+    broker
+        .publish(Publication::new(
+            "",
+            queue.name.as_str(),
+            b"via the host".to_vec(),
+        ))
+        .await?;
+    let inbound = tokio::time::timeout(PROMPTLY, inbox.next())
+        .await
+        .context("no delivery through the proxy")?
+        .context("the inbox ended")?;
+    assert_eq!(inbound.body, b"via the host");
+    inbound.settle(Outcome::Ack);
+    assert_eq!(proxy.traffic().open(), 1, "the host uses one connection");
+
+    assert_eq!(proxy.cut().await?, 1);
+    let after = tokio::time::timeout(
+        PROMPTLY,
+        broker.publish(Publication::new("", queue.name.as_str(), b"after".to_vec())),
+    )
+    .await;
+    let inbox_after = tokio::time::timeout(PROMPTLY, inbox.next()).await;
+    println!(
+        "cellhost inbox after a cut: {}",
+        match inbox_after {
+            Ok(Some(_)) => "a delivery",
+            Ok(None) => "ended",
+            Err(_) => "silent",
+        }
+    );
+    match after {
+        Ok(Ok(())) => println!("cellhost Broker::publish after a cut: Ok"),
+        Ok(Err(e)) => println!("cellhost Broker::publish after a cut: {e:#}"),
+        Err(_) => println!("cellhost Broker::publish after a cut: no answer within {PROMPTLY:?}"),
+    }
+    Ok(())
+}
