@@ -281,7 +281,7 @@ async fn serve(
         biased;
         _ = cuts.changed() => Err(Ending::Cut),
         connected = TcpStream::connect(switches.upstream) => {
-            connected.map_err(|e| Ending::Failed("connecting upstream", e))
+            connected.map_err(|e| Ending::Failed("connecting to the broker", e))
         }
     };
     let ending = match upstream {
@@ -290,6 +290,8 @@ async fn serve(
             ending
         }
         Ok(mut upstream) => {
+            // Small AMQP frames (confirms, heartbeats) must not wait for
+            // Nagle; failing to set it only costs latency.
             let _ = upstream.set_nodelay(true);
             let _ = client.set_nodelay(true);
             let ending = tokio::select! {
