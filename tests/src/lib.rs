@@ -7,6 +7,8 @@
 //! reached the dead-letter queues (read with lapin directly, not through the
 //! host's own transport).
 
+pub mod fault_proxy;
+
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Arc;
