@@ -258,9 +258,9 @@ impl Caller {
         let reply = self.expect(&msg_id);
         let mut publication = Publication::new(exchange, topic, request.encode());
         publication.expiration_ms = Some(timeout.as_millis() as u64);
-        if let Err(e) = self.broker.publish(publication).await {
+        if let Err(e) = self.broker.publish(&publication).await {
             self.forget(&msg_id);
-            return Err(e);
+            return Err(e.into());
         }
         match tokio::time::timeout(timeout, reply).await {
             Ok(Ok(reply)) => Ok(reply),

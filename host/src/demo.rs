@@ -191,7 +191,7 @@ pub async fn start_local_worker(broker: &Broker, config: &Config) -> Result<Loca
                         for _ in 0..beats {
                             let beat = Reply::heartbeat(call.msg_id.clone()).encode();
                             let publication = Publication::new("", call.reply_q.clone(), beat);
-                            if let Err(e) = replies.publish(publication).await {
+                            if let Err(e) = replies.publish(&publication).await {
                                 tracing::warn!(cell = %cell, error = %e, "local worker could not heartbeat");
                             }
                             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -206,7 +206,7 @@ pub async fn start_local_worker(broker: &Broker, config: &Config) -> Result<Loca
                         ending: true,
                     };
                     let publication = Publication::new("", call.reply_q, reply.encode());
-                    if let Err(e) = replies.publish(publication).await {
+                    if let Err(e) = replies.publish(&publication).await {
                         tracing::warn!(cell = %cell, error = %e, "local worker could not reply");
                     }
                 }
@@ -376,7 +376,7 @@ impl Demo<'_> {
         )
         .await?;
         broker
-            .publish(entry_cast(
+            .publish(&entry_cast(
                 &config.cell.control_exchange,
                 &config.cell.queue_base,
                 &message,

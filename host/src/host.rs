@@ -22,28 +22,14 @@ use crate::config::Config;
 use crate::policy::{LoadedPolicy, PolicyEngine};
 use crate::reload::{PolicyReloader, Reloaded, WatchGuard};
 use crate::responses::{Answering, Waiters};
-use crate::router::{Plan, RouteWorker, Router, Target};
+use crate::links::{park_queue, Links};
+use crate::router::{Plan, RouteWorker, Router};
 use crate::transport::{Broker, ExchangeKind, Inbound, Outcome, QueueSpec};
 use crate::wire::MessageType;
 
-/// How long a message whose publication failed waits before going back to
-/// its queue, so a broken neighbour is not hammered in a tight loop.
+/// How long a message whose publication failed on the own broker waits
+/// before going back to its queue, so a broken broker is not hammered.
 const REQUEUE_DELAY: Duration = Duration::from_secs(1);
-
-/// The brokers a cell publishes to: its own and each neighbour's.
-struct Links {
-    own: Broker,
-    neighbours: HashMap<String, Broker>,
-}
-
-impl Links {
-    fn get(&self, target: &Target) -> Option<&Broker> {
-        match target {
-            Target::Own => Some(&self.own),
-            Target::Neighbour(name) => self.neighbours.get(name),
-        }
-    }
-}
 
 /// One cell being served.
 pub struct CellHost {
@@ -51,6 +37,8 @@ pub struct CellHost {
     links: Arc<Links>,
     shutdown: watch::Sender<bool>,
     consumers: Vec<JoinHandle<()>>,
+    /// One per neighbour: moves its parked relays on.
+    drainers: Vec<JoinHandle<()>>,
     reloader: Option<(Arc<PolicyReloader>, Option<WatchGuard>)>,
 }
 
@@ -99,7 +87,17 @@ impl CellHost {
             auto_delete: false,
         };
         own.declare_queue(&dead, "", "").await?;
+        for n in &config.neighbours {
+            let parked = QueueSpec {
+                name: park_queue(&config.cell.queue_base, &n.name),
+                durable: true,
+                auto_delete: false,
+            };
+            own.declare_queue(&parked, "", "").await?;
+        }
 
+        // A neighbour that is down does not stop the cell: its link keeps
+        // trying in the background and its relays are parked meanwhile.
         let mut neighbours = HashMap::new();
         for n in &config.neighbours {
             let broker = connect_neighbour(&config, n).await.with_context(|| {
@@ -108,7 +106,12 @@ impl CellHost {
             neighbours.insert(n.name.clone(), broker);
         }
         let caller = Caller::start(own.clone()).await?;
-        let links = Arc::new(Links { own, neighbours });
+        let links = Arc::new(Links::new(
+            &name,
+            &config.cell.queue_base,
+            own,
+            neighbours,
+        ));
 
         let prefetch = config.cell.prefetch;
         let window = config.cell.confirm_window;
@@ -121,6 +124,14 @@ impl CellHost {
         });
         let (shutdown, stop) = watch::channel(false);
         let mut consumers = Vec::new();
+        router.watch_link("own", links.own.state());
+        let mut drainers = Vec::new();
+        for (neighbour, broker) in links.neighbours() {
+            router.watch_link(neighbour, broker.state());
+            drainers.push(tokio::spawn(
+                links.clone().drain_parked(neighbour.clone(), stop.clone()),
+            ));
+        }
         for (kind, queues) in queues_by_kind {
             let tag = format!("cellhost-{name}-{}", kind.as_str());
             let inbox = links.own.consume(&queues, prefetch, &tag).await?;
@@ -134,12 +145,13 @@ impl CellHost {
                 stop.clone(),
             )));
         }
-        tracing::info!(cell = %name, neighbours = links.neighbours.len(), policy = router.active_policy().version(), "cell serving");
+        tracing::info!(cell = %name, neighbours = links.neighbours().count(), policy = router.active_policy().version(), "cell serving");
         Ok(CellHost {
             router,
             links,
             shutdown,
             consumers,
+            drainers,
             reloader: None,
         })
     }
@@ -190,10 +202,10 @@ impl CellHost {
         // No reload may swap a policy in while the consumers drain.
         self.reloader = None;
         let _ = self.shutdown.send(true);
-        for consumer in self.consumers {
-            let _ = consumer.await;
+        for task in self.consumers.into_iter().chain(self.drainers) {
+            let _ = task.await;
         }
-        for broker in self.links.neighbours.values() {
+        for (_, broker) in self.links.neighbours() {
             broker.close().await;
         }
         self.links.own.close().await;
@@ -201,11 +213,11 @@ impl CellHost {
     }
 }
 
-/// Opens the link to a neighbour and makes sure what this cell publishes to
-/// exists there.
+/// Opens the link to a neighbour (in the background: it may be down) and
+/// makes sure what this cell publishes to exists there once it is up.
 async fn connect_neighbour(config: &Config, n: &crate::config::NeighbourConfig) -> Result<Broker> {
     let label = format!("{}->{}", config.cell.name, n.name);
-    let broker = Broker::connect(&n.transport_url, config.rabbit_options_of(n), &label).await?;
+    let broker = Broker::connect_in_background(&n.transport_url, config.rabbit_options_of(n), &label)?;
     declare_intercell(
         &broker,
         &config.cell.control_exchange,
@@ -249,26 +261,26 @@ async fn serve(
     while in_flight.next().await.is_some() {}
 }
 
-/// Makes a plan's publications concurrently; acks the source once all are
-/// confirmed, or requeues it after a pause if any failed. Then, if the
+/// Makes a plan's publications concurrently; acks the source once each is
+/// safe (confirmed where it goes, parked for a neighbour that cannot take it
+/// now, or dead-lettered when no queue takes it), or requeues it after a
+/// pause if one is nowhere safe (the own broker failed). Then, if the
 /// message wants an answer, answers it in the background: the source does
 /// not wait on other cells.
 async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, answering: Arc<Answering>) {
     let router = &answering.router;
     let listening = plan.respond.as_ref().map(|r| answering.listen(r));
-    let publishes = plan.sends.into_iter().map(|(target, publication)| {
-        let links = links.clone();
-        async move {
-            match links.get(&target) {
-                Some(broker) => broker.publish(publication).await,
-                None => Err(anyhow::anyhow!("no link to {target:?}")),
-            }
-        }
-    });
+    let publishes = plan
+        .sends
+        .into_iter()
+        .map(|(target, publication)| {
+            let links = links.clone();
+            async move { links.send(&target, publication).await }
+        });
     let results = futures::future::join_all(publishes).await;
     let failures: Vec<String> = results
         .into_iter()
-        .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+        .filter_map(|r| r.err().map(|e| e.to_string()))
         .collect();
     if failures.is_empty() {
         if let Some(uuid) = &plan.uuid {
@@ -298,7 +310,7 @@ async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, answering: A
         cell = %router.cell_name(),
         uuid = plan.uuid.as_deref().unwrap_or("-"),
         errors = ?failures,
-        "publication failed; the message goes back to its queue"
+        "publication failed on the own broker; the message goes back to its queue"
     );
     tokio::time::sleep(REQUEUE_DELAY).await;
     inbound.settle(Outcome::Requeue);

@@ -12,6 +12,8 @@
 //! - [`wire`]: the oslo envelope and the cells message JSON; nothing of AMQP.
 //! - [`policy`]: wasmtime and the `cellhost:policy` world; nothing of brokers.
 //! - [`router`]: cells semantics and the host's invariants.
+//! - [`links`]: the own and the neighbours' brokers; parking relays for a
+//!   neighbour that cannot take them, and draining them when it can.
 //! - [`responses`]: waiting for answers and sending them on.
 //! - [`reload`]: swapping a cell's policy while it runs.
 //! - [`admin`]: health, policy state, reload requests and metrics over HTTP.
@@ -27,6 +29,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod host;
+pub mod links;
 pub mod plugins;
 pub mod policy;
 pub mod policy_tools;

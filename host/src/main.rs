@@ -257,7 +257,7 @@ async fn send(args: SendArgs) -> Result<()> {
     declare_intercell(&broker, &exchange, &queue_base).await?;
     if !args.wait {
         broker
-            .publish(entry_cast(&exchange, &queue_base, &message))
+            .publish(&entry_cast(&exchange, &queue_base, &message))
             .await
             .context("the broker did not confirm the message")?;
         broker.close().await;

@@ -198,7 +198,7 @@ impl Answering {
             let beat = Reply::heartbeat(call.msg_id.clone()).encode();
             if let Err(e) = self
                 .own
-                .publish(Publication::new("", call.reply_q.clone(), beat))
+                .publish(&Publication::new("", call.reply_q.clone(), beat))
                 .await
             {
                 tracing::warn!(cell = %self.router.cell_name(), msg_id = %call.msg_id, error = %format!("{e:#}"), "call-monitor heartbeat not sent");
@@ -328,8 +328,9 @@ impl Answering {
             ending: true,
         };
         self.own
-            .publish(Publication::new("", call.reply_q.clone(), reply.encode()))
-            .await
+            .publish(&Publication::new("", call.reply_q.clone(), reply.encode()))
+            .await?;
+        Ok(())
     }
 
     /// Elsewhere: a `parse_responses` message back to the origin (targeted)
@@ -376,12 +377,13 @@ impl Answering {
         // Entered at this cell like any message, it takes the one road:
         // the response consumer routes it with the policy.
         self.own
-            .publish(entry_cast(
+            .publish(&entry_cast(
                 &config.cell.control_exchange,
                 &config.cell.queue_base,
                 &response,
             ))
-            .await
+            .await?;
+        Ok(())
     }
 }
 

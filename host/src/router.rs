@@ -14,7 +14,7 @@
 //! response message otherwise). Routing and policy errors become failure
 //! responses instead of dead letters when someone waits for an answer.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,7 +25,8 @@ use serde_json::Value;
 use crate::config::{Config, OnFailure};
 use crate::lock;
 use crate::policy::{self, LoadedPolicy, PolicyError, PolicyInstance};
-use crate::transport::Publication;
+use crate::transport::{LinkState, Publication};
+use tokio::sync::watch;
 use crate::wire::{
     self, nova_failure, CallInfo, CellResponse, CellsMessage, Context, Direction, MessageType,
     RemoteFailure, Request,
@@ -172,6 +173,9 @@ pub struct Router {
     /// Consumers running, one per message type when all is well.
     consumers: std::sync::atomic::AtomicUsize,
     consecutive_failures: AtomicU64,
+    /// Each link of the cell (`own`, and each neighbour) as its broker last
+    /// reported it, for health and metrics.
+    links: Mutex<BTreeMap<String, LinkState>>,
     pub stats: Stats,
 }
 
@@ -190,6 +194,7 @@ impl Router {
             shadow: ArcSwapOption::empty(),
             consumers: std::sync::atomic::AtomicUsize::new(0),
             consecutive_failures: AtomicU64::new(0),
+            links: Mutex::new(BTreeMap::new()),
             stats: Stats::default(),
         })
     }
@@ -210,6 +215,30 @@ impl Router {
     /// The shadow policy, if one runs.
     pub fn shadow_policy(&self) -> Option<Arc<LoadedPolicy>> {
         self.shadow.load_full()
+    }
+
+    /// Follows the state of link `name` for health and metrics.
+    pub fn watch_link(self: &Arc<Self>, name: &str, mut state: watch::Receiver<LinkState>) {
+        let name = name.to_string();
+        lock(&self.links).insert(name.clone(), state.borrow().clone());
+        let router = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while state.changed().await.is_ok() {
+                let Some(router) = router.upgrade() else {
+                    return;
+                };
+                let now = state.borrow().clone();
+                lock(&router.links).insert(name.clone(), now);
+            }
+        });
+    }
+
+    /// Each link's state: `own`, then the neighbours by name.
+    pub fn link_states(&self) -> Vec<(String, LinkState)> {
+        lock(&self.links)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Whether a consumer runs for every message type.

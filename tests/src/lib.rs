@@ -300,7 +300,7 @@ impl Topology {
             "test-client",
         )
         .await?;
-        broker.publish(publication).await?;
+        broker.publish(&publication).await?;
         broker.close().await;
         Ok(())
     }

@@ -60,13 +60,13 @@ async fn a_hundred_reloads_under_load_lose_and_duplicate_nothing() {
                 let burst: Vec<_> = (0..40)
                     .map(|_| Outgoing::targeted("top!leaf", Direction::Down, "steady").to_message())
                     .collect();
-                let publishes = burst.iter().map(|m| {
-                    broker.publish(entry_cast(
-                        &config.cell.control_exchange,
-                        &config.cell.queue_base,
-                        m,
-                    ))
-                });
+                let casts: Vec<_> = burst
+                    .iter()
+                    .map(|m| {
+                        entry_cast(&config.cell.control_exchange, &config.cell.queue_base, m)
+                    })
+                    .collect();
+                let publishes = casts.iter().map(|cast| broker.publish(cast));
                 for result in futures::future::join_all(publishes).await {
                     result.expect("the broker confirms the test's messages");
                 }

@@ -1,17 +1,29 @@
-//! The AMQP transport over lapin: one connection per broker, a publisher
-//! channel in confirm mode, and consumer channels whose acknowledgements are
-//! batched.
+//! The AMQP transport over lapin: one self-healing link per broker, a
+//! publisher channel in confirm mode, and consumer channels whose
+//! acknowledgements are batched.
+//!
+//! A link keeps itself connected: a supervisor task opens the connection
+//! (trying each host of the URL in turn), replays every declaration made so
+//! far, and when the connection is lost, opens it again after a capped,
+//! jittered backoff. Consumers follow: an [`Inbox`] outlives connections and
+//! resumes consuming on each new one. Deliveries of a lost connection can no
+//! longer be settled (the broker gives them to someone else, or to us again),
+//! so settling one of them does nothing.
 //!
 //! Publishing is pipelined: many publishes share the confirm channel and each
-//! caller awaits only its own confirm. Acknowledgements go through one task per
-//! consumer channel that acks the longest settled prefix of delivery tags with
-//! `multiple = true`, so a burst of settlements costs one frame.
+//! caller awaits only its own confirm, for at most the publish timeout (a
+//! stalled link looks like silence, not like an error). Acknowledgements go
+//! through one task per consumer channel that acks the longest settled prefix
+//! of delivery tags with `multiple = true`, so a burst of settlements costs
+//! one frame.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -19,133 +31,374 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, watch, Mutex};
+use tokio::task::JoinHandle;
 
 use crate::config::RabbitOptions;
+use crate::lock;
 
-use super::{ExchangeKind, Inbound, Inbox, Outcome, Publication, QueueSpec, Settle};
+use super::{
+    ExchangeKind, Inbound, Inbox, LinkState, Outcome, Publication, PublishError, QueueSpec, Settle,
+};
 
-/// A connection to one RabbitMQ virtual host.
+/// The first retry comes this soon after a lost connection.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+/// Retries never wait longer than this.
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// How often a link checks that its connection still stands, besides
+/// listening for lapin's error events.
+const LIVENESS_CHECK: Duration = Duration::from_millis(250);
+
+/// A self-healing link to one RabbitMQ virtual host.
 #[derive(Clone)]
 pub struct AmqpBroker {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    connection: Connection,
-    /// The confirm-mode channel all publishes share; replaced if it closes.
-    publisher: ArcSwap<Channel>,
-    reopen: Mutex<()>,
+    uris: Vec<String>,
     label: String,
     /// oslo.messaging's options for this broker: how to declare, TLS.
     options: RabbitOptions,
+    publish_timeout: Duration,
+    /// The connection in use, while there is one.
+    live: ArcSwapOption<Live>,
+    /// Up or down, and how many connections were opened so far.
+    state: watch::Sender<LinkState>,
+    /// Every declaration made on this link, replayed on each new connection.
+    /// Held while a connection goes live, so none is missed in between.
+    declared: Mutex<Vec<Declaration>>,
+    closing: AtomicBool,
+    /// Tasks that forward deliveries and settle them, awaited on close so
+    /// that every settled acknowledgement reaches the broker first.
+    consumers: std::sync::Mutex<Vec<ConsumerTasks>>,
+}
+
+struct Live {
+    connection: Connection,
+    generation: u64,
+    /// The confirm-mode channel all publishes share; replaced if it closes.
+    publisher: ArcSwap<Channel>,
+    reopen: Mutex<()>,
+}
+
+#[derive(Clone)]
+enum Declaration {
+    Exchange(String, ExchangeKind),
+    Queue(QueueSpec, String, String),
+}
+
+struct ConsumerTasks {
+    forwarders: Vec<JoinHandle<()>>,
+    acks: JoinHandle<()>,
 }
 
 impl AmqpBroker {
-    /// Tries each URI in turn (oslo.messaging's failover list) and keeps the
-    /// first connection that opens.
+    /// Opens a link and waits for its first connection: an error here (no
+    /// host reachable, bad credentials, a certificate that does not verify)
+    /// is returned, and nothing keeps trying.
     pub async fn connect(
         uris: &[String],
         options: &RabbitOptions,
         label: &str,
+        publish_timeout: Duration,
     ) -> Result<AmqpBroker> {
-        let mut last_error = None;
-        for uri in uris {
-            let properties = ConnectionProperties::default()
-                .with_connection_name(LongString::from(format!("cellhost {label}")));
-            match Connection::connect(uri, properties).await {
-                Ok(connection) => {
-                    let publisher = open_confirm_channel(&connection).await?;
-                    return Ok(AmqpBroker {
-                        inner: Arc::new(Inner {
-                            connection,
-                            publisher: ArcSwap::from_pointee(publisher),
-                            reopen: Mutex::new(()),
-                            label: label.to_string(),
-                            options: options.clone(),
-                        }),
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(broker = label, error = %e, "AMQP connection failed, trying the next host");
-                    last_error = Some(e);
-                }
-            }
-        }
-        match last_error {
-            Some(e) => {
-                Err(anyhow::Error::new(e)
-                    .context(format!("cannot connect to the broker of {label}")))
-            }
-            None => bail!("no AMQP host configured for {label}"),
-        }
+        let broker = AmqpBroker::new(uris, options, label, publish_timeout)?;
+        let connection = broker.open_any().await?;
+        broker.go_live(connection).await?;
+        tokio::spawn(broker.clone().supervise(false));
+        Ok(broker)
     }
 
-    pub async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<()> {
-        let channel = self.inner.connection.create_channel().await?;
-        let (kind, options) = match kind {
-            // oslo.messaging: the control exchange is transient and kept.
-            ExchangeKind::Topic => (
-                lapin::ExchangeKind::Topic,
-                ExchangeDeclareOptions::default(),
-            ),
-            // oslo.messaging: fanout exchanges vanish with their last queue.
-            ExchangeKind::Fanout => (
-                lapin::ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    auto_delete: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-            ),
-        };
-        channel
-            .exchange_declare(name.into(), kind, options, FieldTable::default())
-            .await
-            .with_context(|| format!("declaring exchange {name:?} on {}", self.inner.label))?;
-        let _ = channel.close(200, "declared".into()).await;
+    /// Opens a link that connects in the background and keeps trying until
+    /// it does: a neighbour that is down at start-up does not stop a cell.
+    pub fn connect_in_background(
+        uris: &[String],
+        options: &RabbitOptions,
+        label: &str,
+        publish_timeout: Duration,
+    ) -> Result<AmqpBroker> {
+        let broker = AmqpBroker::new(uris, options, label, publish_timeout)?;
+        tokio::spawn(broker.clone().supervise(true));
+        Ok(broker)
+    }
+
+    fn new(
+        uris: &[String],
+        options: &RabbitOptions,
+        label: &str,
+        publish_timeout: Duration,
+    ) -> Result<AmqpBroker> {
+        if uris.is_empty() {
+            bail!("no AMQP host configured for {label}");
+        }
+        Ok(AmqpBroker {
+            inner: Arc::new(Inner {
+                uris: uris.to_vec(),
+                label: label.to_string(),
+                options: options.clone(),
+                publish_timeout,
+                live: ArcSwapOption::empty(),
+                state: watch::channel(LinkState::default()).0,
+                declared: Mutex::new(Vec::new()),
+                closing: AtomicBool::new(false),
+                consumers: std::sync::Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The options this broker is declared and reached with.
+    pub fn options(&self) -> &RabbitOptions {
+        &self.inner.options
+    }
+
+    /// Up or down, as it changes.
+    pub fn state(&self) -> watch::Receiver<LinkState> {
+        self.inner.state.subscribe()
+    }
+
+    /// Tries each host in turn (oslo.messaging's failover list) and returns
+    /// the first connection that opens.
+    async fn open_any(&self) -> Result<Connection> {
+        let mut errors = Vec::new();
+        for uri in &self.inner.uris {
+            let properties = ConnectionProperties::default()
+                .with_connection_name(LongString::from(format!("cellhost {}", self.inner.label)));
+            match Connection::connect(uri, properties).await {
+                Ok(connection) => return Ok(connection),
+                Err(e) => {
+                    tracing::debug!(broker = %self.inner.label, error = %e, "AMQP connection failed");
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        bail!(
+            "cannot connect to the broker of {}: {}",
+            self.inner.label,
+            errors.join("; ")
+        )
+    }
+
+    /// Makes `connection` the one in use: its publisher channel opened and
+    /// every declaration replayed on it.
+    async fn go_live(&self, connection: Connection) -> Result<()> {
+        let publisher = open_confirm_channel(&connection).await?;
+        let declared = self.inner.declared.lock().await;
+        for declaration in declared.iter() {
+            let replayed = match declaration {
+                Declaration::Exchange(name, kind) => {
+                    declare_exchange_on(&connection, &self.inner.label, name, *kind).await
+                }
+                Declaration::Queue(spec, exchange, key) => {
+                    declare_queue_on(&connection, &self.inner.label, spec, exchange, key).await
+                }
+            };
+            if let Err(e) = replayed {
+                let _ = connection.close(200, "declarations failed".into()).await;
+                return Err(e);
+            }
+        }
+        let generation = self.inner.state.borrow().generation + 1;
+        self.inner.live.store(Some(Arc::new(Live {
+            connection,
+            generation,
+            publisher: ArcSwap::from_pointee(publisher),
+            reopen: Mutex::new(()),
+        })));
+        self.inner.state.send_replace(LinkState {
+            up: true,
+            generation,
+            last_error: None,
+        });
+        drop(declared);
+        tracing::info!(broker = %self.inner.label, generation, "link up");
         Ok(())
     }
 
+    /// Keeps the link connected until it is closed.
+    async fn supervise(self, connect_first: bool) {
+        let mut failures: u32 = 0;
+        let mut connect_now = connect_first;
+        loop {
+            if !connect_now {
+                self.until_lost().await;
+                if self.inner.closing.load(Ordering::Relaxed) {
+                    return;
+                }
+                failures = 0;
+            }
+            connect_now = false;
+            loop {
+                tokio::time::sleep(backoff(failures)).await;
+                if self.inner.closing.load(Ordering::Relaxed) {
+                    return;
+                }
+                let opened = match self.open_any().await {
+                    Ok(connection) => self.go_live(connection).await,
+                    Err(e) => Err(e),
+                };
+                match opened {
+                    Ok(()) => break,
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        let error = format!("{e:#}");
+                        if failures == 1 || failures % 20 == 0 {
+                            tracing::warn!(broker = %self.inner.label, attempts = failures, error = %error, "link down, retrying");
+                        }
+                        self.inner
+                            .state
+                            .send_modify(|s| s.last_error = Some(error));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until the connection in use is lost, then marks the link down.
+    async fn until_lost(&self) {
+        let Some(live) = self.inner.live.load_full() else {
+            return;
+        };
+        let mut events = Box::pin(live.connection.events_listener());
+        let error = loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(lapin::Event::Error(e)) => break e.to_string(),
+                    Some(_) => {}
+                    None => break "connection closed".to_string(),
+                },
+                _ = tokio::time::sleep(LIVENESS_CHECK) => {
+                    if !live.connection.status().connected() {
+                        break "connection closed".to_string();
+                    }
+                }
+            }
+        };
+        self.inner.live.store(None);
+        if self.inner.closing.load(Ordering::Relaxed) {
+            return;
+        }
+        tracing::warn!(broker = %self.inner.label, error = %error, "link lost; reconnecting");
+        self.inner.state.send_modify(|s| {
+            s.up = false;
+            s.last_error = Some(error);
+        });
+    }
+
+    fn live(&self) -> std::result::Result<Arc<Live>, PublishError> {
+        self.inner.live.load_full().ok_or_else(|| {
+            let state = self.inner.state.borrow();
+            PublishError::Unavailable(format!(
+                "the link to {} is down{}",
+                self.inner.label,
+                state
+                    .last_error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            ))
+        })
+    }
+
+    /// Declares an exchange now if the link is up, and on every connection
+    /// to come; on a link that is down, it is made when the link comes up
+    /// (and a refusal then keeps the link down, with the reason).
+    pub async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<()> {
+        let mut declared = self.inner.declared.lock().await;
+        if let Some(live) = self.inner.live.load_full() {
+            declare_exchange_on(&live.connection, &self.inner.label, name, kind).await?;
+        }
+        declared.push(Declaration::Exchange(name.to_string(), kind));
+        Ok(())
+    }
+
+    /// Declares and binds a queue, as [`AmqpBroker::declare_exchange`] does.
     pub async fn declare_queue(
         &self,
         queue: &QueueSpec,
         exchange: &str,
         routing_key: &str,
     ) -> Result<()> {
-        let channel = self.inner.connection.create_channel().await?;
-        let options = QueueDeclareOptions {
-            durable: queue.durable,
-            auto_delete: queue.auto_delete,
-            ..QueueDeclareOptions::default()
-        };
-        channel
-            .queue_declare(queue.name.as_str().into(), options, FieldTable::default())
-            .await
-            .with_context(|| format!("declaring queue {:?} on {}", queue.name, self.inner.label))?;
-        if !exchange.is_empty() {
-            channel
-                .queue_bind(
-                    queue.name.as_str().into(),
-                    exchange.into(),
-                    routing_key.into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .with_context(|| format!("binding queue {:?} to {exchange:?}", queue.name))?;
+        let mut declared = self.inner.declared.lock().await;
+        if let Some(live) = self.inner.live.load_full() {
+            declare_queue_on(
+                &live.connection,
+                &self.inner.label,
+                queue,
+                exchange,
+                routing_key,
+            )
+            .await?;
         }
-        let _ = channel.close(200, "declared".into()).await;
+        declared.push(Declaration::Queue(
+            queue.clone(),
+            exchange.to_string(),
+            routing_key.to_string(),
+        ));
         Ok(())
     }
 
+    /// Consumes `queues` now and on every connection to come. The first
+    /// subscription must work (a missing queue is an error here); later
+    /// ones are retried with each new connection.
     pub async fn consume(&self, queues: &[String], prefetch: u16, tag: &str) -> Result<Inbox> {
-        let channel = self.inner.connection.create_channel().await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let live = self.live()?;
+        let tasks = self.subscribe(&live, queues, prefetch, tag, &tx).await?;
+        lock(&self.inner.consumers).push(tasks);
+        let broker = self.clone();
+        let queues = queues.to_vec();
+        let tag = tag.to_string();
+        let mut state = self.state();
+        let mut generation = live.generation;
+        tokio::spawn(async move {
+            loop {
+                let changed = tokio::select! {
+                    changed = state.changed() => changed,
+                    _ = tx.closed() => return,
+                };
+                if changed.is_err() || broker.inner.closing.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(live) = broker.live() else { continue };
+                if live.generation == generation {
+                    continue;
+                }
+                match broker.subscribe(&live, &queues, prefetch, &tag, &tx).await {
+                    Ok(tasks) => {
+                        generation = live.generation;
+                        lock(&broker.inner.consumers).push(tasks);
+                        tracing::info!(broker = %broker.inner.label, queues = ?queues, "consuming again");
+                    }
+                    Err(e) => {
+                        tracing::warn!(broker = %broker.inner.label, error = %format!("{e:#}"), "cannot consume again yet");
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(
+            futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|inbound| (inbound, rx))
+            }),
+        ))
+    }
+
+    /// Subscribes to `queues` on one channel of `live`, forwarding into `tx`.
+    async fn subscribe(
+        &self,
+        live: &Live,
+        queues: &[String],
+        prefetch: u16,
+        tag: &str,
+        tx: &mpsc::UnboundedSender<Inbound>,
+    ) -> Result<ConsumerTasks> {
+        let channel = live.connection.create_channel().await?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
-        tokio::spawn(acknowledge(channel.clone(), settle_rx));
-        let mut streams = Vec::new();
+        let acks = tokio::spawn(acknowledge(channel.clone(), settle_rx));
+        let mut forwarders = Vec::new();
         for queue in queues {
             let consumer = channel
                 .basic_consume(
@@ -157,37 +410,42 @@ impl AmqpBroker {
                 .await
                 .with_context(|| format!("consuming queue {queue:?} on {}", self.inner.label))?;
             let settle_tx = settle_tx.clone();
+            let tx = tx.clone();
             let queue = queue.clone();
-            streams.push(Box::pin(consumer.filter_map(move |delivery| {
-                let settle_tx = settle_tx.clone();
-                let queue = queue.clone();
-                async move {
-                    match delivery {
-                        Ok(d) => Some(Inbound {
-                            expiration_ms: d
-                                .properties
-                                .expiration()
-                                .as_ref()
-                                .and_then(|ms| ms.as_str().trim().parse().ok()),
-                            body: d.data,
-                            redelivered: d.redelivered,
-                            settle: Settle::Amqp(Settler {
-                                tag: d.delivery_tag,
-                                tx: settle_tx,
-                            }),
-                        }),
+            forwarders.push(tokio::spawn(async move {
+                let mut consumer = consumer;
+                while let Some(delivery) = consumer.next().await {
+                    let d = match delivery {
+                        Ok(d) => d,
                         Err(e) => {
-                            tracing::error!(queue = %queue, error = %e, "consumer stopped");
-                            None
+                            tracing::debug!(queue = %queue, error = %e, "consumer ended with its connection");
+                            return;
                         }
+                    };
+                    let inbound = Inbound {
+                        expiration_ms: d
+                            .properties
+                            .expiration()
+                            .as_ref()
+                            .and_then(|ms| ms.as_str().trim().parse().ok()),
+                        headers: string_headers(d.properties.headers().as_ref()),
+                        body: d.data,
+                        redelivered: d.redelivered,
+                        settle: Settle::Amqp(Settler {
+                            tag: d.delivery_tag,
+                            tx: settle_tx.clone(),
+                        }),
+                    };
+                    if tx.send(inbound).is_err() {
+                        return;
                     }
                 }
-            })));
+            }));
         }
-        Ok(Box::pin(futures::stream::select_all(streams)))
+        Ok(ConsumerTasks { forwarders, acks })
     }
 
-    pub async fn publish(&self, p: Publication) -> Result<()> {
+    pub async fn publish(&self, p: &Publication) -> std::result::Result<(), PublishError> {
         let mut headers = FieldTable::default();
         for (name, value) in &p.headers {
             headers.insert((*name).into(), AMQPValue::LongString(value.as_str().into()));
@@ -203,52 +461,191 @@ impl AmqpBroker {
         if let Some(ms) = p.expiration_ms {
             properties = properties.with_expiration(ms.to_string().into());
         }
-        let channel = self.publisher().await?;
-        let confirm = channel
-            .basic_publish(
-                p.exchange.as_str().into(),
-                p.routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &p.body,
-                properties,
-            )
-            .await
-            .with_context(|| format!("publishing to {} on {}", p.routing_key, self.inner.label))?;
-        match confirm.await? {
-            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Nack(_) => bail!(
-                "the broker of {} refused the message for {} (nack)",
-                self.inner.label,
+        let label = &self.inner.label;
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+            PublishError::Unavailable(format!(
+                "publishing to {} on {label}: {what}: {e}",
                 p.routing_key
-            ),
+            ))
+        };
+        let confirmed = tokio::time::timeout(self.inner.publish_timeout, async {
+            let live = self.live()?;
+            let channel = self
+                .publisher(&live)
+                .await
+                .map_err(|e| unavailable("no publisher channel", &e))?;
+            let confirm = channel
+                .basic_publish(
+                    p.exchange.as_str().into(),
+                    p.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: p.mandatory,
+                        ..BasicPublishOptions::default()
+                    },
+                    &p.body,
+                    properties,
+                )
+                .await
+                .map_err(|e| unavailable("publish failed", &e))?;
+            confirm
+                .await
+                .map_err(|e| unavailable("no confirm", &e))
+        })
+        .await;
+        match confirmed {
+            Err(_) => Err(PublishError::Unavailable(format!(
+                "publishing to {} on {label}: no confirm within {:?} (is the link stalled?)",
+                p.routing_key, self.inner.publish_timeout
+            ))),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(PublishError::Unroutable {
+                broker: label.clone(),
+                exchange: p.exchange.clone(),
+                routing_key: p.routing_key.clone(),
+                reason: format!("{} {}", returned.reply_code, returned.reply_text),
+            }),
+            Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => Ok(()),
+            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Refused {
+                broker: label.clone(),
+                routing_key: p.routing_key.clone(),
+            }),
         }
     }
 
     /// The shared confirm channel, reopened if the broker closed it (a failed
     /// declaration or publish closes a channel, not the connection).
-    async fn publisher(&self) -> Result<Arc<Channel>> {
-        let current = self.inner.publisher.load_full();
+    async fn publisher(&self, live: &Live) -> Result<Arc<Channel>> {
+        let current = live.publisher.load_full();
         if current.status().connected() {
             return Ok(current);
         }
-        let _guard = self.inner.reopen.lock().await;
-        let current = self.inner.publisher.load_full();
+        let _guard = live.reopen.lock().await;
+        let current = live.publisher.load_full();
         if current.status().connected() {
             return Ok(current);
         }
         tracing::warn!(broker = %self.inner.label, "publisher channel closed, reopening it");
-        let fresh = Arc::new(open_confirm_channel(&self.inner.connection).await?);
-        self.inner.publisher.store(fresh.clone());
+        let fresh = Arc::new(open_confirm_channel(&live.connection).await?);
+        live.publisher.store(fresh.clone());
         Ok(fresh)
     }
 
+    /// Stops reconnecting, lets every settled acknowledgement reach the
+    /// broker, and closes the connection.
     pub async fn close(&self) {
-        let _ = self
-            .inner
-            .connection
-            .close(200, "cellhost shutting down".into())
-            .await;
+        self.inner.closing.store(true, Ordering::Relaxed);
+        let consumers: Vec<ConsumerTasks> = std::mem::take(&mut *lock(&self.inner.consumers));
+        let mut acks = Vec::new();
+        for tasks in consumers {
+            // A forwarder holds a sender of its channel's acknowledger; the
+            // acknowledger ends once it and every unsettled delivery are gone.
+            for forwarder in tasks.forwarders {
+                forwarder.abort();
+                let _ = forwarder.await;
+            }
+            acks.push(tasks.acks);
+        }
+        for task in acks {
+            // Deliveries still unsettled are the broker's again once the
+            // connection closes; waiting on them forever would hang shutdown.
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        if let Some(live) = self.inner.live.swap(None) {
+            let _ = live
+                .connection
+                .close(200, "cellhost shutting down".into())
+                .await;
+        }
+        self.inner.state.send_modify(|s| s.up = false);
     }
+}
+
+/// How long to wait before the next connection attempt: doubling from
+/// [`BACKOFF_FIRST`] up to [`BACKOFF_CAP`], with a random half taken off so
+/// that many hosts losing one broker do not all come back at once.
+fn backoff(failures: u32) -> Duration {
+    let full = BACKOFF_FIRST
+        .saturating_mul(1u32 << failures.min(16))
+        .min(BACKOFF_CAP);
+    full.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+fn string_headers(table: Option<&FieldTable>) -> Vec<(String, String)> {
+    let Some(table) = table else {
+        return Vec::new();
+    };
+    table
+        .inner()
+        .iter()
+        .filter_map(|(k, v)| match v {
+            AMQPValue::LongString(s) => Some((k.to_string(), s.to_string())),
+            AMQPValue::ShortString(s) => Some((k.to_string(), s.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn declare_exchange_on(
+    connection: &Connection,
+    label: &str,
+    name: &str,
+    kind: ExchangeKind,
+) -> Result<()> {
+    let channel = connection.create_channel().await?;
+    let (kind, options) = match kind {
+        // oslo.messaging: the control exchange is transient and kept.
+        ExchangeKind::Topic => (
+            lapin::ExchangeKind::Topic,
+            ExchangeDeclareOptions::default(),
+        ),
+        // oslo.messaging: fanout exchanges vanish with their last queue.
+        ExchangeKind::Fanout => (
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..ExchangeDeclareOptions::default()
+            },
+        ),
+    };
+    channel
+        .exchange_declare(name.into(), kind, options, FieldTable::default())
+        .await
+        .with_context(|| format!("declaring exchange {name:?} on {label}"))?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
+}
+
+async fn declare_queue_on(
+    connection: &Connection,
+    label: &str,
+    queue: &QueueSpec,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<()> {
+    let channel = connection.create_channel().await?;
+    let options = QueueDeclareOptions {
+        durable: queue.durable,
+        auto_delete: queue.auto_delete,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.name.as_str().into(), options, FieldTable::default())
+        .await
+        .with_context(|| format!("declaring queue {:?} on {label}", queue.name))?;
+    if !exchange.is_empty() {
+        channel
+            .queue_bind(
+                queue.name.as_str().into(),
+                exchange.into(),
+                routing_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("binding queue {:?} to {exchange:?}", queue.name))?;
+    }
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
 }
 
 async fn open_confirm_channel(connection: &Connection) -> Result<Channel> {
@@ -292,7 +689,7 @@ async fn acknowledge(channel: Channel, mut settled: mpsc::UnboundedReceiver<(u64
                     )
                     .await
                 {
-                    tracing::warn!(error = %e, "nack failed; the broker will redeliver");
+                    tracing::debug!(error = %e, "nack failed; the broker will redeliver");
                     return;
                 }
             }
@@ -304,7 +701,7 @@ async fn acknowledge(channel: Channel, mut settled: mpsc::UnboundedReceiver<(u64
                 .basic_ack(upto, BasicAckOptions { multiple: true })
                 .await
             {
-                tracing::warn!(error = %e, "ack failed; the broker will redeliver");
+                tracing::debug!(error = %e, "ack failed; the broker will redeliver");
                 return;
             }
         }
@@ -359,7 +756,8 @@ impl AckTracker {
 
 #[cfg(test)]
 mod tests {
-    use super::AckTracker;
+    use super::{backoff, AckTracker, BACKOFF_CAP};
+    use std::time::Duration;
 
     #[test]
     fn ack_covers_only_the_gapless_prefix() {
@@ -385,5 +783,15 @@ mod tests {
         assert_eq!(t.take_ackable(), None);
         t.settled(4, true);
         assert_eq!(t.take_ackable(), Some(4));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_a_cap_with_jitter() {
+        for failures in 0..40 {
+            let wait = backoff(failures);
+            assert!(wait <= BACKOFF_CAP, "{failures}: {wait:?}");
+            assert!(wait >= Duration::from_millis(50), "{failures}: {wait:?}");
+        }
+        assert!(backoff(30) >= BACKOFF_CAP / 2);
     }
 }

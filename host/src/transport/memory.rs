@@ -14,13 +14,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::{bail, Result};
 use tokio::sync::mpsc;
 
-use super::{ExchangeKind, Inbound, Inbox, Outcome, Publication, Settle};
+use super::{ExchangeKind, Inbound, Inbox, Outcome, Publication, PublishError, Settle};
 
 /// A queued message: its body and the per-message TTL it was published with,
 /// which the consumer sees as an AMQP consumer sees `expiration`.
 struct Body {
     bytes: Vec<u8>,
     expiration_ms: Option<u64>,
+    headers: Vec<(String, String)>,
 }
 
 /// A handle on one named in-process broker.
@@ -105,6 +106,7 @@ impl MemoryBroker {
                     let inbound = Inbound {
                         body: body.bytes,
                         expiration_ms: body.expiration_ms,
+                        headers: body.headers,
                         redelivered: false,
                         settle: Settle::Memory(Settler {
                             requeue: requeue.clone(),
@@ -119,7 +121,7 @@ impl MemoryBroker {
         )))
     }
 
-    pub fn publish(&self, p: Publication) -> Result<()> {
+    pub fn publish(&self, p: &Publication) -> Result<(), PublishError> {
         let state = lock(&self.state);
         let targets: Vec<&str> = if p.exchange.is_empty() {
             vec![p.routing_key.as_str()]
@@ -132,7 +134,12 @@ impl MemoryBroker {
                     .map(|(_, queue)| queue.as_str())
                     .collect(),
                 None if state.exchanges.contains_key(&p.exchange) => Vec::new(),
-                None => bail!("memory://{}: no exchange {:?}", self.name, p.exchange),
+                None => {
+                    return Err(PublishError::Unavailable(format!(
+                        "memory://{}: no exchange {:?}",
+                        self.name, p.exchange
+                    )))
+                }
             }
         };
         let mut routed = false;
@@ -141,9 +148,22 @@ impl MemoryBroker {
                 let body = Body {
                     bytes: p.body.clone(),
                     expiration_ms: p.expiration_ms,
+                    headers: p
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.clone()))
+                        .collect(),
                 };
                 routed |= queue.tx.send(body).is_ok();
             }
+        }
+        if !routed && p.mandatory {
+            return Err(PublishError::Unroutable {
+                broker: format!("memory://{}", self.name),
+                exchange: p.exchange.clone(),
+                routing_key: p.routing_key.clone(),
+                reason: "312 NO_ROUTE".into(),
+            });
         }
         if !routed {
             // As a broker does with an unroutable message that is not mandatory.
@@ -159,11 +179,18 @@ pub(super) struct Settler {
 }
 
 impl Settler {
-    pub(super) fn settle(self, bytes: Vec<u8>, expiration_ms: Option<u64>, outcome: Outcome) {
+    pub(super) fn settle(
+        self,
+        bytes: Vec<u8>,
+        expiration_ms: Option<u64>,
+        headers: Vec<(String, String)>,
+        outcome: Outcome,
+    ) {
         if outcome == Outcome::Requeue {
             let _ = self.requeue.send(Body {
                 bytes,
                 expiration_ms,
+                headers,
             });
         }
     }

@@ -10,8 +10,11 @@ pub mod memory;
 
 use std::pin::Pin;
 
+use std::time::Duration;
+
 use anyhow::Result;
 use futures::Stream;
+use tokio::sync::watch;
 
 use crate::config::{RabbitOptions, TransportUrl};
 
@@ -26,6 +29,8 @@ pub struct Publication {
     pub headers: Vec<(&'static str, String)>,
     /// Per-message TTL, as oslo.messaging sets on calls.
     pub expiration_ms: Option<u64>,
+    /// Returned by the broker, not dropped, when no queue takes it.
+    pub mandatory: bool,
 }
 
 impl Publication {
@@ -36,7 +41,15 @@ impl Publication {
             body,
             headers: Vec::new(),
             expiration_ms: None,
+            mandatory: false,
         }
+    }
+
+    /// Marks it mandatory: a broker with no queue for it returns it, and
+    /// the publish fails with [`PublishError::Unroutable`].
+    pub fn mandatory(mut self) -> Self {
+        self.mandatory = true;
+        self
     }
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
@@ -78,6 +91,8 @@ pub struct Inbound {
     /// The AMQP `expiration` it was published with, in milliseconds: where
     /// an oslo.messaging client puts its call's timeout.
     pub expiration_ms: Option<u64>,
+    /// Its headers with text values (e.g. where a parked relay goes).
+    pub headers: Vec<(String, String)>,
     pub redelivered: bool,
     settle: Settle,
 }
@@ -99,16 +114,56 @@ enum Settle {
 }
 
 impl Inbound {
+    /// The text value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     pub fn settle(self, outcome: Outcome) {
         match self.settle {
             Settle::Amqp(s) => s.settle(outcome),
-            Settle::Memory(s) => s.settle(self.body, self.expiration_ms, outcome),
+            Settle::Memory(s) => s.settle(self.body, self.expiration_ms, self.headers, outcome),
         }
     }
 }
 
 /// The messages of one or more queues, merged.
 pub type Inbox = Pin<Box<dyn Stream<Item = Inbound> + Send>>;
+
+/// Why a publication was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// A mandatory publication no queue takes: it is not a delivery.
+    #[error("the broker of {broker} has no queue for {routing_key:?} on exchange {exchange:?} ({reason})")]
+    Unroutable {
+        broker: String,
+        exchange: String,
+        routing_key: String,
+        reason: String,
+    },
+    /// The broker refused it (a nack).
+    #[error("the broker of {broker} refused the message for {routing_key:?} (nack)")]
+    Refused { broker: String, routing_key: String },
+    /// The link is down, stalled, or failed under it.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Whether a link is up, and what it last saw go wrong.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkState {
+    pub up: bool,
+    /// How many connections were opened so far.
+    pub generation: u64,
+    pub last_error: Option<String>,
+}
+
+/// How long a publish may wait for its confirm before it counts as failed:
+/// a stalled link says nothing at all.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A connection to one broker.
 #[derive(Clone)]
@@ -119,8 +174,22 @@ pub enum Broker {
 
 impl Broker {
     /// Connects to the broker at `url`, set up as `options` say; `name`
-    /// labels the connection.
-    pub async fn connect(
+    /// labels the connection. The first connection must open; after that
+    /// the link reconnects by itself whenever it is lost.
+    pub async fn connect(url: &TransportUrl, options: &RabbitOptions, name: &str) -> Result<Broker> {
+        match url {
+            TransportUrl::Memory { name: broker } => {
+                Ok(Broker::Memory(memory::MemoryBroker::named(broker)))
+            }
+            TransportUrl::Amqp { .. } => Ok(Broker::Amqp(
+                amqp::AmqpBroker::connect(&url.amqp_uris(), options, name, PUBLISH_TIMEOUT).await?,
+            )),
+        }
+    }
+
+    /// Like [`Broker::connect`], but returns at once and connects in the
+    /// background, for as long as it takes: a neighbour may be down.
+    pub fn connect_in_background(
         url: &TransportUrl,
         options: &RabbitOptions,
         name: &str,
@@ -129,10 +198,34 @@ impl Broker {
             TransportUrl::Memory { name: broker } => {
                 Ok(Broker::Memory(memory::MemoryBroker::named(broker)))
             }
-            TransportUrl::Amqp { .. } => Ok(Broker::Amqp(
-                amqp::AmqpBroker::connect(&url.amqp_uris(), options, name).await?,
-            )),
+            TransportUrl::Amqp { .. } => Ok(Broker::Amqp(amqp::AmqpBroker::connect_in_background(
+                &url.amqp_uris(),
+                options,
+                name,
+                PUBLISH_TIMEOUT,
+            )?)),
         }
+    }
+
+    /// Up or down, as it changes. An in-process broker is always up.
+    pub fn state(&self) -> watch::Receiver<LinkState> {
+        match self {
+            Broker::Amqp(b) => b.state(),
+            Broker::Memory(_) => {
+                watch::channel(LinkState {
+                    up: true,
+                    generation: 1,
+                    last_error: None,
+                })
+                .1
+            }
+        }
+    }
+
+    /// Waits until the link is up.
+    pub async fn until_up(&self) {
+        let mut state = self.state();
+        let _ = state.wait_for(|s| s.up).await;
     }
 
     pub async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<()> {
@@ -172,9 +265,9 @@ impl Broker {
 
     /// Publishes and waits until the broker has taken responsibility for the
     /// message (a publisher confirm on AMQP). Callers run many of these at once.
-    pub async fn publish(&self, publication: Publication) -> Result<()> {
+    pub async fn publish(&self, publication: &Publication) -> Result<(), PublishError> {
         match self {
-            Broker::Amqp(b) => b.publish(publication).await,
+            Broker::Amqp(b) => b.publish(&publication).await,
             Broker::Memory(b) => b.publish(publication),
         }
     }

@@ -1,0 +1,276 @@
+//! A cell's links: its own broker and each neighbour's, and what happens to
+//! a publication that a link cannot take now.
+//!
+//! A relay to a neighbour that is down, stalled or refusing is *parked*: it
+//! is published to a durable queue of its own on the cell's own broker,
+//! `<queue_base>.park.<neighbour>`, with where it was going in its headers,
+//! and the source message is then done with: it is never routed again, so
+//! the local delivery and the other neighbours' relays are not repeated. A
+//! drainer per neighbour moves parked relays on when the link is back,
+//! retrying with backoff and never faster than the neighbour confirms.
+//!
+//! A mandatory publication that the broker returns (no queue bound for it)
+//! is not a delivery: that one action is dead-lettered with the reason.
+//!
+//! This module knows brokers, queues and headers; it knows nothing of cells
+//! semantics: the router decided what to publish where.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::router::{Target, CELL_HEADER, REASON_CODE_HEADER, REASON_HEADER};
+use crate::transport::{Broker, Outcome, Publication, PublishError};
+
+/// Where a parked relay was going: the neighbour's exchange and routing key.
+pub const PARKED_EXCHANGE_HEADER: &str = "x-cellhost-exchange";
+pub const PARKED_ROUTING_KEY_HEADER: &str = "x-cellhost-routing-key";
+/// The neighbour a parked or dead-lettered relay was for.
+pub const NEIGHBOUR_HEADER: &str = "x-cellhost-neighbour";
+
+/// Parked relays a drainer has in hand at once.
+const DRAIN_PREFETCH: u16 = 32;
+/// A drainer that cannot publish waits between this and the cap.
+const DRAIN_BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const DRAIN_BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+/// What became of one publication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Confirmed by the broker it was meant for.
+    Delivered,
+    /// Its neighbour could not take it; it waits in the park queue.
+    Parked,
+    /// No queue takes it; it went to the dead-letter queue with the reason.
+    DeadLettered,
+}
+
+/// Counters of the links.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    pub parked: AtomicU64,
+    pub unparked: AtomicU64,
+    pub unroutable: AtomicU64,
+}
+
+/// The brokers a cell publishes to.
+pub struct Links {
+    cell: String,
+    queue_base: String,
+    pub own: Broker,
+    neighbours: HashMap<String, Broker>,
+    pub stats: LinkStats,
+}
+
+impl Links {
+    pub fn new(
+        cell: &str,
+        queue_base: &str,
+        own: Broker,
+        neighbours: HashMap<String, Broker>,
+    ) -> Links {
+        Links {
+            cell: cell.to_string(),
+            queue_base: queue_base.to_string(),
+            own,
+            neighbours,
+            stats: LinkStats::default(),
+        }
+    }
+
+    /// The queue on the own broker where relays for `neighbour` wait.
+    pub fn park_queue(&self, neighbour: &str) -> String {
+        park_queue(&self.queue_base, neighbour)
+    }
+
+    fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.queue_base)
+    }
+
+    pub fn neighbours(&self) -> impl Iterator<Item = (&String, &Broker)> {
+        self.neighbours.iter()
+    }
+
+    /// Publishes one publication of a plan where it goes; parks a relay
+    /// whose neighbour cannot take it; dead-letters what no queue takes.
+    /// An error means it is nowhere safe: the source must not be acked.
+    pub async fn send(
+        &self,
+        target: &Target,
+        publication: Publication,
+    ) -> Result<Sent, PublishError> {
+        match target {
+            Target::Own => match self.own.publish(&publication).await {
+                Ok(()) => Ok(Sent::Delivered),
+                Err(e @ PublishError::Unroutable { .. })
+                    if publication.routing_key != self.dead_letter_queue() =>
+                {
+                    self.dead_letter(publication.body, None, &e.to_string())
+                        .await
+                }
+                Err(e) => Err(e),
+            },
+            Target::Neighbour(name) => {
+                let Some(broker) = self.neighbours.get(name) else {
+                    let reason = format!("no link to neighbour {name}");
+                    return self
+                        .dead_letter(publication.body, Some(name), &reason)
+                        .await;
+                };
+                let state = broker.state().borrow().clone();
+                if !state.up {
+                    let reason = format!(
+                        "the link to {name} is down{}",
+                        state
+                            .last_error
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    );
+                    return self.park(name, publication, &reason).await;
+                }
+                match broker.publish(&publication).await {
+                    Ok(()) => Ok(Sent::Delivered),
+                    Err(e @ PublishError::Unroutable { .. }) => {
+                        self.dead_letter(publication.body, Some(name), &e.to_string())
+                            .await
+                    }
+                    Err(e) => self.park(name, publication, &e.to_string()).await,
+                }
+            }
+        }
+    }
+
+    /// Puts a relay for `neighbour` in its park queue on the own broker.
+    async fn park(
+        &self,
+        neighbour: &str,
+        relay: Publication,
+        reason: &str,
+    ) -> Result<Sent, PublishError> {
+        let parked = Publication::new("", self.park_queue(neighbour), relay.body)
+            .with_header(PARKED_EXCHANGE_HEADER, relay.exchange)
+            .with_header(PARKED_ROUTING_KEY_HEADER, relay.routing_key)
+            .with_header(NEIGHBOUR_HEADER, neighbour)
+            .with_header(REASON_HEADER, truncate(reason))
+            .with_header(CELL_HEADER, self.cell.clone())
+            .mandatory();
+        self.own.publish(&parked).await?;
+        self.stats.parked.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(cell = %self.cell, neighbour, reason, "relay parked");
+        Ok(Sent::Parked)
+    }
+
+    /// Dead-letters one publication that no queue takes.
+    async fn dead_letter(
+        &self,
+        body: Vec<u8>,
+        neighbour: Option<&str>,
+        reason: &str,
+    ) -> Result<Sent, PublishError> {
+        self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(cell = %self.cell, neighbour = neighbour.unwrap_or("-"), reason, "publication dead-lettered");
+        let mut dead = Publication::new("", self.dead_letter_queue(), body)
+            .with_header(REASON_HEADER, truncate(reason))
+            .with_header(REASON_CODE_HEADER, "unroutable")
+            .with_header(CELL_HEADER, self.cell.clone())
+            .mandatory();
+        if let Some(neighbour) = neighbour {
+            dead = dead.with_header(NEIGHBOUR_HEADER, neighbour);
+        }
+        self.own.publish(&dead).await?;
+        Ok(Sent::DeadLettered)
+    }
+
+    /// Moves the relays parked for `neighbour` on to it, for as long as the
+    /// cell runs: each is acked from the park queue only once the
+    /// neighbour's broker confirmed it.
+    pub async fn drain_parked(self: Arc<Self>, neighbour: String, mut stop: watch::Receiver<bool>) {
+        let Some(broker) = self.neighbours.get(&neighbour).cloned() else {
+            return;
+        };
+        let queue = self.park_queue(&neighbour);
+        let tag = format!("cellhost-{}-park-{neighbour}", self.cell);
+        let mut inbox = match self
+            .own
+            .consume(std::slice::from_ref(&queue), DRAIN_PREFETCH, &tag)
+            .await
+        {
+            Ok(inbox) => inbox,
+            Err(e) => {
+                tracing::error!(cell = %self.cell, %queue, error = %format!("{e:#}"), "cannot drain parked relays");
+                return;
+            }
+        };
+        let mut failures: u32 = 0;
+        loop {
+            let mut parked = tokio::select! {
+                _ = stop.changed() => return,
+                parked = inbox.next() => match parked {
+                    Some(parked) => parked,
+                    None => return,
+                },
+            };
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = broker.until_up() => {}
+            }
+            let exchange = parked
+                .header(PARKED_EXCHANGE_HEADER)
+                .unwrap_or_default()
+                .to_string();
+            let routing_key = parked
+                .header(PARKED_ROUTING_KEY_HEADER)
+                .unwrap_or_default()
+                .to_string();
+            let relay =
+                Publication::new(exchange, routing_key, std::mem::take(&mut parked.body))
+                    .mandatory();
+            let outcome = match broker.publish(&relay).await {
+                Ok(()) => Ok(Sent::Delivered),
+                Err(e @ PublishError::Unroutable { .. }) => {
+                    // Rare: the body is copied only here, to keep the
+                    // parked one for a retry should this fail too.
+                    let reason = e.to_string();
+                    self.dead_letter(relay.body.clone(), Some(&neighbour), &reason)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(_) => {
+                    failures = 0;
+                    self.stats.unparked.fetch_add(1, Ordering::Relaxed);
+                    parked.settle(Outcome::Ack);
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    if failures == 1 || failures % 50 == 0 {
+                        tracing::warn!(cell = %self.cell, %neighbour, error = %e, attempts = failures, "parked relay not moved yet");
+                    }
+                    let wait = DRAIN_BACKOFF_FIRST
+                        .saturating_mul(1u32 << failures.min(8))
+                        .min(DRAIN_BACKOFF_CAP);
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    parked.body = relay.body;
+                    parked.settle(Outcome::Requeue);
+                }
+            }
+        }
+    }
+}
+
+/// The park queue of `neighbour` for a cell whose queues start with `queue_base`.
+pub fn park_queue(queue_base: &str, neighbour: &str) -> String {
+    format!("{queue_base}.park.{neighbour}")
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(1000).collect()
+}
