@@ -23,7 +23,7 @@ use crate::policy::{LoadedPolicy, PolicyEngine};
 use crate::reload::{PolicyReloader, Reloaded, WatchGuard};
 use crate::responses::{Answering, Waiters};
 use crate::router::{Plan, RouteWorker, Router, Target};
-use crate::transport::{Broker, ExchangeKind, Inbound, Outcome, QueueSpec};
+use crate::transport::{Broker, Inbound, Outcome};
 use crate::wire::MessageType;
 
 /// How long a message whose publication failed waits before going back to
@@ -66,38 +66,37 @@ impl CellHost {
         )
         .await
         .with_context(|| format!("cell {name}: own broker {}", config.cell.transport_url))?;
+        // Each declaration is what an oslo RPC server declares for the same
+        // role under this broker's [oslo_messaging_rabbit] options, so oslo
+        // services and cellhost can declare the same names in any order.
+        let oslo = own.oslo();
         let exchange = config.cell.control_exchange.clone();
-        own.declare_exchange(&exchange, ExchangeKind::Topic).await?;
+        own.declare_exchange(&oslo.control_exchange(&exchange))
+            .await?;
 
         let host_id = config.host_id();
         let mut queues_by_kind = Vec::new();
         for kind in MessageType::all() {
             let topic = format!("{}.{}", config.cell.queue_base, kind.as_str());
             let per_host = format!("{topic}.{host_id}");
-            own.declare_queue(&QueueSpec::oslo(&topic), &exchange, &topic)
+            own.declare_queue(&oslo.topic_queue(&topic), &exchange, &topic)
                 .await?;
-            own.declare_queue(&QueueSpec::oslo(&per_host), &exchange, &per_host)
+            own.declare_queue(&oslo.topic_queue(&per_host), &exchange, &per_host)
                 .await?;
             let fanout = format!("{topic}_fanout");
-            own.declare_exchange(&fanout, ExchangeKind::Fanout).await?;
-            let fanout_queue = QueueSpec {
-                name: format!("{fanout}_{}", crate::router::new_unique_id()),
-                durable: false,
-                // Named for this process alone; it goes when the process does.
-                auto_delete: true,
-            };
+            own.declare_exchange(&oslo.fanout_exchange(&fanout)).await?;
+            // Named for this process alone; as oslo's, it outlives a lost
+            // connection and expires once unused (x-expires).
+            let fanout_queue =
+                oslo.fanout_queue(&format!("{fanout}_{}", crate::router::new_unique_id()));
             own.declare_queue(&fanout_queue, &fanout, &topic).await?;
             queues_by_kind.push((kind, vec![topic, per_host, fanout_queue.name]));
         }
         // Local deliveries wait in the worker's queue even before it starts.
         let local = &config.local.topic;
-        own.declare_queue(&QueueSpec::oslo(local), &exchange, local)
+        own.declare_queue(&oslo.topic_queue(local), &exchange, local)
             .await?;
-        let dead = QueueSpec {
-            name: format!("{}.dead", config.cell.queue_base),
-            durable: true,
-            auto_delete: false,
-        };
+        let dead = oslo.dead_letter_queue(&format!("{}.dead", config.cell.queue_base));
         own.declare_queue(&dead, "", "").await?;
 
         let mut neighbours = HashMap::new();

@@ -2,7 +2,9 @@
 
 Serves topic `cells.local` on the given transport URL and prints one JSON line
 per message it processed, after a first line `ready`. Used by the cellhost
-interop tests; runs until its standard input closes.
+interop tests; runs until its standard input closes. Arguments after URL and
+CELL go to oslo.config, e.g. `--config-file deployment.conf` holding an
+`[oslo_messaging_rabbit]` section.
 """
 import json
 import sys
@@ -35,7 +37,7 @@ def main():
     url, cell = sys.argv[1], sys.argv[2]
     messaging.set_transport_defaults("nova")
     conf = cfg.CONF
-    conf([], project="cellhost-interop")
+    conf(sys.argv[3:], project="cellhost-interop")
     transport = messaging.get_rpc_transport(conf, url=url)
     target = messaging.Target(topic="cells.local", server="w-%s" % cell)
     server = messaging.get_rpc_server(transport, target, [Endpoint(cell)], executor="threading")

@@ -23,7 +23,10 @@ use tokio::sync::{mpsc, Mutex};
 
 use crate::config::RabbitOptions;
 
-use super::{ExchangeKind, Inbound, Inbox, Outcome, Publication, QueueSpec, Settle};
+use super::{
+    ArgValue, ExchangeKind, ExchangeSpec, Inbound, Inbox, Outcome, Publication, QueueSpec, Role,
+    Settle,
+};
 
 /// A connection to one RabbitMQ virtual host.
 #[derive(Clone)]
@@ -81,27 +84,42 @@ impl AmqpBroker {
         }
     }
 
-    pub async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<()> {
+    /// The options this broker was connected with.
+    pub fn options(&self) -> &RabbitOptions {
+        &self.inner.options
+    }
+
+    pub async fn declare_exchange(&self, exchange: &ExchangeSpec) -> Result<()> {
         let channel = self.inner.connection.create_channel().await?;
-        let (kind, options) = match kind {
-            // oslo.messaging: the control exchange is transient and kept.
-            ExchangeKind::Topic => (
-                lapin::ExchangeKind::Topic,
-                ExchangeDeclareOptions::default(),
-            ),
-            // oslo.messaging: fanout exchanges vanish with their last queue.
-            ExchangeKind::Fanout => (
-                lapin::ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    auto_delete: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-            ),
+        let kind = match exchange.kind {
+            ExchangeKind::Topic => lapin::ExchangeKind::Topic,
+            ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
         };
-        channel
-            .exchange_declare(name.into(), kind, options, FieldTable::default())
-            .await
-            .with_context(|| format!("declaring exchange {name:?} on {}", self.inner.label))?;
+        let options = ExchangeDeclareOptions {
+            durable: exchange.durable,
+            auto_delete: exchange.auto_delete,
+            ..ExchangeDeclareOptions::default()
+        };
+        let declared = channel
+            .exchange_declare(
+                exchange.name.as_str().into(),
+                kind,
+                options,
+                FieldTable::default(),
+            )
+            .await;
+        if let Err(e) = declared {
+            return Err(self.refused(
+                e,
+                "exchange",
+                &exchange.name,
+                exchange.role,
+                &format!(
+                    "durable={}, auto_delete={}",
+                    exchange.durable, exchange.auto_delete
+                ),
+            ));
+        }
         let _ = channel.close(200, "declared".into()).await;
         Ok(())
     }
@@ -118,10 +136,25 @@ impl AmqpBroker {
             auto_delete: queue.auto_delete,
             ..QueueDeclareOptions::default()
         };
-        channel
-            .queue_declare(queue.name.as_str().into(), options, FieldTable::default())
-            .await
-            .with_context(|| format!("declaring queue {:?} on {}", queue.name, self.inner.label))?;
+        let mut arguments = FieldTable::default();
+        for (key, value) in &queue.arguments {
+            arguments.insert(key.as_str().into(), amqp_value(value));
+        }
+        let declared = channel
+            .queue_declare(queue.name.as_str().into(), options, arguments)
+            .await;
+        if let Err(e) = declared {
+            return Err(self.refused(
+                e,
+                "queue",
+                &queue.name,
+                queue.role,
+                &format!(
+                    "durable={}, auto_delete={}, arguments={:?}",
+                    queue.durable, queue.auto_delete, queue.arguments
+                ),
+            ));
+        }
         if !exchange.is_empty() {
             channel
                 .queue_bind(
@@ -136,6 +169,31 @@ impl AmqpBroker {
         }
         let _ = channel.close(200, "declared".into()).await;
         Ok(())
+    }
+
+    /// Explains a failed declaration. PRECONDITION_FAILED means the name
+    /// exists with other properties, usually declared first by an oslo
+    /// service configured differently: say which option to align.
+    fn refused(
+        &self,
+        error: lapin::Error,
+        what: &str,
+        name: &str,
+        role: Role,
+        declared: &str,
+    ) -> anyhow::Error {
+        let broker = &self.inner.label;
+        if let lapin::ErrorKind::ProtocolError(amqp) = error.kind() {
+            if amqp.get_id() == 406 {
+                let said = amqp.get_message().as_str();
+                let argument = inequivalent_argument(said).unwrap_or("");
+                return anyhow::anyhow!(
+                    "{what} {name:?} already exists on the broker of {broker} with other properties than cellhost declares ({declared}); the broker says: {said}. Make `{}` in [oslo_messaging_rabbit] match the oslo.messaging services that use this broker (or delete the {what} if nothing uses it)",
+                    role.likely_option(argument)
+                );
+            }
+        }
+        anyhow::Error::new(error).context(format!("declaring {what} {name:?} on the broker of {broker}"))
     }
 
     pub async fn consume(&self, queues: &[String], prefetch: u16, tag: &str) -> Result<Inbox> {
@@ -243,6 +301,25 @@ impl AmqpBroker {
             .connection
             .close(200, "cellhost shutting down".into())
             .await;
+    }
+}
+
+/// The argument RabbitMQ names in "PRECONDITION_FAILED - inequivalent arg
+/// 'durable' for exchange 'nova' ...".
+fn inequivalent_argument(reply_text: &str) -> Option<&str> {
+    let rest = reply_text.split("inequivalent arg '").nth(1)?;
+    rest.split('\'').next()
+}
+
+/// py-amqp (oslo's client) sends a Python int as a 32-bit signed integer
+/// when it fits; RabbitMQ compares integers by value, whatever their width.
+fn amqp_value(value: &ArgValue) -> AMQPValue {
+    match value {
+        ArgValue::Text(text) => AMQPValue::LongString(text.as_str().into()),
+        ArgValue::Int(n) => match i32::try_from(*n) {
+            Ok(small) => AMQPValue::LongInt(small),
+            Err(_) => AMQPValue::LongLongInt(i64::try_from(*n).unwrap_or(i64::MAX)),
+        },
     }
 }
 
@@ -354,7 +431,14 @@ impl AckTracker {
 
 #[cfg(test)]
 mod tests {
-    use super::AckTracker;
+    use super::{inequivalent_argument, AckTracker};
+
+    #[test]
+    fn the_inequivalent_argument_is_read_from_the_brokers_words() {
+        let said = "PRECONDITION_FAILED - inequivalent arg 'durable' for exchange 'nova' in vhost 'c1': received 'false' but current is 'true'";
+        assert_eq!(inequivalent_argument(said), Some("durable"));
+        assert_eq!(inequivalent_argument("PRECONDITION_FAILED - other"), None);
+    }
 
     #[test]
     fn ack_covers_only_the_gapless_prefix() {
