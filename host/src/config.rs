@@ -789,7 +789,10 @@ mod tests {
         .expect("write");
         let config = Config::load(&path).expect("valid");
         assert!(config.oslo_messaging_rabbit.rabbit_quorum_queue);
-        assert_eq!(config.oslo_messaging_rabbit.rabbit_transient_queues_ttl, 1800);
+        assert_eq!(
+            config.oslo_messaging_rabbit.rabbit_transient_queues_ttl,
+            1800
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -57,7 +57,11 @@ struct SendArgs {
     /// services, e.g. rabbit_quorum_queue=true, so that the queues this
     /// declares match theirs; repeat for several. With --config the file's
     /// section is used.
-    #[arg(long = "rabbit-option", value_name = "KEY=VALUE", conflicts_with = "config")]
+    #[arg(
+        long = "rabbit-option",
+        value_name = "KEY=VALUE",
+        conflicts_with = "config"
+    )]
     rabbit_options: Vec<String>,
     /// targeted or broadcast.
     #[arg(long = "type", value_enum, default_value = "targeted")]
@@ -293,7 +297,9 @@ fn rabbit_options(pairs: &[String]) -> Result<RabbitOptions> {
     let mut section = toml::Table::new();
     for pair in pairs {
         let Some((key, value)) = pair.split_once('=') else {
-            anyhow::bail!("--rabbit-option {pair:?}: expected KEY=VALUE, e.g. rabbit_quorum_queue=true");
+            anyhow::bail!(
+                "--rabbit-option {pair:?}: expected KEY=VALUE, e.g. rabbit_quorum_queue=true"
+            );
         };
         let (key, value) = (key.trim(), value.trim());
         // A bare word that is not a TOML value (a file path) is a string.

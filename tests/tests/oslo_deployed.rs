@@ -141,7 +141,11 @@ impl std::fmt::Display for Declared {
         if let Some(kind) = &self.kind {
             write!(f, "{kind} ")?;
         }
-        write!(f, "durable={} auto_delete={}", self.durable, self.auto_delete)?;
+        write!(
+            f,
+            "durable={} auto_delete={}",
+            self.durable, self.auto_delete
+        )?;
         for (k, v) in &self.arguments {
             write!(f, " {k}={v}")?;
         }
@@ -192,8 +196,16 @@ fn snapshot(vhosts: &[String]) -> Vec<Snapshot> {
         .iter()
         .map(|v| {
             (
-                list(v, "list_exchanges", &["name", "type", "durable", "auto_delete", "arguments"]),
-                list(v, "list_queues", &["name", "durable", "auto_delete", "arguments"]),
+                list(
+                    v,
+                    "list_exchanges",
+                    &["name", "type", "durable", "auto_delete", "arguments"],
+                ),
+                list(
+                    v,
+                    "list_queues",
+                    &["name", "durable", "auto_delete", "arguments"],
+                ),
             )
         })
         .collect();
@@ -220,7 +232,10 @@ fn snapshot(vhosts: &[String]) -> Vec<Snapshot> {
                     auto_delete: row["auto_delete"] == json!(true),
                     arguments,
                 };
-                (row["name"].as_str().unwrap_or_default().to_string(), declared)
+                (
+                    row["name"].as_str().unwrap_or_default().to_string(),
+                    declared,
+                )
             })
             .collect()
     };
@@ -254,11 +269,21 @@ fn compare_roles(
         }
     };
     // Shared names, declared by oslo first: still exactly as oslo left them.
-    for name in ["nova"] {
-        same("exchange nova", name, name, after.exchange(name), before.exchange(name));
-    }
+    same(
+        "exchange nova",
+        "nova",
+        "nova",
+        after.exchange("nova"),
+        before.exchange("nova"),
+    );
     let oslo_topic = before.queue("cells.local");
-    same("T (cells.local)", "cells.local", "cells.local", after.queue("cells.local"), oslo_topic);
+    same(
+        "T (cells.local)",
+        "cells.local",
+        "cells.local",
+        after.queue("cells.local"),
+        oslo_topic,
+    );
     let new: BTreeSet<&String> = after
         .queues
         .keys()
@@ -271,11 +296,23 @@ fn compare_roles(
     let mut accounted = BTreeSet::new();
     for kind in MessageType::all() {
         let topic = format!("cells.intercell.{}", kind.as_str());
-        same("T (intercell)", &topic, "cells.local", after.queue(&topic), oslo_topic);
+        same(
+            "T (intercell)",
+            &topic,
+            "cells.local",
+            after.queue(&topic),
+            oslo_topic,
+        );
         // nova-cells' leftover declaration was accepted unchanged.
         assert_eq!(after.queue(&topic), before.queue(&topic), "{topic}");
         let per_host = format!("{topic}.{host_id}");
-        same("T.S", &per_host, &oslo_server, after.queue(&per_host), before.queue(&oslo_server));
+        same(
+            "T.S",
+            &per_host,
+            &oslo_server,
+            after.queue(&per_host),
+            before.queue(&oslo_server),
+        );
         let fanout = format!("{topic}_fanout");
         same(
             "T_fanout",
@@ -309,13 +346,20 @@ fn compare_roles(
     );
     accounted.insert("cells.intercell.dead".to_string());
     if cell == "top" {
-        rows.push(("cells.intercell.dead (cellhost's own)".into(), "-".into(), dead.to_string()));
+        rows.push((
+            "cells.intercell.dead (cellhost's own)".into(),
+            "-".into(),
+            dead.to_string(),
+        ));
     }
     let unexplained: Vec<_> = new
         .iter()
         .filter(|n| !accounted.contains(n.as_str()))
         .collect();
-    assert!(unexplained.is_empty(), "cell {cell}: queues not compared: {unexplained:?}");
+    assert!(
+        unexplained.is_empty(),
+        "cell {cell}: queues not compared: {unexplained:?}"
+    );
     rows
 }
 
@@ -328,8 +372,11 @@ async fn deployment_with(options_section: &str, options: RabbitOptions) {
     })
     .expect("vhosts");
     let conf = std::env::temp_dir().join(format!("{}-oslo.conf", topo.prefix()));
-    std::fs::write(&conf, format!("[oslo_messaging_rabbit]\n{options_section}\n"))
-        .expect("oslo config written");
+    std::fs::write(
+        &conf,
+        format!("[oslo_messaging_rabbit]\n{options_section}\n"),
+    )
+    .expect("oslo config written");
     let conf_arg = conf.to_string_lossy().into_owned();
     let cells: Vec<&str> = TREE.iter().map(|(c, _)| *c).collect();
     let vhosts: Vec<String> = cells.iter().map(|c| topo.vhost(c)).collect();
@@ -340,7 +387,10 @@ async fn deployment_with(options_section: &str, options: RabbitOptions) {
         .iter()
         .map(|c| {
             let u = url(&topo, c);
-            (*c, Oslo::spawn("worker.py", &[&u, c, "--config-file", &conf_arg]))
+            (
+                *c,
+                Oslo::spawn("worker.py", &[&u, c, "--config-file", &conf_arg]),
+            )
         })
         .collect();
     for (cell, worker) in &workers {
@@ -348,7 +398,12 @@ async fn deployment_with(options_section: &str, options: RabbitOptions) {
     }
     let declarers: Vec<Oslo> = cells
         .iter()
-        .map(|c| Oslo::spawn("declare.py", &[&url(&topo, c), c, "--config-file", &conf_arg]))
+        .map(|c| {
+            Oslo::spawn(
+                "declare.py",
+                &[&url(&topo, c), c, "--config-file", &conf_arg],
+            )
+        })
         .collect();
     for (cell, declarer) in cells.iter().zip(&declarers) {
         assert_eq!(declarer.next_line(&format!("declare.py {cell}")), "ready");
@@ -368,7 +423,12 @@ async fn deployment_with(options_section: &str, options: RabbitOptions) {
             Ok(_) => panic!("a host declaring nova non-durable started on a durable deployment"),
             Err(e) => format!("{e:#}"),
         };
-        for needle in ["\"nova\"", "durable", "amqp_durable_queues or rabbit_quorum_queue", "[oslo_messaging_rabbit]"] {
+        for needle in [
+            "\"nova\"",
+            "durable",
+            "amqp_durable_queues or rabbit_quorum_queue",
+            "[oslo_messaging_rabbit]",
+        ] {
             assert!(err.contains(needle), "{needle:?} missing from: {err}");
         }
     }
@@ -380,7 +440,9 @@ async fn deployment_with(options_section: &str, options: RabbitOptions) {
     let mut table = Vec::new();
     for (i, cell) in cells.iter().enumerate() {
         let host_id = topo.config(cell).host_id();
-        table.extend(compare_roles(cell, &host_id, &before[i], &after[i], &options));
+        table.extend(compare_roles(
+            cell, &host_id, &before[i], &after[i], &options,
+        ));
     }
     eprintln!("declarations under [oslo_messaging_rabbit] {options_section:?}:");
     for (role, oslo, ours) in &table {
@@ -412,7 +474,10 @@ async fn deployment_with(options_section: &str, options: RabbitOptions) {
     let _ = workers["b"].next_line("worker b");
 
     // A broadcast call down from top: every cell's worker answers.
-    let broadcast = entering(Outgoing::broadcast(Direction::Down, "get_host_uptime"), true);
+    let broadcast = entering(
+        Outgoing::broadcast(Direction::Down, "get_host_uptime"),
+        true,
+    );
     let result = oslo_client(&top, &conf, "call", &broadcast);
     let mut responses: Vec<Value> = result.as_array().cloned().unwrap_or_default();
     responses.sort_by_key(|r| r["cell_name"].as_str().unwrap_or_default().to_string());

@@ -193,7 +193,9 @@ impl AmqpBroker {
                 );
             }
         }
-        anyhow::Error::new(error).context(format!("declaring {what} {name:?} on the broker of {broker}"))
+        anyhow::Error::new(error).context(format!(
+            "declaring {what} {name:?} on the broker of {broker}"
+        ))
     }
 
     pub async fn consume(&self, queues: &[String], prefetch: u16, tag: &str) -> Result<Inbox> {

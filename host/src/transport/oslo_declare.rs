@@ -39,7 +39,10 @@ impl Role {
     /// whoever declared the name first and us, given the argument the broker
     /// says is inequivalent (`durable`, `x-queue-type`, ...).
     pub fn likely_option(self, argument: &str) -> &'static str {
-        let transient = matches!(self, Role::FanoutExchange | Role::FanoutQueue | Role::ReplyQueue);
+        let transient = matches!(
+            self,
+            Role::FanoutExchange | Role::FanoutQueue | Role::ReplyQueue
+        );
         match argument {
             "durable" | "x-queue-type" if self == Role::DeadLetterQueue => {
                 "rabbit_quorum_queue (the dead-letter queue is quorum when it is true; an existing classic one must be drained and deleted first)"
@@ -173,7 +176,10 @@ impl<'a> OsloDeclarations<'a> {
         if quorum {
             set("x-queue-type", ArgValue::text("quorum"));
             for (key, value) in [
-                ("x-delivery-limit", u64::from(o.rabbit_quorum_delivery_limit)),
+                (
+                    "x-delivery-limit",
+                    u64::from(o.rabbit_quorum_delivery_limit),
+                ),
                 (
                     "x-max-in-memory-length",
                     u64::from(o.rabbit_quorum_max_memory_length),
@@ -208,8 +214,15 @@ mod tests {
         let options = RabbitOptions::default();
         let oslo = OsloDeclarations::new(&options);
         let nova = oslo.control_exchange("nova");
-        assert_eq!((nova.kind, nova.durable, nova.auto_delete), (ExchangeKind::Topic, false, false));
-        for name in ["cells.intercell.targeted", "cells.intercell.targeted.h1", "cells.local"] {
+        assert_eq!(
+            (nova.kind, nova.durable, nova.auto_delete),
+            (ExchangeKind::Topic, false, false)
+        );
+        for name in [
+            "cells.intercell.targeted",
+            "cells.intercell.targeted.h1",
+            "cells.local",
+        ] {
             let q = oslo.topic_queue(name);
             assert_eq!((q.durable, q.auto_delete), (false, false), "{name}");
             assert!(q.arguments.is_empty(), "{name}: {:?}", q.arguments);
@@ -221,7 +234,10 @@ mod tests {
         );
         // Where cellhost used to differ from oslo: not auto-delete, but expiring.
         let expiring = args(&[("x-expires", ArgValue::Int(1_800_000))]);
-        for q in [oslo.fanout_queue("t_fanout_ab"), oslo.reply_queue("reply_ab")] {
+        for q in [
+            oslo.fanout_queue("t_fanout_ab"),
+            oslo.reply_queue("reply_ab"),
+        ] {
             assert_eq!((q.durable, q.auto_delete), (false, false), "{}", q.name);
             assert_eq!(q.arguments, expiring, "{}", q.name);
         }
@@ -250,10 +266,16 @@ mod tests {
         );
         let reply = oslo.reply_queue("reply_ab");
         assert!(!reply.durable);
-        assert_eq!(reply.arguments, args(&[("x-expires", ArgValue::Int(1_800_000))]));
+        assert_eq!(
+            reply.arguments,
+            args(&[("x-expires", ArgValue::Int(1_800_000))])
+        );
         assert!(!oslo.fanout_exchange("t_fanout").durable);
         let dead = oslo.dead_letter_queue("cells.intercell.dead");
-        assert_eq!(dead.arguments, args(&[("x-queue-type", ArgValue::text("quorum"))]));
+        assert_eq!(
+            dead.arguments,
+            args(&[("x-queue-type", ArgValue::text("quorum"))])
+        );
     }
 
     #[test]
@@ -280,7 +302,10 @@ mod tests {
         assert!(oslo.fanout_exchange("t_fanout").durable);
         let reply = oslo.reply_queue("reply_ab");
         assert!(reply.durable && !reply.auto_delete);
-        assert_eq!(reply.arguments, args(&[("x-queue-type", ArgValue::text("quorum"))]));
+        assert_eq!(
+            reply.arguments,
+            args(&[("x-queue-type", ArgValue::text("quorum"))])
+        );
         assert!(!oslo.control_exchange("nova").durable);
     }
 
@@ -290,8 +315,17 @@ mod tests {
             Role::ControlExchange.likely_option("durable"),
             "amqp_durable_queues or rabbit_quorum_queue"
         );
-        assert_eq!(Role::ReplyQueue.likely_option("durable"), "rabbit_transient_quorum_queue");
-        assert_eq!(Role::TopicQueue.likely_option("x-queue-type"), "rabbit_quorum_queue");
-        assert_eq!(Role::FanoutQueue.likely_option("x-expires"), "rabbit_transient_queues_ttl");
+        assert_eq!(
+            Role::ReplyQueue.likely_option("durable"),
+            "rabbit_transient_quorum_queue"
+        );
+        assert_eq!(
+            Role::TopicQueue.likely_option("x-queue-type"),
+            "rabbit_quorum_queue"
+        );
+        assert_eq!(
+            Role::FanoutQueue.likely_option("x-expires"),
+            "rabbit_transient_queues_ttl"
+        );
     }
 }
