@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
 use crate::router::relay_body;
-use crate::transport::{Broker, ExchangeKind, Publication, QueueSpec};
+use crate::transport::{Broker, Publication};
 use crate::wire::{
     CallInfo, CellsMessage, Context, Direction, MessageType, Reply, ReplyOutcome, Request,
 };
@@ -112,23 +112,25 @@ pub async fn call_into(
 
 /// Declares, on a cell's broker, what messages cast to it need: the control
 /// exchange, the shared intercell queues and their fanout exchanges, with the
-/// properties an oslo.messaging peer declares. A message sent before the
-/// cell's host is up then waits in its queue instead of being dropped.
+/// properties an oslo.messaging peer declares under that broker's options. A
+/// message sent before the cell's host is up then waits in its queue instead
+/// of being dropped.
 pub async fn declare_intercell(
     broker: &Broker,
     control_exchange: &str,
     queue_base: &str,
 ) -> anyhow::Result<()> {
+    let oslo = broker.oslo();
     broker
-        .declare_exchange(control_exchange, ExchangeKind::Topic)
+        .declare_exchange(&oslo.control_exchange(control_exchange))
         .await?;
     for kind in MessageType::all() {
         let topic = format!("{queue_base}.{}", kind.as_str());
         broker
-            .declare_queue(&QueueSpec::oslo(&topic), control_exchange, &topic)
+            .declare_queue(&oslo.topic_queue(&topic), control_exchange, &topic)
             .await?;
         broker
-            .declare_exchange(&format!("{topic}_fanout"), ExchangeKind::Fanout)
+            .declare_exchange(&oslo.fanout_exchange(&format!("{topic}_fanout")))
             .await?;
     }
     Ok(())
@@ -183,14 +185,11 @@ fn take_reply(pending: &Mutex<HashMap<String, Pending>>, reply: Reply) {
 }
 
 impl Caller {
-    /// Declares a reply queue of its own on `broker` and starts consuming it.
+    /// Declares a reply queue of its own on `broker`, as an oslo caller does
+    /// under the broker's options, and starts consuming it.
     pub async fn start(broker: Broker) -> anyhow::Result<Caller> {
         let reply_queue = format!("reply_{}", crate::router::new_unique_id());
-        let spec = QueueSpec {
-            name: reply_queue.clone(),
-            durable: false,
-            auto_delete: true,
-        };
+        let spec = broker.oslo().reply_queue(&reply_queue);
         broker.declare_queue(&spec, "", "").await?;
         let mut inbox = broker
             .consume(std::slice::from_ref(&reply_queue), 512, "caller")

@@ -768,6 +768,35 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_oslo_messaging_rabbit_option_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("cellhost-rabbit-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("cell.toml");
+        let cell = "[cell]\nname = \"a\"\ntransport_url = \"memory://x\"\n";
+        // A typo of rabbit_quorum_queue must not silently leave queues classic.
+        std::fs::write(
+            &path,
+            format!("{cell}[oslo_messaging_rabbit]\nrabbit_quorum_queues = true\n"),
+        )
+        .expect("write");
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("cell.toml"), "{err}");
+        assert!(err.contains("rabbit_quorum_queues"), "{err}");
+        std::fs::write(
+            &path,
+            format!("{cell}[oslo_messaging_rabbit]\nrabbit_quorum_queue = true\namqp_durable_queues = true\n"),
+        )
+        .expect("write");
+        let config = Config::load(&path).expect("valid");
+        assert!(config.oslo_messaging_rabbit.rabbit_quorum_queue);
+        assert_eq!(
+            config.oslo_messaging_rabbit.rabbit_transient_queues_ttl,
+            1800
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn policy_cache_dir_is_relative_to_the_file_and_empty_turns_it_off() {
         let dir = std::env::temp_dir().join(format!("cellhost-cache-key-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::client::{call_into, entry_cast, Caller, Outgoing};
 use crate::config::{Config, NeighbourConfig, TransportUrl};
 use crate::policy::{LoadedPolicy, PolicyEngine};
-use crate::transport::{Broker, ExchangeKind, Outcome, Publication, QueueSpec};
+use crate::transport::{Broker, Outcome, Publication};
 use crate::wire::{self, Direction, RemoteFailure, Reply, ReplyOutcome};
 use crate::CellHost;
 
@@ -119,12 +119,13 @@ impl LocalWorker {
 pub async fn start_local_worker(broker: &Broker, config: &Config) -> Result<LocalWorker> {
     let topic = &config.local.topic;
     // As an oslo.messaging server does: the exchange, then its queue.
+    let oslo = broker.oslo();
     broker
-        .declare_exchange(&config.cell.control_exchange, ExchangeKind::Topic)
+        .declare_exchange(&oslo.control_exchange(&config.cell.control_exchange))
         .await?;
     broker
         .declare_queue(
-            &QueueSpec::oslo(topic),
+            &oslo.topic_queue(topic),
             &config.cell.control_exchange,
             topic,
         )

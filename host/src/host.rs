@@ -19,12 +19,12 @@ use tokio::task::JoinHandle;
 
 use crate::client::{declare_intercell, Caller};
 use crate::config::Config;
+use crate::links::{park_queue, Links};
 use crate::policy::{LoadedPolicy, PolicyEngine};
 use crate::reload::{PolicyReloader, Reloaded, WatchGuard};
 use crate::responses::{Answering, Waiters};
-use crate::links::{park_queue, Links};
 use crate::router::{Plan, RouteWorker, Router};
-use crate::transport::{Broker, ExchangeKind, Inbound, Outcome, QueueSpec};
+use crate::transport::{Broker, Inbound, Outcome};
 use crate::wire::MessageType;
 
 /// How long a message whose publication failed on the own broker waits
@@ -54,45 +54,40 @@ impl CellHost {
         )
         .await
         .with_context(|| format!("cell {name}: own broker {}", config.cell.transport_url))?;
+        // Each declaration is what an oslo RPC server declares for the same
+        // role under this broker's [oslo_messaging_rabbit] options, so oslo
+        // services and cellhost can declare the same names in any order.
+        let oslo = own.oslo();
         let exchange = config.cell.control_exchange.clone();
-        own.declare_exchange(&exchange, ExchangeKind::Topic).await?;
+        own.declare_exchange(&oslo.control_exchange(&exchange))
+            .await?;
 
         let host_id = config.host_id();
         let mut queues_by_kind = Vec::new();
         for kind in MessageType::all() {
             let topic = format!("{}.{}", config.cell.queue_base, kind.as_str());
             let per_host = format!("{topic}.{host_id}");
-            own.declare_queue(&QueueSpec::oslo(&topic), &exchange, &topic)
+            own.declare_queue(&oslo.topic_queue(&topic), &exchange, &topic)
                 .await?;
-            own.declare_queue(&QueueSpec::oslo(&per_host), &exchange, &per_host)
+            own.declare_queue(&oslo.topic_queue(&per_host), &exchange, &per_host)
                 .await?;
             let fanout = format!("{topic}_fanout");
-            own.declare_exchange(&fanout, ExchangeKind::Fanout).await?;
-            let fanout_queue = QueueSpec {
-                name: format!("{fanout}_{}", crate::router::new_unique_id()),
-                durable: false,
-                // Named for this process alone; it goes when the process does.
-                auto_delete: true,
-            };
+            own.declare_exchange(&oslo.fanout_exchange(&fanout)).await?;
+            // Named for this process alone; as oslo's, it outlives a lost
+            // connection and expires once unused (x-expires).
+            let fanout_queue =
+                oslo.fanout_queue(&format!("{fanout}_{}", crate::router::new_unique_id()));
             own.declare_queue(&fanout_queue, &fanout, &topic).await?;
             queues_by_kind.push((kind, vec![topic, per_host, fanout_queue.name]));
         }
         // Local deliveries wait in the worker's queue even before it starts.
         let local = &config.local.topic;
-        own.declare_queue(&QueueSpec::oslo(local), &exchange, local)
+        own.declare_queue(&oslo.topic_queue(local), &exchange, local)
             .await?;
-        let dead = QueueSpec {
-            name: format!("{}.dead", config.cell.queue_base),
-            durable: true,
-            auto_delete: false,
-        };
+        let dead = oslo.dead_letter_queue(&format!("{}.dead", config.cell.queue_base));
         own.declare_queue(&dead, "", "").await?;
         for n in &config.neighbours {
-            let parked = QueueSpec {
-                name: park_queue(&config.cell.queue_base, &n.name),
-                durable: true,
-                auto_delete: false,
-            };
+            let parked = oslo.park_queue(&park_queue(&config.cell.queue_base, &n.name));
             own.declare_queue(&parked, "", "").await?;
         }
 
@@ -106,12 +101,7 @@ impl CellHost {
             neighbours.insert(n.name.clone(), broker);
         }
         let caller = Caller::start(own.clone()).await?;
-        let links = Arc::new(Links::new(
-            &name,
-            &config.cell.queue_base,
-            own,
-            neighbours,
-        ));
+        let links = Arc::new(Links::new(&name, &config.cell.queue_base, own, neighbours));
 
         let prefetch = config.cell.prefetch;
         let window = config.cell.confirm_window;
@@ -217,7 +207,8 @@ impl CellHost {
 /// makes sure what this cell publishes to exists there once it is up.
 async fn connect_neighbour(config: &Config, n: &crate::config::NeighbourConfig) -> Result<Broker> {
     let label = format!("{}->{}", config.cell.name, n.name);
-    let broker = Broker::connect_in_background(&n.transport_url, config.rabbit_options_of(n), &label)?;
+    let broker =
+        Broker::connect_in_background(&n.transport_url, config.rabbit_options_of(n), &label)?;
     declare_intercell(
         &broker,
         &config.cell.control_exchange,
@@ -270,13 +261,10 @@ async fn serve(
 async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, answering: Arc<Answering>) {
     let router = &answering.router;
     let listening = plan.respond.as_ref().map(|r| answering.listen(r));
-    let publishes = plan
-        .sends
-        .into_iter()
-        .map(|(target, publication)| {
-            let links = links.clone();
-            async move { links.send(&target, publication).await }
-        });
+    let publishes = plan.sends.into_iter().map(|(target, publication)| {
+        let links = links.clone();
+        async move { links.send(&target, publication).await }
+    });
     let results = futures::future::join_all(publishes).await;
     let failures: Vec<String> = results
         .into_iter()

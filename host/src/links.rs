@@ -226,9 +226,8 @@ impl Links {
                 .header(PARKED_ROUTING_KEY_HEADER)
                 .unwrap_or_default()
                 .to_string();
-            let relay =
-                Publication::new(exchange, routing_key, std::mem::take(&mut parked.body))
-                    .mandatory();
+            let relay = Publication::new(exchange, routing_key, std::mem::take(&mut parked.body))
+                .mandatory();
             let outcome = match broker.publish(&relay).await {
                 Ok(()) => Ok(Sent::Delivered),
                 Err(e @ PublishError::Unroutable { .. }) => {

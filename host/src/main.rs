@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Map, Value};
 
 use cellhost::client::{call_into, declare_intercell, entry_cast, Caller, Outgoing};
-use cellhost::config::{Config, TransportUrl};
+use cellhost::config::{Config, RabbitOptions, TransportUrl};
 use cellhost::transport::Broker;
 use cellhost::wire::{Direction, ReplyOutcome};
 use cellhost::CellHost;
@@ -53,6 +53,16 @@ struct SendArgs {
     control_exchange: String,
     #[arg(long, default_value = "cells.intercell")]
     queue_base: String,
+    /// With --url: an `[oslo_messaging_rabbit]` option of the cell's oslo
+    /// services, e.g. rabbit_quorum_queue=true, so that the queues this
+    /// declares match theirs; repeat for several. With --config the file's
+    /// section is used.
+    #[arg(
+        long = "rabbit-option",
+        value_name = "KEY=VALUE",
+        conflicts_with = "config"
+    )]
+    rabbit_options: Vec<String>,
     /// targeted or broadcast.
     #[arg(long = "type", value_enum, default_value = "targeted")]
     kind: Kind,
@@ -216,19 +226,25 @@ async fn shutdown_signal() {
 }
 
 async fn send(args: SendArgs) -> Result<()> {
-    let (url, exchange, queue_base) = match &args.config {
+    let (url, exchange, queue_base, options) = match &args.config {
         Some(path) => {
             let c = Config::load(path)?;
             (
                 c.cell.transport_url,
                 c.cell.control_exchange,
                 c.cell.queue_base,
+                c.oslo_messaging_rabbit,
             )
         }
         None => {
             let url = args.url.as_deref().unwrap_or_default();
             let url: TransportUrl = url.parse().context("--url")?;
-            (url, args.control_exchange.clone(), args.queue_base.clone())
+            (
+                url,
+                args.control_exchange.clone(),
+                args.queue_base.clone(),
+                rabbit_options(&args.rabbit_options)?,
+            )
         }
     };
     let direction = match args.direction {
@@ -248,12 +264,7 @@ async fn send(args: SendArgs) -> Result<()> {
     outgoing.max_hop_count = args.max_hop_count;
     outgoing.run_locally = !args.no_run_locally;
     let message = outgoing.to_message();
-    let broker = Broker::connect(
-        &url,
-        &cellhost::config::RabbitOptions::default(),
-        "cellhost send",
-    )
-    .await?;
+    let broker = Broker::connect(&url, &options, "cellhost send").await?;
     declare_intercell(&broker, &exchange, &queue_base).await?;
     if !args.wait {
         broker
@@ -278,6 +289,31 @@ async fn send(args: SendArgs) -> Result<()> {
         }
         ReplyOutcome::Failure(f) => anyhow::bail!("the call failed: {}: {}", f.class, f.message),
     }
+}
+
+/// `--rabbit-option KEY=VALUE`s read as an `[oslo_messaging_rabbit]`
+/// section, so names, types and checks are the config file's.
+fn rabbit_options(pairs: &[String]) -> Result<RabbitOptions> {
+    let mut section = toml::Table::new();
+    for pair in pairs {
+        let Some((key, value)) = pair.split_once('=') else {
+            anyhow::bail!(
+                "--rabbit-option {pair:?}: expected KEY=VALUE, e.g. rabbit_quorum_queue=true"
+            );
+        };
+        let (key, value) = (key.trim(), value.trim());
+        // A bare word that is not a TOML value (a file path) is a string.
+        let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        section.insert(key.to_string(), value);
+    }
+    let options: RabbitOptions = toml::Value::Table(section)
+        .try_into()
+        .map_err(|e| anyhow::anyhow!("--rabbit-option: {e}"))?;
+    options.validate("--rabbit-option")?;
+    Ok(options)
 }
 
 fn json_object(flag: &str, text: &str) -> Result<Map<String, Value>> {

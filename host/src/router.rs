@@ -26,11 +26,11 @@ use crate::config::{Config, OnFailure};
 use crate::lock;
 use crate::policy::{self, LoadedPolicy, PolicyError, PolicyInstance};
 use crate::transport::{LinkState, Publication};
-use tokio::sync::watch;
 use crate::wire::{
     self, nova_failure, CallInfo, CellResponse, CellsMessage, Context, Direction, MessageType,
     RemoteFailure, Request,
 };
+use tokio::sync::watch;
 
 /// Headers carried by dead-lettered messages.
 pub const REASON_HEADER: &str = "x-cellhost-reason";

@@ -1,11 +1,13 @@
 """A cell's application as a real oslo.messaging RPC server.
 
-    worker.py URL CELL [DELAY_SECONDS]
+    worker.py URL CELL [DELAY_SECONDS] [OSLO ARGS]
 
 Serves topic `cells.local` on the given transport URL and prints one JSON line
 per message it processed, after a first line `ready`. With a delay, every
-method first sleeps that long (a slow or hung worker). Used by the cellhost
-interop tests; runs until its standard input closes.
+method first sleeps that long (a slow or hung worker). Arguments after that
+go to oslo.config, e.g. `--config-file deployment.conf` holding an
+`[oslo_messaging_rabbit]` section. Used by the cellhost interop tests; runs
+until its standard input closes.
 """
 import json
 import sys
@@ -44,10 +46,13 @@ class Endpoint(object):
 
 def main():
     url, cell = sys.argv[1], sys.argv[2]
-    delay = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+    rest = sys.argv[3:]
+    delay = 0.0
+    if rest and not rest[0].startswith("-"):
+        delay = float(rest.pop(0))
     messaging.set_transport_defaults("nova")
     conf = cfg.CONF
-    conf([], project="cellhost-interop")
+    conf(rest, project="cellhost-interop")
     transport = messaging.get_rpc_transport(conf, url=url)
     target = messaging.Target(topic="cells.local", server="w-%s" % cell)
     server = messaging.get_rpc_server(transport, target, [Endpoint(cell, delay)], executor="threading")

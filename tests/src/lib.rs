@@ -132,6 +132,19 @@ impl Topology {
         workers: bool,
         adjust: impl Fn(&mut Config),
     ) -> Result<Topology> {
+        let mut topo = Topology::prepare(transport, topology, adjust)?;
+        topo.start_hosts(policy, workers).await?;
+        Ok(topo)
+    }
+
+    /// The cells' vhosts and configs, with no host running yet: for tests
+    /// where something else uses the brokers first (oslo services, say).
+    /// [`Topology::start_hosts`] starts the hosts.
+    pub fn prepare(
+        transport: Transport,
+        topology: &[(&str, Option<&str>)],
+        adjust: impl Fn(&mut Config),
+    ) -> Result<Topology> {
         let prefix = format!("cht-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let vhosts: Vec<String> = match transport {
             Transport::Rabbit => topology
@@ -151,7 +164,7 @@ impl Topology {
         });
         let mut configs = configs;
         configs.iter_mut().for_each(adjust);
-        let mut topo = Topology {
+        Ok(Topology {
             transport,
             prefix,
             configs,
@@ -159,18 +172,27 @@ impl Topology {
             workers: BTreeMap::new(),
             stash: Vec::new(),
             vhosts,
-        };
+        })
+    }
+
+    /// Starts a host per cell, and with `workers` the built-in local workers.
+    pub async fn start_hosts(&mut self, policy: Arc<LoadedPolicy>, workers: bool) -> Result<()> {
         if workers {
-            let (hosts, workers) = cellhost::demo::start_cells(&topo.configs, &policy).await?;
-            topo.hosts = hosts;
-            topo.workers = workers;
+            let (hosts, workers) = cellhost::demo::start_cells(&self.configs, &policy).await?;
+            self.hosts = hosts;
+            self.workers = workers;
         } else {
-            for config in &topo.configs {
-                topo.hosts
+            for config in &self.configs {
+                self.hosts
                     .push(CellHost::start(config.clone(), policy.clone()).await?);
             }
         }
-        Ok(topo)
+        Ok(())
+    }
+
+    /// The vhost of `cell` on RabbitMQ.
+    pub fn vhost(&self, cell: &str) -> String {
+        format!("{}-{cell}", self.prefix)
     }
 
     pub fn config(&self, cell: &str) -> &Config {

@@ -62,9 +62,7 @@ async fn a_hundred_reloads_under_load_lose_and_duplicate_nothing() {
                     .collect();
                 let casts: Vec<_> = burst
                     .iter()
-                    .map(|m| {
-                        entry_cast(&config.cell.control_exchange, &config.cell.queue_base, m)
-                    })
+                    .map(|m| entry_cast(&config.cell.control_exchange, &config.cell.queue_base, m))
                     .collect();
                 let publishes = casts.iter().map(|cast| broker.publish(cast));
                 for result in futures::future::join_all(publishes).await {

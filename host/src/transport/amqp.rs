@@ -38,7 +38,8 @@ use crate::config::RabbitOptions;
 use crate::lock;
 
 use super::{
-    ExchangeKind, Inbound, Inbox, LinkState, Outcome, Publication, PublishError, QueueSpec, Settle,
+    ArgValue, ExchangeKind, ExchangeSpec, Inbound, Inbox, LinkState, Outcome, Publication,
+    PublishError, QueueSpec, Role, Settle,
 };
 
 /// The first retry comes this soon after a lost connection.
@@ -84,7 +85,7 @@ struct Live {
 
 #[derive(Clone)]
 enum Declaration {
-    Exchange(String, ExchangeKind),
+    Exchange(ExchangeSpec),
     Queue(QueueSpec, String, String),
 }
 
@@ -186,8 +187,8 @@ impl AmqpBroker {
         let declared = self.inner.declared.lock().await;
         for declaration in declared.iter() {
             let replayed = match declaration {
-                Declaration::Exchange(name, kind) => {
-                    declare_exchange_on(&connection, &self.inner.label, name, *kind).await
+                Declaration::Exchange(spec) => {
+                    declare_exchange_on(&connection, &self.inner.label, spec).await
                 }
                 Declaration::Queue(spec, exchange, key) => {
                     declare_queue_on(&connection, &self.inner.label, spec, exchange, key).await
@@ -245,9 +246,7 @@ impl AmqpBroker {
                         if failures == 1 || failures % 20 == 0 {
                             tracing::warn!(broker = %self.inner.label, attempts = failures, error = %error, "link down, retrying");
                         }
-                        self.inner
-                            .state
-                            .send_modify(|s| s.last_error = Some(error));
+                        self.inner.state.send_modify(|s| s.last_error = Some(error));
                     }
                 }
             }
@@ -303,12 +302,12 @@ impl AmqpBroker {
     /// Declares an exchange now if the link is up, and on every connection
     /// to come; on a link that is down, it is made when the link comes up
     /// (and a refusal then keeps the link down, with the reason).
-    pub async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<()> {
+    pub async fn declare_exchange(&self, exchange: &ExchangeSpec) -> Result<()> {
         let mut declared = self.inner.declared.lock().await;
         if let Some(live) = self.inner.live.load_full() {
-            declare_exchange_on(&live.connection, &self.inner.label, name, kind).await?;
+            declare_exchange_on(&live.connection, &self.inner.label, exchange).await?;
         }
-        declared.push(Declaration::Exchange(name.to_string(), kind));
+        declared.push(Declaration::Exchange(exchange.clone()));
         Ok(())
     }
 
@@ -376,11 +375,9 @@ impl AmqpBroker {
                 }
             }
         });
-        Ok(Box::pin(
-            futures::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|inbound| (inbound, rx))
-            }),
-        ))
+        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|inbound| (inbound, rx))
+        })))
     }
 
     /// Subscribes to `queues` on one channel of `live`, forwarding into `tx`.
@@ -487,9 +484,7 @@ impl AmqpBroker {
                 )
                 .await
                 .map_err(|e| unavailable("publish failed", &e))?;
-            confirm
-                .await
-                .map_err(|e| unavailable("no confirm", &e))
+            confirm.await.map_err(|e| unavailable("no confirm", &e))
         })
         .await;
         match confirmed {
@@ -588,29 +583,39 @@ fn string_headers(table: Option<&FieldTable>) -> Vec<(String, String)> {
 async fn declare_exchange_on(
     connection: &Connection,
     label: &str,
-    name: &str,
-    kind: ExchangeKind,
+    exchange: &ExchangeSpec,
 ) -> Result<()> {
     let channel = connection.create_channel().await?;
-    let (kind, options) = match kind {
-        // oslo.messaging: the control exchange is transient and kept.
-        ExchangeKind::Topic => (
-            lapin::ExchangeKind::Topic,
-            ExchangeDeclareOptions::default(),
-        ),
-        // oslo.messaging: fanout exchanges vanish with their last queue.
-        ExchangeKind::Fanout => (
-            lapin::ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                auto_delete: true,
-                ..ExchangeDeclareOptions::default()
-            },
-        ),
+    let kind = match exchange.kind {
+        ExchangeKind::Topic => lapin::ExchangeKind::Topic,
+        ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
     };
-    channel
-        .exchange_declare(name.into(), kind, options, FieldTable::default())
-        .await
-        .with_context(|| format!("declaring exchange {name:?} on {label}"))?;
+    let options = ExchangeDeclareOptions {
+        durable: exchange.durable,
+        auto_delete: exchange.auto_delete,
+        ..ExchangeDeclareOptions::default()
+    };
+    let declared = channel
+        .exchange_declare(
+            exchange.name.as_str().into(),
+            kind,
+            options,
+            FieldTable::default(),
+        )
+        .await;
+    if let Err(e) = declared {
+        return Err(refused(
+            label,
+            e,
+            "exchange",
+            &exchange.name,
+            exchange.role,
+            &format!(
+                "durable={}, auto_delete={}",
+                exchange.durable, exchange.auto_delete
+            ),
+        ));
+    }
     let _ = channel.close(200, "declared".into()).await;
     Ok(())
 }
@@ -628,10 +633,26 @@ async fn declare_queue_on(
         auto_delete: queue.auto_delete,
         ..QueueDeclareOptions::default()
     };
-    channel
-        .queue_declare(queue.name.as_str().into(), options, FieldTable::default())
-        .await
-        .with_context(|| format!("declaring queue {:?} on {label}", queue.name))?;
+    let mut arguments = FieldTable::default();
+    for (key, value) in &queue.arguments {
+        arguments.insert(key.as_str().into(), amqp_value(value));
+    }
+    let declared = channel
+        .queue_declare(queue.name.as_str().into(), options, arguments)
+        .await;
+    if let Err(e) = declared {
+        return Err(refused(
+            label,
+            e,
+            "queue",
+            &queue.name,
+            queue.role,
+            &format!(
+                "durable={}, auto_delete={}, arguments={:?}",
+                queue.durable, queue.auto_delete, queue.arguments
+            ),
+        ));
+    }
     if !exchange.is_empty() {
         channel
             .queue_bind(
@@ -642,10 +663,57 @@ async fn declare_queue_on(
                 FieldTable::default(),
             )
             .await
-            .with_context(|| format!("binding queue {:?} to {exchange:?}", queue.name))?;
+            .with_context(|| {
+                format!("binding queue {:?} to {exchange:?} on {label}", queue.name)
+            })?;
     }
     let _ = channel.close(200, "declared".into()).await;
     Ok(())
+}
+
+/// Explains a failed declaration. PRECONDITION_FAILED means the name exists
+/// with other properties, usually declared first by an oslo service
+/// configured differently: say which option to align.
+fn refused(
+    broker: &str,
+    error: lapin::Error,
+    what: &str,
+    name: &str,
+    role: Role,
+    declared: &str,
+) -> anyhow::Error {
+    if let lapin::ErrorKind::ProtocolError(amqp) = error.kind() {
+        if amqp.get_id() == 406 {
+            let said = amqp.get_message().as_str();
+            let argument = inequivalent_argument(said).unwrap_or("");
+            return anyhow::anyhow!(
+                "{what} {name:?} already exists on the broker of {broker} with other properties than cellhost declares ({declared}); the broker says: {said}. Make `{}` in [oslo_messaging_rabbit] match the oslo.messaging services that use this broker (or delete the {what} if nothing uses it)",
+                role.likely_option(argument)
+            );
+        }
+    }
+    anyhow::Error::new(error).context(format!(
+        "declaring {what} {name:?} on the broker of {broker}"
+    ))
+}
+
+/// The argument RabbitMQ names in "PRECONDITION_FAILED - inequivalent arg
+/// 'durable' for exchange 'nova' ...".
+fn inequivalent_argument(reply_text: &str) -> Option<&str> {
+    let rest = reply_text.split("inequivalent arg '").nth(1)?;
+    rest.split('\'').next()
+}
+
+/// py-amqp (oslo's client) sends a Python int as a 32-bit signed integer
+/// when it fits; RabbitMQ compares integers by value, whatever their width.
+fn amqp_value(value: &ArgValue) -> AMQPValue {
+    match value {
+        ArgValue::Text(text) => AMQPValue::LongString(text.as_str().into()),
+        ArgValue::Int(n) => match i32::try_from(*n) {
+            Ok(small) => AMQPValue::LongInt(small),
+            Err(_) => AMQPValue::LongLongInt(i64::try_from(*n).unwrap_or(i64::MAX)),
+        },
+    }
 }
 
 async fn open_confirm_channel(connection: &Connection) -> Result<Channel> {
@@ -756,8 +824,15 @@ impl AckTracker {
 
 #[cfg(test)]
 mod tests {
-    use super::{backoff, AckTracker, BACKOFF_CAP};
+    use super::{backoff, inequivalent_argument, AckTracker, BACKOFF_CAP};
     use std::time::Duration;
+
+    #[test]
+    fn the_inequivalent_argument_is_read_from_the_brokers_words() {
+        let said = "PRECONDITION_FAILED - inequivalent arg 'durable' for exchange 'nova' in vhost 'c1': received 'false' but current is 'true'";
+        assert_eq!(inequivalent_argument(said), Some("durable"));
+        assert_eq!(inequivalent_argument("PRECONDITION_FAILED - other"), None);
+    }
 
     #[test]
     fn ack_covers_only_the_gapless_prefix() {

@@ -7,9 +7,11 @@
 
 pub mod amqp;
 pub mod memory;
+pub mod oslo_declare;
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
-
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -17,6 +19,8 @@ use futures::Stream;
 use tokio::sync::watch;
 
 use crate::config::{RabbitOptions, TransportUrl};
+
+pub use oslo_declare::{OsloDeclarations, Role};
 
 /// One message to publish.
 #[derive(Debug, Clone)]
@@ -65,23 +69,39 @@ pub enum ExchangeKind {
     Fanout,
 }
 
-/// A queue declaration, with the properties oslo.messaging uses so that a
-/// Python peer declaring the same name agrees with it.
-#[derive(Debug, Clone)]
+/// An exchange declaration. Its properties come from [`OsloDeclarations`],
+/// so that an oslo.messaging peer declaring the same name agrees with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExchangeSpec {
+    pub name: String,
+    pub kind: ExchangeKind,
+    pub durable: bool,
+    pub auto_delete: bool,
+    /// Its part in an oslo deployment, to explain a refused declaration.
+    pub role: Role,
+}
+
+/// A queue declaration, made like an [`ExchangeSpec`].
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueueSpec {
     pub name: String,
     pub durable: bool,
     pub auto_delete: bool,
+    /// `x-queue-type`, `x-expires`, ...; the broker compares them on redeclaration.
+    pub arguments: BTreeMap<String, ArgValue>,
+    pub role: Role,
 }
 
-impl QueueSpec {
-    /// A transient, non-auto-delete queue: what an oslo RPC server declares.
-    pub fn oslo(name: impl Into<String>) -> Self {
-        QueueSpec {
-            name: name.into(),
-            durable: false,
-            auto_delete: false,
-        }
+/// The value of a queue argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArgValue {
+    Text(String),
+    Int(u64),
+}
+
+impl ArgValue {
+    pub fn text(value: &str) -> ArgValue {
+        ArgValue::Text(value.to_string())
     }
 }
 
@@ -176,7 +196,11 @@ impl Broker {
     /// Connects to the broker at `url`, set up as `options` say; `name`
     /// labels the connection. The first connection must open; after that
     /// the link reconnects by itself whenever it is lost.
-    pub async fn connect(url: &TransportUrl, options: &RabbitOptions, name: &str) -> Result<Broker> {
+    pub async fn connect(
+        url: &TransportUrl,
+        options: &RabbitOptions,
+        name: &str,
+    ) -> Result<Broker> {
         match url {
             TransportUrl::Memory { name: broker } => {
                 Ok(Broker::Memory(memory::MemoryBroker::named(broker)))
@@ -228,18 +252,37 @@ impl Broker {
         let _ = state.wait_for(|s| s.up).await;
     }
 
-    pub async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<()> {
+    /// The `[oslo_messaging_rabbit]` options this broker was connected with;
+    /// the memory broker has oslo's defaults (it ignores them anyway).
+    pub fn options(&self) -> &RabbitOptions {
+        static DEFAULTS: OnceLock<RabbitOptions> = OnceLock::new();
         match self {
-            Broker::Amqp(b) => b.declare_exchange(name, kind).await,
+            Broker::Amqp(b) => b.options(),
+            Broker::Memory(_) => DEFAULTS.get_or_init(RabbitOptions::default),
+        }
+    }
+
+    /// What oslo.messaging declares on this broker, under its options: every
+    /// declaration made on a broker takes its properties from here.
+    pub fn oslo(&self) -> OsloDeclarations<'_> {
+        OsloDeclarations::new(self.options())
+    }
+
+    /// Declares `exchange`; a refusal (it exists with other properties) is an
+    /// error naming the exchange, the broker and the option likely to differ.
+    pub async fn declare_exchange(&self, exchange: &ExchangeSpec) -> Result<()> {
+        match self {
+            Broker::Amqp(b) => b.declare_exchange(exchange).await,
             Broker::Memory(b) => {
-                b.declare_exchange(name, kind);
+                b.declare_exchange(&exchange.name, exchange.kind);
                 Ok(())
             }
         }
     }
 
     /// Declares `queue` and binds it to `exchange` with `routing_key`
-    /// (no binding for the default exchange).
+    /// (no binding for the default exchange). A refusal is explained as for
+    /// [`Broker::declare_exchange`]; the memory broker ignores the properties.
     pub async fn declare_queue(
         &self,
         queue: &QueueSpec,
