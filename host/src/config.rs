@@ -78,9 +78,14 @@ pub struct CellSection {
     /// Larger bodies are dead-lettered unread.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
-    /// How many recent message uuids are remembered to drop duplicates.
+    /// How many uuids of carried-out messages are remembered to drop
+    /// duplicates, oldest forgotten first; 0 turns duplicate detection off.
     #[serde(default = "default_dedupe_window")]
     pub dedupe_window: usize,
+    /// How long, in seconds, such a uuid is remembered; 0: no age limit
+    /// (only `dedupe_window` bounds the memory).
+    #[serde(default = "default_dedupe_max_age_s")]
+    pub dedupe_max_age_s: u64,
 }
 
 /// `[local]`: where messages processed in this cell are delivered.
@@ -239,6 +244,17 @@ fn default_max_body_bytes() -> usize {
 fn default_dedupe_window() -> usize {
     65_536
 }
+fn default_dedupe_max_age_s() -> u64 {
+    600
+}
+
+/// The most uuids `cell.dedupe_window` may remember: each costs about 160
+/// bytes, so this is about 2.5 GiB.
+const MAX_DEDUPE_WINDOW: usize = 1 << 24;
+
+/// The longest `cell.dedupe_max_age_s`: a week. Longer is a unit mistake
+/// (milliseconds?) more likely than a wish.
+const MAX_DEDUPE_AGE_S: u64 = 7 * 86_400;
 fn default_local_topic() -> String {
     "cells.local".into()
 }
@@ -299,6 +315,7 @@ impl Config {
                 confirm_window: default_confirm_window(),
                 max_body_bytes: default_max_body_bytes(),
                 dedupe_window: default_dedupe_window(),
+                dedupe_max_age_s: default_dedupe_max_age_s(),
             },
             local: LocalSection::default(),
             policy: PolicySection::default(),
@@ -380,6 +397,18 @@ impl Config {
         }
         if self.cell.max_body_bytes == 0 {
             bail!("`cell.max_body_bytes` must be at least 1");
+        }
+        if self.cell.dedupe_window > MAX_DEDUPE_WINDOW {
+            bail!(
+                "`cell.dedupe_window` ({}) must be at most {MAX_DEDUPE_WINDOW} uuids (about 160 bytes of memory each); 0 turns duplicate detection off",
+                self.cell.dedupe_window
+            );
+        }
+        if self.cell.dedupe_max_age_s > MAX_DEDUPE_AGE_S {
+            bail!(
+                "`cell.dedupe_max_age_s` ({}) must be at most {MAX_DEDUPE_AGE_S} seconds (a week); 0 removes the age limit",
+                self.cell.dedupe_max_age_s
+            );
         }
         if self.policy.deadline_ms == 0 {
             bail!("`policy.deadline_ms` must be at least 1");
@@ -808,6 +837,43 @@ mod tests {
         assert_eq!(config.policy.cache_dir(), Some(dir.join("compiled")));
         std::fs::write(&path, format!("{cell}[policy]\ncache_dir = \"\"\n")).expect("write");
         assert_eq!(Config::load(&path).expect("valid").policy.cache_dir(), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn dedupe_window_and_age_have_defaults_and_bounds() {
+        let dir = std::env::temp_dir().join(format!("cellhost-dedupe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("cell.toml");
+        let cell = "[cell]\nname = \"a\"\ntransport_url = \"memory://x\"\n";
+        std::fs::write(&path, cell).expect("write");
+        let config = Config::load(&path).expect("valid");
+        assert_eq!(config.cell.dedupe_window, 65_536);
+        assert_eq!(config.cell.dedupe_max_age_s, 600);
+
+        std::fs::write(
+            &path,
+            format!("{cell}dedupe_window = 0\ndedupe_max_age_s = 0\n"),
+        )
+        .expect("write");
+        let config = Config::load(&path).expect("0 turns each off");
+        assert_eq!(
+            (config.cell.dedupe_window, config.cell.dedupe_max_age_s),
+            (0, 0)
+        );
+
+        std::fs::write(&path, format!("{cell}dedupe_max_age_s = 700000\n")).expect("write");
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("cell.toml"), "{err}");
+        assert!(err.contains("cell.dedupe_max_age_s"), "{err}");
+
+        std::fs::write(&path, format!("{cell}dedupe_window = 100000000\n")).expect("write");
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("cell.dedupe_window"), "{err}");
+
+        std::fs::write(&path, format!("{cell}dedupe_max_age_s = -1\n")).expect("write");
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("dedupe_max_age_s"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -271,8 +271,14 @@ async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, answering: A
         .filter_map(|r| r.err().map(|e| e.to_string()))
         .collect();
     if failures.is_empty() {
-        if let Some(uuid) = &plan.uuid {
-            router.handled(uuid);
+        // Remembered if the message was carried out, let go if not.
+        if let Some(claim) = plan.claim {
+            claim.settled();
+        }
+        if let Some(pause) = plan.requeue_after {
+            tokio::time::sleep(pause).await;
+            inbound.settle(Outcome::Requeue);
+            return;
         }
         inbound.settle(if plan.reject {
             Outcome::Reject
@@ -300,6 +306,8 @@ async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, answering: A
         errors = ?failures,
         "publication failed on the own broker; the message goes back to its queue"
     );
+    // Let go before the pause: the message comes back as new, not in flight.
+    drop(plan.claim);
     tokio::time::sleep(REQUEUE_DELAY).await;
     inbound.settle(Outcome::Requeue);
 }

@@ -1,7 +1,7 @@
 //! The router: cells semantics between the codec and the policy.
 //!
 //! For one received body it decodes the oslo envelope and the cells message,
-//! drops duplicates, records this cell's hop, asks the policy, checks the
+//! drops duplicates ([`dedupe`]), records this cell's hop, asks the policy, checks the
 //! answer against the invariants no policy may break, and returns a [`Plan`]:
 //! the publications to make (relays to neighbours, delivery to the local
 //! application, the dead-letter queue) before the source may be acknowledged.
@@ -14,7 +14,7 @@
 //! response message otherwise). Routing and policy errors become failure
 //! responses instead of dead letters when someone waits for an answer.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +31,10 @@ use crate::wire::{
     RemoteFailure, Request,
 };
 use tokio::sync::watch;
+
+pub mod dedupe;
+
+pub use dedupe::{Claim, Dedupe, Seen};
 
 /// Headers carried by dead-lettered messages.
 pub const REASON_HEADER: &str = "x-cellhost-reason";
@@ -49,8 +53,15 @@ pub enum Target {
 /// What to do with one received message.
 #[derive(Debug)]
 pub struct Plan {
-    /// The message's uuid, remembered once the plan is carried out.
+    /// The message's uuid, for logs.
     pub uuid: Option<String>,
+    /// The uuid claimed for this delivery: settle it once the plan is
+    /// carried out (it is then remembered or let go, as the router decided);
+    /// dropping it unsettled lets the uuid go.
+    pub claim: Option<Claim>,
+    /// Put the source back on its queue after this pause instead of
+    /// settling it: another delivery of the message is in flight.
+    pub requeue_after: Option<Duration>,
     pub sends: Vec<(Target, Publication)>,
     pub disposition: Disposition,
     /// How this cell answers, when an answer is wanted.
@@ -65,6 +76,11 @@ pub struct Plan {
 /// The extra key carrying the time left to answer, in milliseconds. Nova
 /// peers ignore it and give every hop the full `call_timeout`.
 pub const BUDGET_KEY: &str = "cellhost_timeout_ms";
+
+/// How long a second delivery of a message whose first is still being
+/// carried out waits before it goes back to its queue: long enough not to
+/// spin, short next to a publication's confirm.
+pub const IN_FLIGHT_RETRY: Duration = Duration::from_millis(250);
 
 /// The longest budget taken from a caller: a day.
 const MAX_BUDGET_MS: u64 = 86_400_000;
@@ -127,6 +143,23 @@ pub enum Disposition {
         reason: String,
     },
     Duplicate,
+    /// Another delivery of the same uuid is being carried out: this one goes
+    /// back to its queue, and is a duplicate or is carried out when it returns.
+    InFlight,
+}
+
+impl Disposition {
+    /// Whether this outcome carries the message out, so that a later copy is
+    /// a duplicate: it was routed (relayed, delivered, or its responses
+    /// arrived), dropped by the policy's decision, or refused with a failure
+    /// response. Not a dead letter or a rejection: an operator who replays
+    /// those wants them carried out.
+    pub fn carries_out(&self) -> bool {
+        matches!(
+            self,
+            Disposition::Routed { .. } | Disposition::Dropped { .. } | Disposition::Refused { .. }
+        )
+    }
 }
 
 /// Counters a host exposes.
@@ -163,7 +196,7 @@ pub struct Router {
     wit_cell: policy::Cell,
     neighbours: HashSet<String>,
     active: ArcSwap<LoadedPolicy>,
-    dedupe: Dedupe,
+    dedupe: Arc<Dedupe>,
     /// Where this host's calls to the local application are answered.
     reply_queue: String,
     /// The version the active one replaced, to fall back on.
@@ -185,7 +218,10 @@ impl Router {
         Arc::new(Router {
             cell_name: config.cell.name.clone(),
             neighbours: config.neighbours.iter().map(|n| n.name.clone()).collect(),
-            dedupe: Dedupe::new(config.cell.dedupe_window),
+            dedupe: Dedupe::new(
+                config.cell.dedupe_window,
+                Some(Duration::from_secs(config.cell.dedupe_max_age_s)),
+            ),
             wit_cell,
             config,
             active: ArcSwap::new(policy),
@@ -297,9 +333,9 @@ impl Router {
         );
     }
 
-    /// Remembers that the message with `uuid` was fully handled.
-    pub fn handled(&self, uuid: &str) {
-        self.dedupe.insert(uuid);
+    /// The uuids this host carries out or carried out recently.
+    pub fn dedupe(&self) -> &Arc<Dedupe> {
+        &self.dedupe
     }
 
     /// The topic neighbours publish messages of `kind` to.
@@ -350,14 +386,7 @@ impl RouteWorker {
             Ok(m) => m,
             Err(e) => return self.dead_letter(body, None, e.reason_code(), e.to_string()),
         };
-        if router.dedupe.contains(&message.uuid) {
-            router.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(uuid = %message.uuid, "duplicate message dropped");
-            return Plan::nothing(None, Disposition::Duplicate);
-        }
         let is_origin = message.routing_path.is_empty();
-        message.append_hop(&router.cell_name);
-        message.max_hop_count = message.max_hop_count.min(router.config.cell.max_hop_count);
         // An application that calls waits for an answer, whatever the flag says.
         let reply_to = if is_origin {
             request.call.clone()
@@ -367,6 +396,54 @@ impl RouteWorker {
         if reply_to.is_some() {
             message.need_response = true;
         }
+        let wants_answer = message.need_response && message.message_type != MessageType::Response;
+        // Claimed before anything is decided, in one step with the check, so
+        // two deliveries of one uuid are never both carried out. A message
+        // without a uuid cannot be told from another and is not claimed.
+        let claimed = if message.uuid.is_empty() {
+            Ok(None)
+        } else {
+            router.dedupe.claim(&message.uuid, wants_answer)
+        };
+        let mut claim = match claimed {
+            Ok(claim) => claim,
+            Err(Seen::Remembered) => {
+                router.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(uuid = %message.uuid, "duplicate message dropped");
+                return Plan::nothing(None, Disposition::Duplicate);
+            }
+            Err(Seen::InFlight) => {
+                tracing::debug!(uuid = %message.uuid, "another delivery of this message is in flight; this one comes back later");
+                let mut plan = Plan::nothing(Some(message.uuid), Disposition::InFlight);
+                plan.requeue_after = Some(IN_FLIGHT_RETRY);
+                return plan;
+            }
+        };
+        let mut plan = self.route(body, message, is_origin, reply_to, received, expiration_ms);
+        if let Some(claim) = claim.as_mut() {
+            // A message someone waits an answer for is carried out again when
+            // it comes again: the copy is a retried call, whose caller would
+            // otherwise never hear back.
+            claim.remember(plan.disposition.carries_out() && !wants_answer);
+        }
+        plan.claim = claim;
+        plan
+    }
+
+    /// Plans a message this delivery has claimed: records this cell's hop,
+    /// asks the policy and applies its answer.
+    fn route(
+        &mut self,
+        body: &[u8],
+        mut message: CellsMessage,
+        is_origin: bool,
+        reply_to: Option<CallInfo>,
+        received: Instant,
+        expiration_ms: Option<u64>,
+    ) -> Plan {
+        let router = self.router.clone();
+        message.append_hop(&router.cell_name);
+        message.max_hop_count = message.max_hop_count.min(router.config.cell.max_hop_count);
         let budget = self.budget(&message, reply_to.as_ref(), expiration_ms);
 
         let span = tracing::debug_span!(
@@ -719,6 +796,8 @@ impl RouteWorker {
             respond,
             arrived: None,
             reject: false,
+            claim: None,
+            requeue_after: None,
         }
     }
 
@@ -775,6 +854,8 @@ impl RouteWorker {
             respond: None,
             arrived: Some((response_uuid, from, responses)),
             reject: false,
+            claim: None,
+            requeue_after: None,
         }
     }
 
@@ -866,6 +947,8 @@ impl RouteWorker {
             }),
             arrived: None,
             reject: false,
+            claim: None,
+            requeue_after: None,
         }
     }
 
@@ -926,6 +1009,8 @@ impl Plan {
             respond: None,
             arrived: None,
             reject: false,
+            claim: None,
+            requeue_after: None,
         }
     }
 }
@@ -1010,40 +1095,5 @@ pub(crate) fn wit_cell(config: &Config) -> policy::Cell {
             .filter(|n| !n.is_parent)
             .map(neighbour)
             .collect(),
-    }
-}
-
-/// The uuids of recently handled messages, oldest forgotten first.
-struct Dedupe {
-    capacity: usize,
-    seen: Mutex<(HashSet<String>, VecDeque<String>)>,
-}
-
-impl Dedupe {
-    fn new(capacity: usize) -> Dedupe {
-        Dedupe {
-            capacity,
-            seen: Mutex::new((HashSet::new(), VecDeque::new())),
-        }
-    }
-
-    fn contains(&self, uuid: &str) -> bool {
-        self.capacity > 0 && lock(&self.seen).0.contains(uuid)
-    }
-
-    fn insert(&self, uuid: &str) {
-        if self.capacity == 0 {
-            return;
-        }
-        let mut guard = lock(&self.seen);
-        let (set, order) = &mut *guard;
-        if set.insert(uuid.to_string()) {
-            order.push_back(uuid.to_string());
-            while order.len() > self.capacity {
-                if let Some(old) = order.pop_front() {
-                    set.remove(&old);
-                }
-            }
-        }
     }
 }

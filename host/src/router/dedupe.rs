@@ -1,0 +1,374 @@
+//! Duplicate detection by cells message `uuid`, for one host.
+//!
+//! Delivery is at-least-once, so the same message can reach a host twice: a
+//! neighbour that republished after a lost confirm, an application that sent
+//! again, an operator who replayed a queue. This module owns the memory that
+//! tells such a copy from a new message, and nothing else: the router decides
+//! what counts as carried out, the host's consumer loop says when.
+//!
+//! A uuid goes through three states:
+//! - **claimed** when the router starts planning its message: a second
+//!   delivery of it meanwhile is told to come back later
+//!   ([`Seen::InFlight`]), so one message is never carried out twice at once;
+//! - **remembered** when the plan was carried out (its publications are
+//!   confirmed) and it was a message worth remembering; a later copy is then a
+//!   duplicate ([`Seen::Remembered`]);
+//! - **forgotten** when the plan was not carried out (dead-lettered,
+//!   rejected, a publication failed), so a redelivery or an operator's replay
+//!   is carried out; and when it is older than the window, or pushed out by
+//!   newer ones.
+//!
+//! The window is bounded by count and by age, oldest forgotten first. Claims
+//! in flight are not counted: there are at most as many as messages a host
+//! has unacknowledged (its consumers' prefetch).
+//!
+//! Cost per message: one allocation (the uuid, shared by the map and the
+//! queue) and two short holds of one mutex (claim, then settle).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::lock;
+
+/// The uuids this host is carrying out or carried out recently.
+pub struct Dedupe {
+    /// Most uuids remembered; 0 turns duplicate detection off.
+    capacity: usize,
+    /// How long a uuid is remembered; `None`: until pushed out by count.
+    max_age: Option<Duration>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<Arc<str>, Entry>,
+    /// Remembered uuids in the order they were remembered, oldest first.
+    /// Every one has its `Entry::Remembered` with the same instant.
+    order: VecDeque<(Instant, Arc<str>)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    InFlight,
+    Remembered(Instant),
+}
+
+/// Why a uuid cannot be claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// Carried out within the window: the copy is a duplicate.
+    Remembered,
+    /// Another delivery of it is being carried out right now.
+    InFlight,
+}
+
+impl Dedupe {
+    /// A window of at most `capacity` uuids (0: no duplicate detection), each
+    /// kept at most `max_age` (`None` or zero: no age limit).
+    pub fn new(capacity: usize, max_age: Option<Duration>) -> Arc<Dedupe> {
+        Arc::new(Dedupe {
+            capacity,
+            max_age: max_age.filter(|age| !age.is_zero()),
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// Claims `uuid` for the delivery being planned. `Ok(None)` when there is
+    /// nothing to claim: detection is off, or `wants_answer` and the uuid is
+    /// remembered (a message someone waits an answer for is carried out
+    /// again, see [`Claim::remember`]).
+    pub fn claim(self: &Arc<Self>, uuid: &str, wants_answer: bool) -> Result<Option<Claim>, Seen> {
+        self.claim_at(uuid, wants_answer, Instant::now())
+    }
+
+    fn claim_at(
+        self: &Arc<Self>,
+        uuid: &str,
+        wants_answer: bool,
+        now: Instant,
+    ) -> Result<Option<Claim>, Seen> {
+        if self.capacity == 0 {
+            return Ok(None);
+        }
+        let mut state = lock(&self.state);
+        // Expired uuids go first, so an entry found below is within the window.
+        self.evict(&mut state, now);
+        match state.entries.get(uuid) {
+            Some(Entry::InFlight) => Err(Seen::InFlight),
+            Some(Entry::Remembered(_)) if wants_answer => Ok(None),
+            Some(Entry::Remembered(_)) => Err(Seen::Remembered),
+            None => {
+                let key: Arc<str> = Arc::from(uuid);
+                state.entries.insert(key.clone(), Entry::InFlight);
+                Ok(Some(Claim {
+                    dedupe: self.clone(),
+                    uuid: key,
+                    remember: false,
+                    settled: false,
+                }))
+            }
+        }
+    }
+
+    /// How many uuids are remembered or claimed now.
+    pub fn len(&self) -> usize {
+        lock(&self.state).entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn commit(&self, uuid: &Arc<str>, now: Instant) {
+        let mut state = lock(&self.state);
+        if let Some(entry) = state.entries.get_mut(uuid) {
+            *entry = Entry::Remembered(now);
+            state.order.push_back((now, uuid.clone()));
+        }
+        self.evict(&mut state, now);
+    }
+
+    fn release(&self, uuid: &str) {
+        let mut state = lock(&self.state);
+        if state.entries.get(uuid) == Some(&Entry::InFlight) {
+            state.entries.remove(uuid);
+        }
+    }
+
+    /// Forgets the oldest remembered uuids while there are more than the
+    /// capacity or they are older than the age limit.
+    fn evict(&self, state: &mut State, now: Instant) {
+        while let Some((at, _)) = state.order.front() {
+            let too_many = state.order.len() > self.capacity;
+            let too_old = self
+                .max_age
+                .is_some_and(|age| now.saturating_duration_since(*at) > age);
+            if !too_many && !too_old {
+                break;
+            }
+            if let Some((at, uuid)) = state.order.pop_front() {
+                // Only the entry this queue slot stands for: never a claim
+                // made since.
+                if state.entries.get(&uuid) == Some(&Entry::Remembered(at)) {
+                    state.entries.remove(&uuid);
+                }
+            }
+        }
+    }
+}
+
+/// A uuid claimed by one delivery. Settling it remembers the uuid when the
+/// router marked the message as one to remember, and lets it go otherwise;
+/// dropping it unsettled (a publication failed, the plan was abandoned) lets
+/// it go, so the next delivery is carried out.
+pub struct Claim {
+    dedupe: Arc<Dedupe>,
+    uuid: Arc<str>,
+    remember: bool,
+    settled: bool,
+}
+
+impl Claim {
+    pub fn uuid(&self) -> &str {
+        &self.uuid
+    }
+
+    /// Whether the uuid is remembered once the plan is carried out.
+    pub fn remember(&mut self, remember: bool) {
+        self.remember = remember;
+    }
+
+    /// The plan's publications are confirmed: remember the uuid, or let it go.
+    pub fn settled(self) {
+        self.settled_at(Instant::now());
+    }
+
+    fn settled_at(mut self, now: Instant) {
+        self.settled = true;
+        if self.remember {
+            self.dedupe.commit(&self.uuid, now);
+        } else {
+            self.dedupe.release(&self.uuid);
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.dedupe.release(&self.uuid);
+        }
+    }
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim")
+            .field("uuid", &self.uuid)
+            .field("remember", &self.remember)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claimed(d: &Arc<Dedupe>, uuid: &str, now: Instant) -> Claim {
+        match d.claim_at(uuid, false, now) {
+            Ok(Some(claim)) => claim,
+            other => panic!("{uuid} not claimed: {other:?}"),
+        }
+    }
+
+    fn carried_out(d: &Arc<Dedupe>, uuid: &str, now: Instant) {
+        let mut claim = claimed(d, uuid, now);
+        claim.remember(true);
+        claim.settled_at(now);
+    }
+
+    #[test]
+    fn a_carried_out_uuid_is_a_duplicate_afterwards() {
+        let d = Dedupe::new(10, None);
+        let now = Instant::now();
+        carried_out(&d, "a", now);
+        assert_eq!(d.claim_at("a", false, now).unwrap_err(), Seen::Remembered);
+        assert!(matches!(d.claim_at("b", false, now), Ok(Some(_))));
+    }
+
+    #[test]
+    fn a_second_delivery_waits_while_the_first_is_in_flight() {
+        let d = Dedupe::new(10, None);
+        let now = Instant::now();
+        let first = claimed(&d, "a", now);
+        assert_eq!(d.claim_at("a", false, now).unwrap_err(), Seen::InFlight);
+        // Even a message wanting an answer is not carried out twice at once.
+        assert_eq!(d.claim_at("a", true, now).unwrap_err(), Seen::InFlight);
+        drop(first);
+    }
+
+    #[test]
+    fn a_released_claim_lets_the_next_delivery_through() {
+        let d = Dedupe::new(10, None);
+        let now = Instant::now();
+        // Settled without being marked: dead-lettered, rejected.
+        claimed(&d, "a", now).settled_at(now);
+        let again = claimed(&d, "a", now);
+        // Dropped unsettled: a publication failed.
+        drop(again);
+        let mut third = claimed(&d, "a", now);
+        third.remember(true);
+        third.settled_at(now);
+        assert_eq!(d.claim_at("a", false, now).unwrap_err(), Seen::Remembered);
+        assert_eq!(d.len(), 1);
+    }
+
+    #[test]
+    fn a_message_wanting_an_answer_is_carried_out_again() {
+        let d = Dedupe::new(10, None);
+        let now = Instant::now();
+        carried_out(&d, "a", now);
+        assert!(matches!(d.claim_at("a", true, now), Ok(None)));
+        // And it is still a duplicate for a copy that wants no answer.
+        assert_eq!(d.claim_at("a", false, now).unwrap_err(), Seen::Remembered);
+    }
+
+    #[test]
+    fn the_oldest_are_forgotten_past_the_count() {
+        let d = Dedupe::new(3, None);
+        let now = Instant::now();
+        for uuid in ["a", "b", "c", "d"] {
+            carried_out(&d, uuid, now);
+        }
+        assert_eq!(d.len(), 3);
+        assert!(matches!(d.claim_at("a", false, now), Ok(Some(_))));
+        for uuid in ["b", "c", "d"] {
+            assert_eq!(d.claim_at(uuid, false, now).unwrap_err(), Seen::Remembered);
+        }
+    }
+
+    #[test]
+    fn uuids_older_than_the_age_limit_are_forgotten() {
+        let d = Dedupe::new(100, Some(Duration::from_secs(60)));
+        let start = Instant::now();
+        carried_out(&d, "old", start);
+        carried_out(&d, "newer", start + Duration::from_secs(30));
+        let later = start + Duration::from_secs(61);
+        assert!(matches!(d.claim_at("old", false, later), Ok(Some(_))));
+        assert_eq!(
+            d.claim_at("newer", false, later).unwrap_err(),
+            Seen::Remembered
+        );
+        let much_later = start + Duration::from_secs(200);
+        assert!(matches!(
+            d.claim_at("newer", false, much_later),
+            Ok(Some(_))
+        ));
+        assert_eq!(d.len(), 0, "expired uuids and dropped claims leave nothing");
+    }
+
+    #[test]
+    fn a_zero_age_means_no_age_limit_and_a_zero_count_turns_detection_off() {
+        let d = Dedupe::new(10, Some(Duration::ZERO));
+        let start = Instant::now();
+        carried_out(&d, "a", start);
+        let years = start + Duration::from_secs(100_000_000);
+        assert_eq!(d.claim_at("a", false, years).unwrap_err(), Seen::Remembered);
+
+        let off = Dedupe::new(0, None);
+        assert!(matches!(off.claim_at("a", false, start), Ok(None)));
+        assert!(matches!(off.claim_at("a", false, start), Ok(None)));
+        assert!(off.is_empty());
+    }
+
+    #[test]
+    fn an_expired_uuid_claimed_again_is_not_evicted_by_its_old_slot() {
+        let d = Dedupe::new(2, Some(Duration::from_secs(10)));
+        let start = Instant::now();
+        carried_out(&d, "a", start);
+        // Expired, claimed again, remembered again: one live entry.
+        let later = start + Duration::from_secs(11);
+        carried_out(&d, "a", later);
+        carried_out(&d, "b", later);
+        assert_eq!(d.claim_at("a", false, later).unwrap_err(), Seen::Remembered);
+        // A claim in flight is never evicted by the count.
+        let c = claimed(&d, "c", later);
+        carried_out(&d, "e", later);
+        carried_out(&d, "f", later);
+        assert_eq!(d.claim_at("c", false, later).unwrap_err(), Seen::InFlight);
+        drop(c);
+    }
+
+    #[test]
+    fn concurrent_deliveries_of_one_uuid_claim_it_once() {
+        let d = Dedupe::new(1000, Some(Duration::from_secs(600)));
+        for round in 0..200 {
+            let uuid = format!("uuid-{round}");
+            let barrier = Arc::new(std::sync::Barrier::new(4));
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    let (d, uuid, barrier) = (d.clone(), uuid.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        match d.claim(&uuid, false) {
+                            Ok(Some(mut claim)) => {
+                                claim.remember(true);
+                                claim.settled();
+                                1
+                            }
+                            Ok(None) => panic!("detection is on"),
+                            Err(_) => 0,
+                        }
+                    })
+                })
+                .collect();
+            let winners: i32 = threads
+                .into_iter()
+                .map(|t| t.join().expect("claiming thread"))
+                .sum();
+            assert_eq!(winners, 1, "round {round}");
+        }
+        assert_eq!(d.len(), 200);
+    }
+}
