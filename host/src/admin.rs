@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 use crate::policy::LoadedPolicy;
 use crate::reload::{PolicyReloader, Reloaded};
-use crate::router::{Router, Stats};
+use crate::router::{Router, Stats, OWN_LINK};
 
 /// What the admin listener can see of one cell.
 #[derive(Clone)]
@@ -60,16 +60,41 @@ pub async fn serve(listen: SocketAddr, cells: Vec<AdminCell>) -> Result<SocketAd
     Ok(bound)
 }
 
+/// 503 while a cell does not consume or its own broker's link is down; a
+/// neighbour's link that is down makes the cell degraded, not unhealthy
+/// (its relays are parked), and is named in the body either way.
 async fn health(State(cells): State<Cells>) -> Response {
-    let down: Vec<&str> = cells
-        .iter()
-        .filter(|c| !c.router.consuming())
-        .map(|c| c.router.cell_name())
-        .collect();
-    if down.is_empty() {
-        (StatusCode::OK, "ok\n").into_response()
+    let mut unhealthy = Vec::new();
+    let mut degraded = Vec::new();
+    for c in cells.iter() {
+        let cell = c.router.cell_name();
+        if !c.router.consuming() {
+            unhealthy.push(format!("{cell}: not consuming"));
+        }
+        for (link, state) in c.router.link_states() {
+            if state.up {
+                continue;
+            }
+            let why = state.last_error.unwrap_or_else(|| "connecting".into());
+            if link == OWN_LINK {
+                unhealthy.push(format!("{cell}: link to its own broker down: {why}"));
+            } else {
+                degraded.push(format!(
+                    "{cell}: link to neighbour {link} down (relays are parked): {why}"
+                ));
+            }
+        }
+    }
+    let mut body = String::new();
+    for line in unhealthy.iter().chain(&degraded) {
+        let _ = writeln!(body, "{line}");
+    }
+    if unhealthy.is_empty() {
+        if body.is_empty() {
+            body.push_str("ok\n");
+        }
+        (StatusCode::OK, body).into_response()
     } else {
-        let body = format!("not consuming: {}\n", down.join(", "));
         (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
     }
 }
@@ -133,7 +158,7 @@ async fn reload(State(cells): State<Cells>) -> Response {
 async fn metrics(State(cells): State<Cells>) -> Response {
     // The counters already live in each router; the text format is a few
     // lines per family, so they are written out directly.
-    let counters: [Counter; 12] = [
+    let counters: [Counter; 15] = [
         (
             "received",
             "Messages received on the intercell topics",
@@ -188,6 +213,21 @@ async fn metrics(State(cells): State<Cells>) -> Response {
             "Messages the shadow policy decided differently",
             |s| Stats::get(&s.shadow_differences),
         ),
+        (
+            "parked",
+            "Relays parked for a neighbour that could not take them",
+            |s| Stats::get(&s.parked),
+        ),
+        (
+            "unparked",
+            "Parked relays moved on to their neighbour",
+            |s| Stats::get(&s.unparked),
+        ),
+        (
+            "unroutable",
+            "Publications no queue took, dead-lettered",
+            |s| Stats::get(&s.unroutable),
+        ),
     ];
     let mut out = String::new();
     for (name, help, read) in counters {
@@ -218,6 +258,36 @@ async fn metrics(State(cells): State<Cells>) -> Response {
             c.router.cell_name(),
             failing as u8
         );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP cellhost_link_up 1 while the link to a broker (own, or a neighbour's) is up."
+    );
+    let _ = writeln!(out, "# TYPE cellhost_link_up gauge");
+    for c in cells.iter() {
+        for (link, state) in c.router.link_states() {
+            let _ = writeln!(
+                out,
+                "cellhost_link_up{{cell=\"{}\",link=\"{link}\"}} {}",
+                c.router.cell_name(),
+                state.up as u8
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP cellhost_link_connections_total Connections opened on a link (1 plus its reconnections)."
+    );
+    let _ = writeln!(out, "# TYPE cellhost_link_connections_total counter");
+    for c in cells.iter() {
+        for (link, state) in c.router.link_states() {
+            let _ = writeln!(
+                out,
+                "cellhost_link_connections_total{{cell=\"{}\",link=\"{link}\"}} {}",
+                c.router.cell_name(),
+                state.generation
+            );
+        }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -86,6 +86,14 @@ pub struct CellSection {
     /// (only `dedupe_window` bounds the memory).
     #[serde(default = "default_dedupe_max_age_s")]
     pub dedupe_max_age_s: u64,
+    /// How long, in seconds, a relay may wait parked for a neighbour that
+    /// cannot take it before it goes to the dead-letter queue.
+    #[serde(default = "default_park_max_age_s")]
+    pub park_max_age_s: u64,
+    /// How many relays may wait parked for one neighbour; past that, new
+    /// relays for it are refused and their messages stay in their queue.
+    #[serde(default = "default_park_max_length")]
+    pub park_max_length: u64,
 }
 
 /// `[local]`: where messages processed in this cell are delivered.
@@ -247,6 +255,12 @@ fn default_dedupe_window() -> usize {
 fn default_dedupe_max_age_s() -> u64 {
     600
 }
+fn default_park_max_age_s() -> u64 {
+    86_400
+}
+fn default_park_max_length() -> u64 {
+    1_000_000
+}
 
 /// The most uuids `cell.dedupe_window` may remember: each costs about 160
 /// bytes, so this is about 2.5 GiB.
@@ -316,6 +330,8 @@ impl Config {
                 max_body_bytes: default_max_body_bytes(),
                 dedupe_window: default_dedupe_window(),
                 dedupe_max_age_s: default_dedupe_max_age_s(),
+                park_max_age_s: default_park_max_age_s(),
+                park_max_length: default_park_max_length(),
             },
             local: LocalSection::default(),
             policy: PolicySection::default(),
@@ -403,6 +419,16 @@ impl Config {
                 "`cell.dedupe_window` ({}) must be at most {MAX_DEDUPE_WINDOW} uuids (about 160 bytes of memory each); 0 turns duplicate detection off",
                 self.cell.dedupe_window
             );
+        }
+        if self.cell.park_max_age_s == 0 || self.cell.park_max_age_s > 30 * 86_400 {
+            bail!(
+                "`cell.park_max_age_s` ({}) must be between 1 and {} seconds (30 days)",
+                self.cell.park_max_age_s,
+                30 * 86_400
+            );
+        }
+        if self.cell.park_max_length == 0 {
+            bail!("`cell.park_max_length` must be at least 1");
         }
         if self.cell.dedupe_max_age_s > MAX_DEDUPE_AGE_S {
             bail!(

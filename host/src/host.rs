@@ -23,7 +23,7 @@ use crate::links::{park_queue, Links};
 use crate::policy::{LoadedPolicy, PolicyEngine};
 use crate::reload::{PolicyReloader, Reloaded, WatchGuard};
 use crate::responses::{Answering, Waiters};
-use crate::router::{Plan, RouteWorker, Router};
+use crate::router::{Plan, RouteWorker, Router, OWN_LINK};
 use crate::transport::{Broker, Inbound, Outcome};
 use crate::wire::MessageType;
 
@@ -87,7 +87,12 @@ impl CellHost {
         let dead = oslo.dead_letter_queue(&format!("{}.dead", config.cell.queue_base));
         own.declare_queue(&dead, "", "").await?;
         for n in &config.neighbours {
-            let parked = oslo.park_queue(&park_queue(&config.cell.queue_base, &n.name));
+            let parked = oslo.park_queue(
+                &park_queue(&config.cell.queue_base, &n.name),
+                &dead.name,
+                config.cell.park_max_age_s.saturating_mul(1000),
+                config.cell.park_max_length,
+            );
             own.declare_queue(&parked, "", "").await?;
         }
 
@@ -101,11 +106,11 @@ impl CellHost {
             neighbours.insert(n.name.clone(), broker);
         }
         let caller = Caller::start(own.clone()).await?;
-        let links = Arc::new(Links::new(&name, &config.cell.queue_base, own, neighbours));
 
         let prefetch = config.cell.prefetch;
         let window = config.cell.confirm_window;
         let router = Router::new(config, policy, caller.reply_queue().to_string());
+        let links = Arc::new(Links::new(router.clone(), own, neighbours));
         let answering = Arc::new(Answering {
             router: router.clone(),
             caller,
@@ -114,7 +119,7 @@ impl CellHost {
         });
         let (shutdown, stop) = watch::channel(false);
         let mut consumers = Vec::new();
-        router.watch_link("own", links.own.state());
+        router.watch_link(OWN_LINK, links.own.state());
         let mut drainers = Vec::new();
         for (neighbour, broker) in links.neighbours() {
             router.watch_link(neighbour, broker.state());
@@ -280,16 +285,30 @@ async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, answering: A
             inbound.settle(Outcome::Requeue);
             return;
         }
-        inbound.settle(if plan.reject {
+        let outcome = if plan.reject {
             Outcome::Reject
         } else {
             Outcome::Ack
-        });
+        };
         if let Some((response_uuid, from, responses)) = plan.arrived {
             answering.arrived(&response_uuid, from, responses);
         }
-        if let (Some(respond), Some(listening)) = (plan.respond, listening) {
-            tokio::spawn(answering.clone().answer(respond, listening));
+        match (plan.respond, listening) {
+            // The source stays unacknowledged until its answer is safe with
+            // the broker: if this host dies first, the message comes back
+            // and is answered again.
+            (Some(respond), Some(listening)) => {
+                let answering = answering.clone();
+                tokio::spawn(async move {
+                    if answering.answer(respond, listening).await {
+                        inbound.settle(outcome);
+                    } else {
+                        tokio::time::sleep(REQUEUE_DELAY).await;
+                        inbound.settle(Outcome::Requeue);
+                    }
+                });
+            }
+            _ => inbound.settle(outcome),
         }
         return;
     }

@@ -16,14 +16,14 @@
 //! semantics: the router decided what to publish where.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::watch;
 
-use crate::router::{Target, CELL_HEADER, REASON_CODE_HEADER, REASON_HEADER};
+use crate::router::{Router, Target, CELL_HEADER, REASON_CODE_HEADER, REASON_HEADER};
 use crate::transport::{Broker, Outcome, Publication, PublishError};
 
 /// Where a parked relay was going: the neighbour's exchange and routing key.
@@ -49,36 +49,24 @@ pub enum Sent {
     DeadLettered,
 }
 
-/// Counters of the links.
-#[derive(Debug, Default)]
-pub struct LinkStats {
-    pub parked: AtomicU64,
-    pub unparked: AtomicU64,
-    pub unroutable: AtomicU64,
-}
-
 /// The brokers a cell publishes to.
 pub struct Links {
     cell: String,
     queue_base: String,
     pub own: Broker,
     neighbours: HashMap<String, Broker>,
-    pub stats: LinkStats,
+    /// Where parked, unparked and unroutable publications are counted.
+    router: Arc<Router>,
 }
 
 impl Links {
-    pub fn new(
-        cell: &str,
-        queue_base: &str,
-        own: Broker,
-        neighbours: HashMap<String, Broker>,
-    ) -> Links {
+    pub fn new(router: Arc<Router>, own: Broker, neighbours: HashMap<String, Broker>) -> Links {
         Links {
-            cell: cell.to_string(),
-            queue_base: queue_base.to_string(),
+            cell: router.cell_name().to_string(),
+            queue_base: router.config().cell.queue_base.clone(),
             own,
             neighbours,
-            stats: LinkStats::default(),
+            router,
         }
     }
 
@@ -159,7 +147,7 @@ impl Links {
             .with_header(CELL_HEADER, self.cell.clone())
             .mandatory();
         self.own.publish(&parked).await?;
-        self.stats.parked.fetch_add(1, Ordering::Relaxed);
+        self.router.stats.parked.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(cell = %self.cell, neighbour, reason, "relay parked");
         Ok(Sent::Parked)
     }
@@ -171,7 +159,7 @@ impl Links {
         neighbour: Option<&str>,
         reason: &str,
     ) -> Result<Sent, PublishError> {
-        self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
+        self.router.stats.unroutable.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(cell = %self.cell, neighbour = neighbour.unwrap_or("-"), reason, "publication dead-lettered");
         let mut dead = Publication::new("", self.dead_letter_queue(), body)
             .with_header(REASON_HEADER, truncate(reason))
@@ -242,7 +230,7 @@ impl Links {
             match outcome {
                 Ok(_) => {
                     failures = 0;
-                    self.stats.unparked.fetch_add(1, Ordering::Relaxed);
+                    self.router.stats.unparked.fetch_add(1, Ordering::Relaxed);
                     parked.settle(Outcome::Ack);
                 }
                 Err(e) => {

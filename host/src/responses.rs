@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{entry_cast, Caller};
 use crate::router::{Respond, Router};
-use crate::transport::{Broker, Publication};
+use crate::transport::{Broker, Publication, PublishError};
 use crate::wire::{
     nova_failure, CallInfo, CellResponse, CellsMessage, MessageType, Reply, ReplyOutcome,
 };
@@ -150,8 +150,11 @@ impl Answering {
         }
     }
 
-    /// Waits for what `respond` expects, then answers.
-    pub async fn answer(self: Arc<Self>, respond: Respond, listening: Listening) {
+    /// Waits for what `respond` expects, then answers. False when the
+    /// answer could not be handed to the own broker (the message should come
+    /// back to be answered again); an answer nobody waits for any more (its
+    /// reply queue is gone) counts as answered.
+    pub async fn answer(self: Arc<Self>, respond: Respond, listening: Listening) -> bool {
         let path = respond.message.routing_path.clone();
         let uuid = respond.message.uuid.clone();
         // A caller that asked for call monitoring hears from this cell while
@@ -184,8 +187,20 @@ impl Answering {
         } else {
             self.respond_to_sender(&respond, responses).await
         };
-        if let Err(e) = sent {
-            tracing::error!(cell = %self.router.cell_name(), %uuid, path = %path, error = %format!("{e:#}"), "could not send the answer");
+        match sent {
+            Ok(()) => true,
+            Err(e) => {
+                let unroutable = matches!(
+                    e.downcast_ref::<PublishError>(),
+                    Some(PublishError::Unroutable { .. })
+                );
+                if unroutable {
+                    tracing::warn!(cell = %self.router.cell_name(), %uuid, path = %path, error = %format!("{e:#}"), "answer not delivered: nobody waits for it any more");
+                } else {
+                    tracing::error!(cell = %self.router.cell_name(), %uuid, path = %path, error = %format!("{e:#}"), "could not send the answer; the message goes back to its queue");
+                }
+                unroutable
+            }
         }
     }
 
@@ -198,7 +213,7 @@ impl Answering {
             let beat = Reply::heartbeat(call.msg_id.clone()).encode();
             if let Err(e) = self
                 .own
-                .publish(&Publication::new("", call.reply_q.clone(), beat))
+                .publish(&Publication::new("", call.reply_q.clone(), beat).mandatory())
                 .await
             {
                 tracing::warn!(cell = %self.router.cell_name(), msg_id = %call.msg_id, error = %format!("{e:#}"), "call-monitor heartbeat not sent");
@@ -328,7 +343,7 @@ impl Answering {
             ending: true,
         };
         self.own
-            .publish(&Publication::new("", call.reply_q.clone(), reply.encode()))
+            .publish(&Publication::new("", call.reply_q.clone(), reply.encode()).mandatory())
             .await?;
         Ok(())
     }
@@ -377,11 +392,14 @@ impl Answering {
         // Entered at this cell like any message, it takes the one road:
         // the response consumer routes it with the policy.
         self.own
-            .publish(&entry_cast(
-                &config.cell.control_exchange,
-                &config.cell.queue_base,
-                &response,
-            ))
+            .publish(
+                &entry_cast(
+                    &config.cell.control_exchange,
+                    &config.cell.queue_base,
+                    &response,
+                )
+                .mandatory(),
+            )
             .await?;
         Ok(())
     }

@@ -36,6 +36,9 @@ pub mod dedupe;
 
 pub use dedupe::{Claim, Dedupe, Seen};
 
+/// The name the cell's link to its own broker goes by in [`Router::link_states`].
+pub const OWN_LINK: &str = "own";
+
 /// Headers carried by dead-lettered messages.
 pub const REASON_HEADER: &str = "x-cellhost-reason";
 pub const REASON_CODE_HEADER: &str = "x-cellhost-reason-code";
@@ -181,6 +184,12 @@ pub struct Stats {
     /// differently from the active one.
     pub shadow_compared: AtomicU64,
     pub shadow_differences: AtomicU64,
+    /// Relays parked for a neighbour that could not take them, and parked
+    /// relays moved on to their neighbour since.
+    pub parked: AtomicU64,
+    pub unparked: AtomicU64,
+    /// Publications no queue took, dead-lettered.
+    pub unroutable: AtomicU64,
 }
 
 impl Stats {
@@ -734,7 +743,7 @@ impl RouteWorker {
                 };
                 sends.push((
                     Target::Neighbour(to.clone()),
-                    Publication::new(exchange, topic.clone(), body.clone()),
+                    Publication::new(exchange, topic.clone(), body.clone()).mandatory(),
                 ));
             }
         }
@@ -904,7 +913,8 @@ impl RouteWorker {
             cfg.cell.control_exchange.clone(),
             cfg.local.topic.clone(),
             request.encode(),
-        );
+        )
+        .mandatory();
         publication.expiration_ms = expiration_ms;
         (publication, msg_id)
     }
@@ -973,6 +983,7 @@ impl RouteWorker {
             _ => body.to_vec(),
         };
         let publication = Publication::new("", router.dead_letter_queue(), body)
+            .mandatory()
             .with_header(REASON_HEADER, truncate(&reason, 1000))
             .with_header(REASON_CODE_HEADER, code)
             .with_header(CELL_HEADER, router.cell_name.clone());

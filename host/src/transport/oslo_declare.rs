@@ -155,12 +155,30 @@ impl<'a> OsloDeclarations<'a> {
     }
 
     /// cellhost's queue of relays parked for a neighbour that cannot take
-    /// them: like the dead-letter queue, it may hold the only copy.
-    pub fn park_queue(&self, name: &str) -> QueueSpec {
-        QueueSpec {
+    /// them: like the dead-letter queue, it may hold the only copy. A relay
+    /// older than `max_age_ms` goes to `dead_letter_queue` (the broker's own
+    /// dead-lettering); past `max_length`, new relays are refused (nacked).
+    pub fn park_queue(
+        &self,
+        name: &str,
+        dead_letter_queue: &str,
+        max_age_ms: u64,
+        max_length: u64,
+    ) -> QueueSpec {
+        let mut spec = QueueSpec {
             role: Role::ParkQueue,
             ..self.dead_letter_queue(name)
-        }
+        };
+        let arguments = &mut spec.arguments;
+        arguments.insert("x-message-ttl".into(), ArgValue::Int(max_age_ms));
+        arguments.insert("x-max-length".into(), ArgValue::Int(max_length));
+        arguments.insert("x-overflow".into(), ArgValue::text("reject-publish"));
+        arguments.insert("x-dead-letter-exchange".into(), ArgValue::text(""));
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            ArgValue::text(dead_letter_queue),
+        );
+        spec
     }
 
     fn transient_queue(&self, name: &str) -> QueueSpec {
