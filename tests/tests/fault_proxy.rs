@@ -328,7 +328,7 @@ async fn down_for_resets_open_connections_and_comes_back() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_host_transport_heals_after_a_cut() -> Result<()> {
     use cellhost::config::{RabbitOptions, TransportUrl};
-    use cellhost::transport::{Broker, Outcome, Publication, QueueSpec};
+    use cellhost::transport::{Broker, Outcome, Publication, QueueSpec, Role};
 
     let proxy = FaultProxy::start(RABBIT).await?;
     let url: TransportUrl = format!("rabbit://guest:guest@127.0.0.1:{}/", proxy.port())
@@ -339,6 +339,8 @@ async fn the_host_transport_heals_after_a_cut() -> Result<()> {
         name: format!("fault-proxy-host-{}", uuid::Uuid::new_v4().simple()),
         durable: false,
         auto_delete: true,
+        arguments: Default::default(),
+        role: Role::ReplyQueue,
     };
     broker.declare_queue(&queue, "", "").await?;
     let mut inbox = broker
