@@ -22,6 +22,8 @@ use cellhost::transport::{Broker, Publication};
 use cellhost::wire::Reply;
 use cellhost::CellHost;
 
+pub mod rabbit_node;
+
 pub use cellhost::demo::Behaviour;
 pub use cellhost::demo::NOVA_TOPOLOGY as NOVA;
 pub use cellhost::wire::Direction;
@@ -156,17 +158,48 @@ impl Topology {
             stash: Vec::new(),
             vhosts,
         };
+        topo.launch(&policy, workers).await?;
+        Ok(topo)
+    }
+
+    /// A tree whose cells' brokers are wherever `url_of` says (another
+    /// RabbitMQ node, TLS, ...), each config adjusted by `adjust`. The vhosts
+    /// belong to the caller, who made them and removes them.
+    pub async fn start_on(
+        topology: &[(&str, Option<&str>)],
+        policy: Arc<LoadedPolicy>,
+        url_of: impl Fn(&str) -> TransportUrl,
+        adjust: impl Fn(&mut Config),
+    ) -> Result<Topology> {
+        let prefix = format!("cht-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let mut configs = tree_configs(topology, url_of);
+        configs.iter_mut().for_each(adjust);
+        let mut topo = Topology {
+            transport: Transport::Rabbit,
+            prefix,
+            configs,
+            hosts: Vec::new(),
+            workers: BTreeMap::new(),
+            stash: Vec::new(),
+            vhosts: Vec::new(),
+        };
+        topo.launch(&policy, true).await?;
+        Ok(topo)
+    }
+
+    /// Starts a host per config, and the local workers if `workers`.
+    async fn launch(&mut self, policy: &Arc<LoadedPolicy>, workers: bool) -> Result<()> {
         if workers {
-            let (hosts, workers) = cellhost::demo::start_cells(&topo.configs, &policy).await?;
-            topo.hosts = hosts;
-            topo.workers = workers;
+            let (hosts, workers) = cellhost::demo::start_cells(&self.configs, policy).await?;
+            self.hosts = hosts;
+            self.workers = workers;
         } else {
-            for config in &topo.configs {
-                topo.hosts
+            for config in &self.configs {
+                self.hosts
                     .push(CellHost::start(config.clone(), policy.clone()).await?);
             }
         }
-        Ok(topo)
+        Ok(())
     }
 
     pub fn config(&self, cell: &str) -> &Config {

@@ -17,12 +17,15 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::tcp::AMQPUriTcpExt;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::{mpsc, Mutex};
 
 use crate::config::RabbitOptions;
 
+use super::tls::TlsSetup;
 use super::{ExchangeKind, Inbound, Inbox, Outcome, Publication, QueueSpec, Settle};
 
 /// A connection to one RabbitMQ virtual host.
@@ -43,17 +46,42 @@ struct Inner {
 
 impl AmqpBroker {
     /// Tries each URI in turn (oslo.messaging's failover list) and keeps the
-    /// first connection that opens.
+    /// first connection that opens. `amqps://` URIs are opened over TLS,
+    /// verified as `options` say (see `tls`).
     pub async fn connect(
         uris: &[String],
         options: &RabbitOptions,
         label: &str,
     ) -> Result<AmqpBroker> {
         let mut last_error = None;
+        // Read the TLS files once, before dialling: a wrong path is a config
+        // error, not a reason to try the next host.
+        let tls = if uris.iter().any(|uri| uri.starts_with("amqps://")) {
+            Some(TlsSetup::from_options(options, label)?)
+        } else {
+            None
+        };
         for uri in uris {
+            let parsed: AMQPUri = uri.parse().map_err(|e| {
+                anyhow::anyhow!("the broker of {label}: an AMQP URI lapin cannot read: {e}")
+            })?;
+            let address = format!("{}:{}", parsed.authority.host, parsed.authority.port);
             let properties = ConnectionProperties::default()
                 .with_connection_name(LongString::from(format!("cellhost {label}")));
-            match Connection::connect(uri, properties).await {
+            let opened = if let (AMQPScheme::AMQPS, Some(setup)) = (&parsed.scheme, &tls) {
+                connect_tls(parsed, properties, setup)
+                    .await
+                    .map_err(|e| setup.explain(e, label, &address))
+            } else {
+                Connection::connect_uri(parsed, properties)
+                    .await
+                    .map_err(|e| {
+                        anyhow::Error::new(e).context(format!(
+                            "AMQP connection to the broker of {label} at {address} failed"
+                        ))
+                    })
+            };
+            match opened {
                 Ok(connection) => {
                     let publisher = open_confirm_channel(&connection).await?;
                     return Ok(AmqpBroker {
@@ -67,16 +95,13 @@ impl AmqpBroker {
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(broker = label, error = %e, "AMQP connection failed, trying the next host");
+                    tracing::warn!(broker = label, error = %format!("{e:#}"), "AMQP connection failed, trying the next host");
                     last_error = Some(e);
                 }
             }
         }
         match last_error {
-            Some(e) => {
-                Err(anyhow::Error::new(e)
-                    .context(format!("cannot connect to the broker of {label}")))
-            }
+            Some(e) => Err(e.context(format!("cannot connect to the broker of {label}"))),
             None => bail!("no AMQP host configured for {label}"),
         }
     }
@@ -244,6 +269,31 @@ impl AmqpBroker {
             .close(200, "cellhost shutting down".into())
             .await;
     }
+}
+
+/// Opens `uri` over TLS with our own connector rather than lapin's built-in
+/// one, whose trust store always includes the system's CAs: with
+/// `ssl_ca_file` set, only that CA may vouch for the broker.
+async fn connect_tls(
+    uri: AMQPUri,
+    properties: ConnectionProperties,
+    tls: &TlsSetup,
+) -> lapin::Result<Connection> {
+    let connector = tls.connector();
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connector(
+        uri,
+        runtime,
+        // Called again on each reconnection attempt lapin makes.
+        async move |uri: AMQPUri, runtime| {
+            let mut plain = uri.clone();
+            plain.scheme = AMQPScheme::AMQP;
+            let stream = plain.connect_async(&runtime).await?;
+            Ok(stream.into_rustls(&connector, &uri.authority.host).await?)
+        },
+        properties,
+    )
+    .await
 }
 
 async fn open_confirm_channel(connection: &Connection) -> Result<Channel> {

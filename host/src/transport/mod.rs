@@ -7,6 +7,7 @@
 
 pub mod amqp;
 pub mod memory;
+pub mod tls;
 
 use std::pin::Pin;
 
@@ -127,7 +128,7 @@ impl Broker {
                 Ok(Broker::Memory(memory::MemoryBroker::named(broker)))
             }
             TransportUrl::Amqp { .. } => Ok(Broker::Amqp(
-                amqp::AmqpBroker::connect(&url.amqp_uris(), options, name).await?,
+                amqp::AmqpBroker::connect(&url.amqp_uris_with(options), options, name).await?,
             )),
         }
     }
