@@ -214,22 +214,28 @@ impl RabbitNode {
     /// Starts a process that stops the node once this test process is gone,
     /// however it ends: a node in a `static` is never dropped.
     fn watch_this_process(&self) -> Result<()> {
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
-             rabbitmqctl -q -n '{name}' stop >/dev/null 2>&1; rm -rf '{dir}'",
-            pid = std::process::id(),
-            name = self.name,
-            dir = self.dir.display()
-        );
-        Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the node's watcher")?;
-        Ok(())
+        after_this_process(&format!(
+            "rabbitmqctl -q -n '{}' stop >/dev/null 2>&1; rm -rf '{}'",
+            self.name,
+            self.dir.display()
+        ))
     }
+}
+
+/// Runs `cleanup` (shell) once this test process has ended, however it ends.
+fn after_this_process(cleanup: &str) -> Result<()> {
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {cleanup}",
+        pid = std::process::id()
+    );
+    Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting a watcher of the test process")?;
+    Ok(())
 }
 
 impl Drop for RabbitNode {
@@ -287,6 +293,8 @@ impl TestCerts {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating the certificate folder {}", dir.display()))?;
+        // Certificates kept in a `static` are never dropped.
+        after_this_process(&format!("rm -rf '{}'", dir.display()))?;
         let p = |name: &str| dir.join(name);
         let ca = |stem: &str, subject: &str| -> Result<()> {
             openssl(&[

@@ -83,27 +83,50 @@ fn options_trusting(ca: &std::path::Path) -> RabbitOptions {
     }
 }
 
-/// The connections the TLS node has open, as (connection name, vhost, ssl).
-fn connections() -> Vec<(String, String, bool)> {
+/// A client connection as the TLS node lists it.
+#[derive(Debug)]
+struct Listed {
+    /// The `connection_name` the client gave.
+    name: String,
+    vhost: String,
+    ssl: bool,
+    /// The negotiated heartbeat, in seconds.
+    timeout: u64,
+}
+
+/// The connections the TLS node has open, read from `rabbitmqctl`'s JSON.
+fn connections() -> Vec<Listed> {
     let out = tls_node()
         .node
-        .ctl(&["list_connections", "client_properties", "vhost", "ssl"])
+        .ctl(&[
+            "list_connections",
+            "client_properties",
+            "vhost",
+            "ssl",
+            "timeout",
+            "--formatter",
+            "json",
+        ])
         .expect("list_connections");
-    out.lines()
-        .filter_map(|line| {
-            let mut fields = line.split('\t');
-            let properties = fields.next()?;
-            let vhost = fields.next()?.to_string();
-            let ssl = fields.next()? == "true";
-            // The connection name sits in the client properties as
-            // {<<"connection_name">>,longstr,<<"cellhost ...">>}.
-            let name = properties
-                .split("{<<\"connection_name\">>,longstr,<<\"")
-                .nth(1)?
-                .split("\">>}")
-                .next()?
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: not JSON: {out}"));
+    rows.iter()
+        .map(|row| {
+            // client_properties: [["connection_name", "longstr", "cellhost x"], ...]
+            let name = row["client_properties"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p[0] == "connection_name")
+                .and_then(|p| p[2].as_str())
+                .unwrap_or_default()
                 .to_string();
-            Some((name, vhost, ssl))
+            Listed {
+                name,
+                vhost: row["vhost"].as_str().unwrap_or_default().to_string(),
+                ssl: row["ssl"].as_bool().unwrap_or(false),
+                timeout: row["timeout"].as_u64().unwrap_or(0),
+            }
         })
         .collect()
 }
@@ -161,16 +184,13 @@ async fn cells_call_each_other_over_tls_in_both_url_forms() {
     ] {
         let found: Vec<_> = open
             .iter()
-            .filter(|(n, v, _)| n == name && v == vhost)
+            .filter(|c| c.name == name && &c.vhost == vhost)
             .collect();
         assert!(
             !found.is_empty(),
             "no connection {name:?} on vhost {vhost}: {open:?}"
         );
-        assert!(
-            found.iter().all(|(_, _, ssl)| *ssl),
-            "{name} is not TLS: {open:?}"
-        );
+        assert!(found.iter().all(|c| c.ssl), "{name} is not TLS: {open:?}");
     }
     topo.stop().await;
 }
@@ -191,6 +211,7 @@ async fn a_broker_certificate_from_another_ca_is_refused_with_a_clear_error() {
         Ok(Err(e)) => format!("{e:#}"),
         Err(_) => panic!("connecting with the wrong CA hung for {PATIENCE:?}"),
     };
+    eprintln!("refused as it should be: {err}");
     assert!(err.contains("did not verify"), "{err}");
     assert!(
         err.contains(&tls.certs.other_ca.display().to_string()),
@@ -247,11 +268,80 @@ async fn the_ssl_option_turns_tls_on_and_the_heartbeat_threshold_is_negotiated()
         .expect("connect does not hang")
         .expect("ssl = true connects over TLS");
     // The broker's view: RabbitMQ's `timeout` is the negotiated heartbeat.
-    let listed = tls
-        .node
-        .ctl(&["list_connections", "vhost", "ssl", "timeout"])
-        .expect("list_connections");
-    let ours: Vec<&str> = listed.lines().filter(|l| l.starts_with(&vhost)).collect();
-    assert_eq!(ours, [format!("{vhost}\ttrue\t17")], "{listed}");
+    let open = connections();
+    let ours: Vec<_> = open
+        .iter()
+        .filter(|c| c.name == "cellhost ssl-option")
+        .collect();
+    assert_eq!(ours.len(), 1, "{open:?}");
+    assert!(ours[0].ssl && ours[0].vhost == vhost, "{open:?}");
+    assert_eq!(ours[0].timeout, 17, "{open:?}");
     broker.close().await;
+}
+
+/// A second node of this binary, which requires client certificates signed
+/// by the test CA (`verify_peer`, `fail_if_no_peer_cert`).
+fn mutual_tls_node() -> &'static (RabbitNode, u16) {
+    static NODE: OnceLock<Result<(RabbitNode, u16), String>> = OnceLock::new();
+    let started = NODE.get_or_init(|| {
+        let node = RabbitNode::start(&NodeSpec {
+            label: "mtls".into(),
+            tcp: false,
+            tls: Some(tls_node().certs.server_tls(true)),
+        })
+        .map_err(|e| format!("{e:#}"))?;
+        let port = node.tls_port.ok_or("the node has no TLS port")?;
+        Ok((node, port))
+    });
+    match started {
+        Ok(node) => node,
+        Err(e) => panic!("the mutual-TLS RabbitMQ node did not start: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_presented_from_ssl_cert_file_and_ssl_key_file() {
+    let certs = &tls_node().certs;
+    let (node, port) = mutual_tls_node();
+    let vhost = unique("mtls");
+    node.add_vhost(&vhost)
+        .expect("vhost on the mutual-TLS node");
+    let url: TransportUrl = format!("amqps://guest:guest@localhost:{port}/{vhost}")
+        .parse()
+        .expect("valid URL");
+
+    let with_cert = RabbitOptions {
+        ssl_cert_file: certs.client_cert.to_string_lossy().into_owned(),
+        ssl_key_file: certs.client_key.to_string_lossy().into_owned(),
+        ..options_trusting(&certs.ca)
+    };
+    let broker = tokio::time::timeout(PATIENCE, Broker::connect(&url, &with_cert, "mtls"))
+        .await
+        .expect("connect does not hang")
+        .expect("the broker accepts our client certificate");
+    // The broker saw the certificate we were given.
+    let listed = node
+        .ctl(&["list_connections", "vhost", "peer_cert_subject"])
+        .expect("list_connections");
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&vhost) && l.contains("cellhost test client")),
+        "{listed}"
+    );
+    broker.close().await;
+
+    // Without one, the broker hangs up during the handshake.
+    let without = options_trusting(&certs.ca);
+    match tokio::time::timeout(PATIENCE, Broker::connect(&url, &without, "no-cert")).await {
+        Ok(Ok(_)) => panic!("a broker that requires client certificates let us in without one"),
+        Ok(Err(e)) => {
+            let err = format!("{e:#}");
+            eprintln!("refused as it should be: {err}");
+            assert!(err.contains("client certificate"), "{err}");
+            assert!(err.contains("ssl_cert_file"), "{err}");
+        }
+        Err(_) => panic!("connecting without a client certificate hung for {PATIENCE:?}"),
+    }
+    let _ = node.delete_vhost(&vhost);
 }

@@ -65,13 +65,14 @@ impl AmqpBroker {
             let parsed: AMQPUri = uri.parse().map_err(|e| {
                 anyhow::anyhow!("the broker of {label}: an AMQP URI lapin cannot read: {e}")
             })?;
-            let address = format!("{}:{}", parsed.authority.host, parsed.authority.port);
+            let (host, port) = (parsed.authority.host.clone(), parsed.authority.port);
+            let address = format!("{host}:{port}");
             let properties = ConnectionProperties::default()
                 .with_connection_name(LongString::from(format!("cellhost {label}")));
             let opened = if let (AMQPScheme::AMQPS, Some(setup)) = (&parsed.scheme, &tls) {
                 connect_tls(parsed, properties, setup)
                     .await
-                    .map_err(|e| setup.explain(e, label, &address))
+                    .map_err(|e| setup.explain(e, label, &host, port))
             } else {
                 Connection::connect_uri(parsed, properties)
                     .await

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use lapin::tcp::{RustlsConnector, RustlsConnectorConfig};
+use rustls::AlertDescription;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -97,23 +98,37 @@ impl TlsSetup {
         self.connector.clone()
     }
 
-    /// Rewrites a failed connection's error when it is the broker's
-    /// certificate that was refused; other errors are returned as they are.
-    pub(super) fn explain(&self, error: lapin::Error, label: &str, address: &str) -> anyhow::Error {
-        match certificate_error(&error) {
-            Some(detail) => anyhow::anyhow!(
-                "TLS to the broker of {label} at {address}: the broker's certificate did not verify against {} ({detail}); the connection was refused. Check that the broker's certificate is signed by that CA and names {address} (subjectAltName)",
+    /// Rewrites a failed connection's error when TLS refused it: the
+    /// broker's certificate, or ours; other errors are returned as they are.
+    pub(super) fn explain(
+        &self,
+        error: lapin::Error,
+        label: &str,
+        host: &str,
+        port: u16,
+    ) -> anyhow::Error {
+        match tls_error(&error) {
+            Some(refused @ rustls::Error::InvalidCertificate(_)) => anyhow::anyhow!(
+                "TLS to the broker of {label} at {host}:{port}: the broker's certificate did not verify against {} ({refused}); the connection was refused. Check that the broker's certificate is signed by that CA and names {host} in its subjectAltName",
                 self.trust
             ),
-            None => anyhow::Error::new(error).context(format!(
-                "TLS connection to the broker of {label} at {address} failed"
+            Some(rustls::Error::AlertReceived(
+                alert @ (AlertDescription::CertificateRequired
+                | AlertDescription::BadCertificate
+                | AlertDescription::UnknownCA
+                | AlertDescription::CertificateUnknown),
+            )) => anyhow::anyhow!(
+                "TLS to the broker of {label} at {host}:{port}: the broker refused the connection for want of an acceptable client certificate (alert {alert:?}); set `ssl_cert_file` and `ssl_key_file` in [oslo_messaging_rabbit] to a certificate the broker's CA signed"
+            ),
+            _ => anyhow::Error::new(error).context(format!(
+                "TLS connection to the broker of {label} at {host}:{port} failed"
             )),
         }
     }
 }
 
-/// The rustls certificate error inside a lapin error, as text, if any.
-fn certificate_error(error: &lapin::Error) -> Option<String> {
+/// The rustls error inside a lapin error, if any.
+fn tls_error(error: &lapin::Error) -> Option<&rustls::Error> {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = current {
         // `io::Error::source` skips the error it wraps, so look inside it.
@@ -123,10 +138,7 @@ fn certificate_error(error: &lapin::Error) -> Option<String> {
             .map(|inner| inner as &(dyn std::error::Error + 'static));
         for candidate in [Some(e), inner].into_iter().flatten() {
             if let Some(tls) = candidate.downcast_ref::<rustls::Error>() {
-                return match tls {
-                    rustls::Error::InvalidCertificate(_) => Some(tls.to_string()),
-                    _ => None,
-                };
+                return Some(tls);
             }
         }
         current = inner.and_then(|i| i.source()).or_else(|| e.source());
