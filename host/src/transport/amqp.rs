@@ -285,7 +285,7 @@ async fn connect_tls(
     Connection::connector(
         uri,
         runtime,
-        // Called again on each reconnection attempt lapin makes.
+        // lapin calls this to open the socket, and again if it ever reconnects.
         async move |uri: AMQPUri, runtime| {
             let mut plain = uri.clone();
             plain.scheme = AMQPScheme::AMQP;
