@@ -584,11 +584,13 @@ pub enum TransportUrl {
     Amqp {
         hosts: Vec<AmqpHost>,
         vhost: String,
+        /// What the URL says of TLS: `amqps://` or oslo's `?ssl=1` (on),
+        /// `?ssl=0` (off), nothing (None: `[oslo_messaging_rabbit] ssl`
+        /// decides). As in oslo, the URL's query wins over the option.
+        tls: Option<bool>,
     },
     /// `memory://<name>`: cells sharing a name share one in-process broker.
-    Memory {
-        name: String,
-    },
+    Memory { name: String },
 }
 
 /// One `user:pass@host:port` entry of an AMQP transport URL.
@@ -597,26 +599,59 @@ pub struct AmqpHost {
     pub user: String,
     pub password: String,
     pub host: String,
+    /// When the URL names none: 5671 for `amqps://` (the AMQP URI spec),
+    /// 5672 otherwise, even with `ssl=1` (oslo writes 5672 into the URL it
+    /// hands kombu whenever the port is missing).
     pub port: u16,
 }
 
 impl TransportUrl {
-    /// The AMQP URIs to try in order, each naming one host.
+    /// The AMQP URIs to try in order, each naming one host, with TLS only
+    /// if the URL itself asks for it; what tests and tools hand to lapin.
     pub fn amqp_uris(&self) -> Vec<String> {
+        self.uris(self.uses_tls(&RabbitOptions::default()), None)
+    }
+
+    /// The URIs the host connects with: TLS as [`TransportUrl::uses_tls`]
+    /// says, and `heartbeat_timeout_threshold` as the AMQP heartbeat.
+    pub fn amqp_uris_with(&self, options: &RabbitOptions) -> Vec<String> {
+        self.uris(
+            self.uses_tls(options),
+            Some(options.heartbeat_timeout_threshold),
+        )
+    }
+
+    /// Whether connections to this URL use TLS under `options`: what the URL
+    /// says, or else `options.ssl`.
+    pub fn uses_tls(&self, options: &RabbitOptions) -> bool {
         match self {
-            TransportUrl::Amqp { hosts, vhost } => hosts
-                .iter()
-                .map(|h| {
-                    format!(
-                        "amqp://{}:{}@{}:{}/{}",
-                        percent_encode(&h.user),
-                        percent_encode(&h.password),
-                        h.host,
-                        h.port,
-                        percent_encode(vhost)
-                    )
-                })
-                .collect(),
+            TransportUrl::Amqp { tls, .. } => tls.unwrap_or(options.ssl),
+            TransportUrl::Memory { .. } => false,
+        }
+    }
+
+    fn uris(&self, tls: bool, heartbeat: Option<u16>) -> Vec<String> {
+        match self {
+            TransportUrl::Amqp { hosts, vhost, .. } => {
+                let scheme = if tls { "amqps" } else { "amqp" };
+                // lapin reads the heartbeat it proposes from the URI's query.
+                let query = heartbeat
+                    .map(|h| format!("?heartbeat={h}"))
+                    .unwrap_or_default();
+                hosts
+                    .iter()
+                    .map(|h| {
+                        format!(
+                            "{scheme}://{}:{}@{}:{}/{}{query}",
+                            percent_encode(&h.user),
+                            percent_encode(&h.password),
+                            h.host,
+                            h.port,
+                            percent_encode(vhost)
+                        )
+                    })
+                    .collect()
+            }
             TransportUrl::Memory { .. } => Vec::new(),
         }
     }
@@ -627,7 +662,7 @@ impl std::str::FromStr for TransportUrl {
 
     fn from_str(url: &str) -> Result<Self> {
         let (scheme, rest) = url.split_once("://").with_context(|| {
-            format!("{url:?} is not a URL (expected rabbit://, amqp:// or memory://)")
+            format!("{url:?} is not a URL (expected rabbit://, amqp://, amqps:// or memory://)")
         })?;
         match scheme {
             "memory" => {
@@ -639,9 +674,26 @@ impl std::str::FromStr for TransportUrl {
                     name: name.to_string(),
                 })
             }
-            "rabbit" | "amqp" => {
+            "rabbit" | "amqp" | "amqps" => {
+                let (rest, query) = match rest.split_once('?') {
+                    Some((r, q)) => (r, Some(q)),
+                    None => (rest, None),
+                };
+                let from_query = match query {
+                    Some(q) => ssl_query(q).with_context(|| format!("{url:?}"))?,
+                    None => None,
+                };
+                let tls = if scheme == "amqps" {
+                    if from_query == Some(false) {
+                        bail!("{url:?}: amqps:// with ssl=0 contradicts itself; use rabbit:// for plain AMQP");
+                    }
+                    Some(true)
+                } else {
+                    from_query
+                };
+                let default_port = if scheme == "amqps" { 5671 } else { 5672 };
                 let (authority, vhost) = match rest.split_once('/') {
-                    Some((a, v)) => (a, percent_decode(v.split('?').next().unwrap_or(""))),
+                    Some((a, v)) => (a, percent_decode(v)),
                     // oslo.messaging's default: no path means the vhost "/".
                     None => (rest, "/".to_string()),
                 };
@@ -652,21 +704,41 @@ impl std::str::FromStr for TransportUrl {
                 };
                 let mut hosts = Vec::new();
                 for entry in authority.split(',').filter(|e| !e.is_empty()) {
-                    hosts.push(parse_amqp_host(entry).with_context(|| format!("{url:?}"))?);
+                    hosts.push(
+                        parse_amqp_host(entry, default_port).with_context(|| format!("{url:?}"))?,
+                    );
                 }
                 if hosts.is_empty() {
                     bail!("{url:?} names no host");
                 }
-                Ok(TransportUrl::Amqp { hosts, vhost })
+                Ok(TransportUrl::Amqp { hosts, vhost, tls })
             }
             other => {
-                bail!("{url:?}: unsupported scheme {other:?} (use rabbit://, amqp:// or memory://)")
+                bail!("{url:?}: unsupported scheme {other:?} (use rabbit://, amqp://, amqps:// or memory://)")
             }
         }
     }
 }
 
-fn parse_amqp_host(entry: &str) -> Result<AmqpHost> {
+/// oslo's `ssl` query parameter (`?ssl=1`), read as oslo.config reads a
+/// boolean; None when absent. Other parameters are ignored, as before.
+fn ssl_query(query: &str) -> Result<Option<bool>> {
+    let mut tls = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key != "ssl" {
+            continue;
+        }
+        tls = match percent_decode(value).to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Some(true),
+            "0" | "false" | "no" | "off" => Some(false),
+            other => bail!("`ssl={other}` in the query: expected 1/true/yes/on or 0/false/no/off"),
+        };
+    }
+    Ok(tls)
+}
+
+fn parse_amqp_host(entry: &str, default_port: u16) -> Result<AmqpHost> {
     let (userinfo, hostport) = match entry.rsplit_once('@') {
         Some((u, h)) => (Some(u), h),
         None => (None, entry),
@@ -684,7 +756,7 @@ fn parse_amqp_host(entry: &str) -> Result<AmqpHost> {
             p.parse::<u16>()
                 .with_context(|| format!("port {p:?} is not a number from 1 to 65535"))?,
         ),
-        None => (hostport.to_string(), 5672),
+        None => (hostport.to_string(), default_port),
     };
     if host.is_empty() {
         bail!("an entry has no host name");
@@ -743,7 +815,7 @@ impl fmt::Display for TransportUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TransportUrl::Memory { name } => write!(f, "memory://{name}"),
-            TransportUrl::Amqp { hosts, vhost } => {
+            TransportUrl::Amqp { hosts, vhost, tls } => {
                 write!(f, "amqp://")?;
                 for (i, h) in hosts.iter().enumerate() {
                     if i > 0 {
@@ -751,7 +823,12 @@ impl fmt::Display for TransportUrl {
                     }
                     write!(f, "{}:***@{}:{}", h.user, h.host, h.port)?;
                 }
-                write!(f, "/{vhost}")
+                write!(f, "/{vhost}")?;
+                match tls {
+                    Some(true) => write!(f, "?ssl=1"),
+                    Some(false) => write!(f, "?ssl=0"),
+                    None => Ok(()),
+                }
             }
         }
     }
@@ -772,16 +849,95 @@ mod tests {
         let url: TransportUrl = "rabbit://u:p%40ss@h1:5673,v:q@h2/child-cell2"
             .parse()
             .expect("valid url");
-        let TransportUrl::Amqp { hosts, vhost } = &url else {
+        let TransportUrl::Amqp { hosts, vhost, tls } = &url else {
             panic!("expected amqp")
         };
         assert_eq!(vhost, "child-cell2");
+        assert_eq!(*tls, None);
         assert_eq!(hosts.len(), 2);
         assert_eq!(hosts[0].password, "p@ss");
         assert_eq!(hosts[0].port, 5673);
         assert_eq!(hosts[1].port, 5672);
         assert_eq!(url.amqp_uris()[0], "amqp://u:p%40ss@h1:5673/child-cell2");
         assert!(!url.to_string().contains("p@ss"));
+    }
+
+    #[test]
+    fn amqps_scheme_turns_tls_on_with_port_5671_by_default() {
+        let url: TransportUrl = "amqps://u:secret@broker.example/nova"
+            .parse()
+            .expect("valid");
+        assert!(url.uses_tls(&RabbitOptions::default()));
+        assert_eq!(
+            url.amqp_uris(),
+            ["amqps://u:secret@broker.example:5671/nova"]
+        );
+        let shown = url.to_string();
+        assert_eq!(shown, "amqp://u:***@broker.example:5671/nova?ssl=1");
+        assert!("amqps://h/v?ssl=0".parse::<TransportUrl>().is_err());
+    }
+
+    #[test]
+    fn oslo_ssl_query_on_a_multi_host_rabbit_url() {
+        let url: TransportUrl = "rabbit://u:p1@h1:5671,v:p2@h2:5671/cell1?ssl=1"
+            .parse()
+            .expect("valid");
+        let TransportUrl::Amqp { hosts, vhost, tls } = &url else {
+            panic!("expected amqp")
+        };
+        assert_eq!(*tls, Some(true));
+        assert_eq!(vhost, "cell1", "the query is not part of the vhost");
+        assert_eq!(hosts.len(), 2);
+        assert_eq!(
+            url.amqp_uris(),
+            ["amqps://u:p1@h1:5671/cell1", "amqps://v:p2@h2:5671/cell1"]
+        );
+        assert!(!url.to_string().contains("p1") && !url.to_string().contains("p2"));
+        // As in oslo, the URL's `ssl` wins over the option; other query
+        // parameters are ignored.
+        let plain: TransportUrl = "rabbit://u:p@h/v?ssl=0&foo=bar".parse().expect("valid");
+        let ssl_on = RabbitOptions {
+            ssl: true,
+            ..RabbitOptions::default()
+        };
+        assert!(!plain.uses_tls(&ssl_on));
+        assert_eq!(
+            plain.amqp_uris_with(&ssl_on),
+            ["amqp://u:p@h:5672/v?heartbeat=60"]
+        );
+        // oslo's port when there is none, TLS or not.
+        let no_port: TransportUrl = "rabbit://u:p@h/v?ssl=true".parse().expect("valid");
+        assert_eq!(no_port.amqp_uris(), ["amqps://u:p@h:5672/v"]);
+        let err = format!(
+            "{:#}",
+            "rabbit://u:p@h/v?ssl=maybe"
+                .parse::<TransportUrl>()
+                .unwrap_err()
+        );
+        assert!(err.contains("ssl=maybe"), "{err}");
+    }
+
+    #[test]
+    fn ssl_option_and_heartbeat_shape_the_uris_the_host_connects_with() {
+        let url: TransportUrl = "rabbit://u:p@h/v".parse().expect("valid");
+        let defaults = RabbitOptions::default();
+        assert_eq!(
+            url.amqp_uris_with(&defaults),
+            ["amqp://u:p@h:5672/v?heartbeat=60"]
+        );
+        let options = RabbitOptions {
+            ssl: true,
+            heartbeat_timeout_threshold: 0,
+            ..RabbitOptions::default()
+        };
+        assert!(url.uses_tls(&options));
+        assert_eq!(
+            url.amqp_uris_with(&options),
+            ["amqps://u:p@h:5672/v?heartbeat=0"]
+        );
+        // The vhost "/" is percent-encoded, as lapin wants.
+        let root: TransportUrl = "amqps://u:p@h:5000/".parse().expect("valid");
+        assert_eq!(root.amqp_uris(), ["amqps://u:p@h:5000/%2F"]);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use cellhost::wire::Reply;
 use cellhost::CellHost;
 
 pub mod oslo;
+pub mod rabbit_node;
 
 pub use cellhost::demo::Behaviour;
 pub use cellhost::demo::NOVA_TOPOLOGY as NOVA;
@@ -188,6 +189,31 @@ impl Topology {
             }
         }
         Ok(())
+    }
+
+    /// A tree whose cells' brokers are wherever `url_of` says (another
+    /// RabbitMQ node, TLS, ...), each config adjusted by `adjust`. The vhosts
+    /// belong to the caller, who made them and removes them.
+    pub async fn start_on(
+        topology: &[(&str, Option<&str>)],
+        policy: Arc<LoadedPolicy>,
+        url_of: impl Fn(&str) -> TransportUrl,
+        adjust: impl Fn(&mut Config),
+    ) -> Result<Topology> {
+        let prefix = format!("cht-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let mut configs = tree_configs(topology, url_of);
+        configs.iter_mut().for_each(adjust);
+        let mut topo = Topology {
+            transport: Transport::Rabbit,
+            prefix,
+            configs,
+            hosts: Vec::new(),
+            workers: BTreeMap::new(),
+            stash: Vec::new(),
+            vhosts: Vec::new(),
+        };
+        topo.start_hosts(policy, true).await?;
+        Ok(topo)
     }
 
     /// The vhost of `cell` on RabbitMQ.

@@ -36,7 +36,9 @@ pub struct RabbitOptions {
     /// `x-ha-policy: all` on every queue (RabbitMQ before 3.0's policies).
     pub rabbit_ha_queues: bool,
     /// Seconds without traffic before the connection is taken for dead
-    /// (the AMQP heartbeat); 0: no heartbeat.
+    /// (the AMQP heartbeat proposed to the broker; the lower of the two
+    /// proposals wins). 0 proposes none, but lapin then follows the
+    /// broker's own (RabbitMQ: 60 s).
     pub heartbeat_timeout_threshold: u16,
     /// Connect over TLS (as `amqps://` or `?ssl=1` in the URL does).
     pub ssl: bool,

@@ -29,7 +29,9 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::tcp::AMQPUriTcpExt;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio::task::JoinHandle;
@@ -37,6 +39,7 @@ use tokio::task::JoinHandle;
 use crate::config::RabbitOptions;
 use crate::lock;
 
+use super::tls::TlsSetup;
 use super::{
     ArgValue, ExchangeKind, ExchangeSpec, Inbound, Inbox, LinkState, Outcome, Publication,
     PublishError, QueueSpec, Role, Settle,
@@ -59,6 +62,8 @@ pub struct AmqpBroker {
 struct Inner {
     uris: Vec<String>,
     label: String,
+    /// How `amqps://` hosts are verified, read once from the options' files.
+    tls: Option<TlsSetup>,
     /// oslo.messaging's options for this broker: how to declare, TLS.
     options: RabbitOptions,
     publish_timeout: Duration,
@@ -133,10 +138,18 @@ impl AmqpBroker {
         if uris.is_empty() {
             bail!("no AMQP host configured for {label}");
         }
+        // Read the TLS files once, before dialling: a wrong path is a config
+        // error, not a reason to try the next host.
+        let tls = if uris.iter().any(|uri| uri.starts_with("amqps://")) {
+            Some(TlsSetup::from_options(options, label)?)
+        } else {
+            None
+        };
         Ok(AmqpBroker {
             inner: Arc::new(Inner {
                 uris: uris.to_vec(),
                 label: label.to_string(),
+                tls,
                 options: options.clone(),
                 publish_timeout,
                 live: ArcSwapOption::empty(),
@@ -159,23 +172,42 @@ impl AmqpBroker {
     }
 
     /// Tries each host in turn (oslo.messaging's failover list) and returns
-    /// the first connection that opens.
+    /// the first connection that opens. `amqps://` URIs are opened over TLS,
+    /// verified as the options say (see `tls`).
     async fn open_any(&self) -> Result<Connection> {
+        let label = &self.inner.label;
         let mut errors = Vec::new();
         for uri in &self.inner.uris {
+            let parsed: AMQPUri = uri.parse().map_err(|e| {
+                anyhow::anyhow!("the broker of {label}: an AMQP URI lapin cannot read: {e}")
+            })?;
+            let (host, port) = (parsed.authority.host.clone(), parsed.authority.port);
             let properties = ConnectionProperties::default()
-                .with_connection_name(LongString::from(format!("cellhost {}", self.inner.label)));
-            match Connection::connect(uri, properties).await {
+                .with_connection_name(LongString::from(format!("cellhost {label}")));
+            let opened = if let (AMQPScheme::AMQPS, Some(setup)) = (&parsed.scheme, &self.inner.tls)
+            {
+                connect_tls(parsed, properties, setup)
+                    .await
+                    .map_err(|e| setup.explain(e, label, &host, port))
+            } else {
+                Connection::connect_uri(parsed, properties)
+                    .await
+                    .map_err(|e| {
+                        anyhow::Error::new(e).context(format!(
+                            "AMQP connection to the broker of {label} at {host}:{port} failed"
+                        ))
+                    })
+            };
+            match opened {
                 Ok(connection) => return Ok(connection),
                 Err(e) => {
-                    tracing::debug!(broker = %self.inner.label, error = %e, "AMQP connection failed");
-                    errors.push(e.to_string());
+                    tracing::debug!(broker = %label, error = %format!("{e:#}"), "AMQP connection failed");
+                    errors.push(format!("{e:#}"));
                 }
             }
         }
         bail!(
-            "cannot connect to the broker of {}: {}",
-            self.inner.label,
+            "cannot connect to the broker of {label}: {}",
             errors.join("; ")
         )
     }
@@ -714,6 +746,32 @@ fn amqp_value(value: &ArgValue) -> AMQPValue {
             Err(_) => AMQPValue::LongLongInt(i64::try_from(*n).unwrap_or(i64::MAX)),
         },
     }
+}
+
+/// Opens `uri` over TLS with our own connector rather than lapin's built-in
+/// one, whose trust store always includes the system's CAs: with
+/// `ssl_ca_file` set, only that CA may vouch for the broker.
+async fn connect_tls(
+    uri: AMQPUri,
+    properties: ConnectionProperties,
+    tls: &TlsSetup,
+) -> lapin::Result<Connection> {
+    let connector = tls.connector();
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connector(
+        uri,
+        runtime,
+        // lapin calls this to open the socket; reconnecting is the link's
+        // own business (it opens a new connection).
+        async move |uri: AMQPUri, runtime| {
+            let mut plain = uri.clone();
+            plain.scheme = AMQPScheme::AMQP;
+            let stream = plain.connect_async(&runtime).await?;
+            Ok(stream.into_rustls(&connector, &uri.authority.host).await?)
+        },
+        properties,
+    )
+    .await
 }
 
 async fn open_confirm_channel(connection: &Connection) -> Result<Channel> {

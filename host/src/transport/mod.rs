@@ -8,6 +8,7 @@
 pub mod amqp;
 pub mod memory;
 pub mod oslo_declare;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -206,7 +207,13 @@ impl Broker {
                 Ok(Broker::Memory(memory::MemoryBroker::named(broker)))
             }
             TransportUrl::Amqp { .. } => Ok(Broker::Amqp(
-                amqp::AmqpBroker::connect(&url.amqp_uris(), options, name, PUBLISH_TIMEOUT).await?,
+                amqp::AmqpBroker::connect(
+                    &url.amqp_uris_with(options),
+                    options,
+                    name,
+                    PUBLISH_TIMEOUT,
+                )
+                .await?,
             )),
         }
     }
@@ -223,7 +230,7 @@ impl Broker {
                 Ok(Broker::Memory(memory::MemoryBroker::named(broker)))
             }
             TransportUrl::Amqp { .. } => Ok(Broker::Amqp(amqp::AmqpBroker::connect_in_background(
-                &url.amqp_uris(),
+                &url.amqp_uris_with(options),
                 options,
                 name,
                 PUBLISH_TIMEOUT,
