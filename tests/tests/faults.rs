@@ -1,0 +1,526 @@
+//! Faults injected for real while 20,000 messages stream through a relay:
+//! nothing is lost, whatever breaks (issue 9).
+//!
+//! The relay is one hop: cell `a` (a child) sends targeted messages up to
+//! its parent `b`. The test casts them into `a`'s broker directly, as an
+//! application there would, many publishes in flight with confirms; an
+//! application on `b`'s broker (a plain lapin consumer on `cells.local`)
+//! records the `cell_message_uuid` of every local delivery. `a`'s host
+//! reaches its own broker and `b`'s through [`FaultProxy`] instances, so a
+//! test can cut, refuse or stall either link; `b`'s host and the test's
+//! own connections go straight to RabbitMQ on 127.0.0.1:5672.
+//!
+//! Each test waits (bounded) until every uuid was delivered at least once,
+//! then until `a`'s queues are quiet, and asserts: none lost, the
+//! dead-letter queue empty and the park queue drained. It prints one line
+//! per fault: sent, delivered, duplicated, lost, how long after the end of
+//! the fault deliveries resumed and all were in, and the test's wall time.
+//! The tests run one at a time (the machine has few cores and each one
+//! streams at full speed): they share a lock.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use cellhost::client::{entry_cast, Outgoing};
+use cellhost::config::{Config, TransportUrl};
+use cellhost::demo::tree_configs;
+use cellhost::router::{REASON_CODE_HEADER, REASON_HEADER};
+use cellhost::CellHost;
+use cellhost_tests::fault_proxy::FaultProxy;
+use cellhost_tests::{cellhost_bin, local_amqp_uri, plugin, Direction, Vhosts};
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use tokio::sync::watch;
+
+/// Messages each test streams.
+const MESSAGES: usize = 20_000;
+/// The fault strikes once this many were delivered: mid-stream.
+const STRIKE_AT: usize = 5_000;
+/// How long an outage or a stall lasts.
+const OUTAGE: Duration = Duration::from_secs(10);
+/// The longest a test waits for every message to be delivered.
+const FLOW_PATIENCE: Duration = Duration::from_secs(120);
+/// The longest a test waits for the queues to be empty once all arrived.
+const QUIET_PATIENCE: Duration = Duration::from_secs(30);
+/// Publishes whose confirms are awaited together.
+const PUBLISH_BATCH: usize = 500;
+
+const RABBIT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 5672);
+const EXCHANGE: &str = "nova";
+const QUEUE_BASE: &str = "cells.intercell";
+const PAIR: [(&str, Option<&str>); 2] = [("b", None), ("a", Some("b"))];
+/// A message from `a` to its parent `b`.
+const UP_TO_B: &str = "a!b";
+
+/// One fault test at a time, across the test threads of this binary.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn url(port: u16, vhost: &str) -> TransportUrl {
+    format!("rabbit://guest:guest@127.0.0.1:{port}/{vhost}")
+        .parse()
+        .expect("a well-formed test URL")
+}
+
+fn fresh_prefix() -> String {
+    // Not `cht-` (the shared harness) nor `chr-` (the bench).
+    format!("chf-{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+}
+
+/// The cells, their vhosts and the configs of a tree, nothing started.
+struct Cells {
+    prefix: String,
+    vhosts: Vhosts,
+    configs: Vec<Config>,
+}
+
+impl Cells {
+    fn create(topology: &[(&str, Option<&str>)]) -> Result<Cells> {
+        let prefix = fresh_prefix();
+        let vhosts = Vhosts::create(
+            topology
+                .iter()
+                .map(|(c, _)| format!("{prefix}-{c}"))
+                .collect(),
+        )?;
+        let configs = tree_configs(topology, |cell| url(5672, &format!("{prefix}-{cell}")));
+        Ok(Cells {
+            prefix,
+            vhosts,
+            configs,
+        })
+    }
+
+    fn vhost(&self, cell: &str) -> String {
+        format!("{}-{cell}", self.prefix)
+    }
+
+    fn config_mut(&mut self, cell: &str) -> &mut Config {
+        self.configs
+            .iter_mut()
+            .find(|c| c.cell.name == cell)
+            .unwrap_or_else(|| panic!("no cell {cell}"))
+    }
+
+    fn config(&self, cell: &str) -> Config {
+        self.configs
+            .iter()
+            .find(|c| c.cell.name == cell)
+            .unwrap_or_else(|| panic!("no cell {cell}"))
+            .clone()
+    }
+
+    /// Points `cell`'s own link at `proxy` (same vhost, the proxy's port).
+    fn own_through(&mut self, cell: &str, proxy: &FaultProxy) {
+        let vhost = self.vhost(cell);
+        self.config_mut(cell).cell.transport_url = url(proxy.port(), &vhost);
+    }
+
+    /// Points `cell`'s link to `neighbour` at `proxy`.
+    fn neighbour_through(&mut self, cell: &str, neighbour: &str, proxy: &FaultProxy) {
+        let vhost = self.vhost(neighbour);
+        let entry = self
+            .config_mut(cell)
+            .neighbours
+            .iter_mut()
+            .find(|n| n.name == neighbour)
+            .unwrap_or_else(|| panic!("{cell} has no neighbour {neighbour}"));
+        entry.transport_url = url(proxy.port(), &vhost);
+    }
+
+    async fn start_host(&self, cell: &str) -> Result<CellHost> {
+        CellHost::start(self.config(cell), plugin("nova_cells", "")?).await
+    }
+}
+
+/// What an application behind a cell saw: each cells uuid it was given,
+/// how often, and when first.
+#[derive(Default)]
+struct Seen {
+    first: HashMap<String, (u32, Instant)>,
+}
+
+/// A cell's application: consumes `cells.local` on the cell's broker
+/// (directly, not through a proxy) and records the cells uuid of each
+/// delivery.
+struct App {
+    connection: Connection,
+    seen: Arc<Mutex<Seen>>,
+    /// Distinct uuids seen so far.
+    distinct: watch::Receiver<usize>,
+}
+
+impl App {
+    async fn start(vhost: &str) -> Result<App> {
+        let connection =
+            Connection::connect(&local_amqp_uri(vhost), ConnectionProperties::default())
+                .await
+                .with_context(|| format!("the application connecting to vhost {vhost}"))?;
+        let channel = connection.create_channel().await?;
+        // Declared by the host already; consumed as an oslo server would,
+        // with automatic acks: the application is not what is tested.
+        let mut consumer = channel
+            .basic_consume(
+                "cells.local".into(),
+                "fault-test-app".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("consuming cells.local on {vhost}"))?;
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (tx, distinct) = watch::channel(0usize);
+        let record = seen.clone();
+        let vhost = vhost.to_string();
+        tokio::spawn(async move {
+            while let Some(delivery) = consumer.next().await {
+                let Ok(delivery) = delivery else { return };
+                let uuid = match cellhost::wire::decode_request(&delivery.data, usize::MAX) {
+                    Ok(request) => request
+                        .context
+                        .0
+                        .get("cell_message_uuid")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default()
+                        .to_string(),
+                    Err(e) => {
+                        eprintln!("the application on {vhost} got an undecodable message: {e}");
+                        continue;
+                    }
+                };
+                let mut seen = lock(&record);
+                let entry = seen.first.entry(uuid).or_insert((0, Instant::now()));
+                entry.0 += 1;
+                let count = seen.first.len();
+                drop(seen);
+                tx.send_replace(count);
+            }
+        });
+        Ok(App {
+            connection,
+            seen,
+            distinct,
+        })
+    }
+
+    /// Waits until at least `n` distinct uuids were delivered.
+    async fn wait_distinct(&self, n: usize, patience: Duration) -> Result<()> {
+        let mut distinct = self.distinct.clone();
+        let waited = tokio::time::timeout(patience, async {
+            distinct.wait_for(|d| *d >= n).await.map(|_| ())
+        })
+        .await;
+        match waited {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => bail!("the application's consumer ended"),
+            Err(_) => bail!(
+                "{} of {n} messages delivered within {patience:?}",
+                *self.distinct.borrow()
+            ),
+        }
+    }
+
+    /// Delivered, duplicated, lost, and the first delivery of each uuid.
+    fn tally(&self, sent: &[String]) -> Tally {
+        let seen = lock(&self.seen);
+        let mut tally = Tally::default();
+        for uuid in sent {
+            match seen.first.get(uuid) {
+                Some((count, at)) => {
+                    tally.delivered += 1;
+                    tally.duplicated += (*count - 1) as usize;
+                    tally.firsts.push(*at);
+                }
+                None => tally.lost += 1,
+            }
+        }
+        tally.strangers = seen.first.keys().filter(|u| !sent.contains(u)).count();
+        tally
+    }
+
+    async fn stop(self) {
+        let _ = self.connection.close(200, "test done".into()).await;
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    delivered: usize,
+    duplicated: usize,
+    lost: usize,
+    /// Uuids the test never sent.
+    strangers: usize,
+    firsts: Vec<Instant>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `count` targeted messages from `a` up to `b`, as an application on `a`
+/// casts them: their uuids and oslo bodies.
+fn messages(count: usize, make: impl Fn(usize) -> Outgoing) -> (Vec<String>, Vec<Vec<u8>>) {
+    (0..count)
+        .map(|i| {
+            let mut outgoing = make(i);
+            outgoing.ctxt.insert(
+                "request_id".into(),
+                serde_json::Value::String(format!("req-fault-{i}")),
+            );
+            let message = outgoing.to_message();
+            (
+                message.uuid.clone(),
+                entry_cast(EXCHANGE, QUEUE_BASE, &message).body,
+            )
+        })
+        .unzip()
+}
+
+fn up_to_b(count: usize) -> (Vec<String>, Vec<Vec<u8>>) {
+    messages(count, |_| {
+        Outgoing::targeted(UP_TO_B, Direction::Up, "fault_test")
+    })
+}
+
+/// Casts `bodies` into `vhost`'s `cells.intercell.<kind>` directly on
+/// RabbitMQ, many publishes in flight, each confirmed.
+async fn publish_all(vhost: String, kind: &'static str, bodies: Vec<Vec<u8>>) -> Result<()> {
+    let connection = Connection::connect(&local_amqp_uri(&vhost), ConnectionProperties::default())
+        .await
+        .with_context(|| format!("the sender connecting to vhost {vhost}"))?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let routing_key = format!("{QUEUE_BASE}.{kind}");
+    // What an oslo.messaging client sets.
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_delivery_mode(2);
+    for batch in bodies.chunks(PUBLISH_BATCH) {
+        let sends = batch.iter().map(|body| {
+            channel.basic_publish(
+                EXCHANGE.into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                properties.clone(),
+            )
+        });
+        let confirms = futures::future::try_join_all(sends).await?;
+        for confirmation in futures::future::try_join_all(confirms).await? {
+            ensure!(
+                matches!(confirmation, Confirmation::Ack(_)),
+                "the broker did not take a message for {routing_key} on {vhost}: {confirmation:?}"
+            );
+        }
+    }
+    let _ = connection.close(200, "sent".into()).await;
+    Ok(())
+}
+
+/// Messages (ready and unacknowledged) of each queue of `vhost`.
+fn queue_depths(vhost: &str) -> Result<HashMap<String, u64>> {
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "-p",
+            vhost,
+            "--no-table-headers",
+            "name",
+            "messages",
+        ])
+        .output()
+        .context("running rabbitmqctl list_queues")?;
+    ensure!(
+        out.status.success(),
+        "rabbitmqctl list_queues -p {vhost} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (name, count) = line.split_once('\t')?;
+            Some((name.trim().to_string(), count.trim().parse().ok()?))
+        })
+        .collect())
+}
+
+/// Waits until every queue of `vhost` named in `queues` holds no message.
+async fn wait_empty(vhost: &str, queues: &[String]) -> Result<()> {
+    let deadline = Instant::now() + QUIET_PATIENCE;
+    loop {
+        let depths = queue_depths(vhost)?;
+        let busy: Vec<String> = queues
+            .iter()
+            .filter(|q| depths.get(*q).copied().unwrap_or(0) > 0)
+            .map(|q| format!("{q}: {}", depths[q]))
+            .collect();
+        if busy.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("queues of {vhost} still hold messages after {QUIET_PATIENCE:?}: {busy:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The queues of cell `a` that must end empty: its intercell queue, its
+/// dead-letter queue and its park queue for `b`.
+fn quiet_queues_of_a() -> Vec<String> {
+    vec![
+        format!("{QUEUE_BASE}.targeted"),
+        format!("{QUEUE_BASE}.dead"),
+        cellhost::links::park_queue(QUEUE_BASE, "b"),
+    ]
+}
+
+/// Prints the figures of one fault test and asserts nothing was lost.
+fn report(
+    fault: &str,
+    sent: &[String],
+    tally: &Tally,
+    fault_end: Option<Instant>,
+    started: Instant,
+) {
+    let after = |t: Option<Instant>| match (t, fault_end) {
+        (Some(t), Some(end)) => format!("{:.2} s", t.saturating_duration_since(end).as_secs_f64()),
+        _ => "n/a".to_string(),
+    };
+    let resumed = fault_end.and_then(|end| tally.firsts.iter().filter(|t| **t >= end).min().copied());
+    let all_in = tally.firsts.iter().max().copied();
+    println!(
+        "FAULT {fault}: sent {}, delivered {}, duplicated {}, lost {}, \
+         flow resumed {} after the fault, all delivered {} after, wall {:.1} s",
+        sent.len(),
+        tally.delivered,
+        tally.duplicated,
+        tally.lost,
+        after(resumed),
+        after(all_in),
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(tally.lost, 0, "{fault}: messages lost");
+    assert_eq!(tally.strangers, 0, "{fault}: deliveries of uuids never sent");
+}
+
+/// Which link of `a` a fault strikes.
+#[derive(Clone, Copy)]
+enum Link {
+    Own,
+    Neighbour,
+}
+
+/// What is done to the link.
+#[derive(Clone, Copy)]
+enum Fault {
+    Cut,
+    Down,
+    Stall,
+}
+
+/// The one-hop relay `a` → `b` with `a`'s links through proxies, 20,000
+/// messages streamed, `fault` struck at `link` mid-stream.
+async fn relay_through_fault(name: &str, link: Link, fault: Fault) {
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let own = FaultProxy::start(RABBIT).await.expect("own proxy");
+    let neighbour = FaultProxy::start(RABBIT).await.expect("neighbour proxy");
+    let mut cells = Cells::create(&PAIR).expect("vhosts");
+    cells.own_through("a", &own);
+    cells.neighbour_through("a", "b", &neighbour);
+    let host_b = cells.start_host("b").await.expect("b's host starts");
+    let host_a = cells.start_host("a").await.expect("a's host starts");
+    let app = App::start(&cells.vhost("b")).await.expect("b's application");
+
+    let (sent, bodies) = up_to_b(MESSAGES);
+    let sender = tokio::spawn(publish_all(cells.vhost("a"), "targeted", bodies));
+    app.wait_distinct(STRIKE_AT, FLOW_PATIENCE)
+        .await
+        .expect("the stream flows before the fault");
+    let proxy = match link {
+        Link::Own => &own,
+        Link::Neighbour => &neighbour,
+    };
+    match fault {
+        Fault::Cut => {
+            proxy.cut().await.expect("cut");
+        }
+        Fault::Down => proxy.down_for(OUTAGE).await.expect("outage"),
+        Fault::Stall => {
+            proxy.stall(true);
+            // The stall itself is the fault being simulated.
+            tokio::time::sleep(OUTAGE).await;
+            proxy.stall(false);
+        }
+    }
+    let fault_end = Instant::now();
+    sender
+        .await
+        .expect("sender task")
+        .expect("every message cast into a");
+    let delivered = app.wait_distinct(sent.len(), FLOW_PATIENCE).await;
+    let tally = app.tally(&sent);
+    if let Err(e) = delivered {
+        report(name, &sent, &tally, Some(fault_end), started);
+        panic!("{name}: {e:#}");
+    }
+    wait_empty(&cells.vhost("a"), &quiet_queues_of_a())
+        .await
+        .expect("a's queues drained: nothing dead-lettered, nothing left parked");
+    wait_empty(&cells.vhost("b"), &[format!("{QUEUE_BASE}.targeted")])
+        .await
+        .expect("b's queue drained");
+    // Counted again once every queue is quiet: late duplicates included.
+    let tally = app.tally(&sent);
+    let stats = &host_a.router().stats;
+    println!(
+        "  a: publish failures {}, dead-lettered {}",
+        cellhost::router::Stats::get(&stats.publish_failures),
+        cellhost::router::Stats::get(&stats.dead_lettered)
+    );
+    report(name, &sent, &tally, Some(fault_end), started);
+    app.stop().await;
+    host_a.shutdown().await;
+    host_b.shutdown().await;
+    cells.vhosts.remove().expect("vhosts removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_connection_cut_mid_stream_loses_nothing() {
+    relay_through_fault("own connection cut", Link::Own, Fault::Cut).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_broker_unreachable_for_10_s_loses_nothing() {
+    relay_through_fault("own broker down 10 s", Link::Own, Fault::Down).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neighbour_connection_cut_mid_stream_loses_nothing() {
+    relay_through_fault("neighbour connection cut", Link::Neighbour, Fault::Cut).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neighbour_unreachable_for_10_s_loses_nothing() {
+    relay_through_fault("neighbour down 10 s", Link::Neighbour, Fault::Down).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neighbour_stalled_for_10_s_loses_nothing() {
+    relay_through_fault("neighbour stalled 10 s", Link::Neighbour, Fault::Stall).await;
+}
