@@ -150,6 +150,11 @@ impl CellHost {
         &self.router
     }
 
+    /// The cell's links, with their counters (parked, unparked, unroutable).
+    pub fn links(&self) -> &Arc<Links> {
+        &self.links
+    }
+
     /// Lets the cell's policy be reloaded with `engine`, and with `watch`,
     /// reloads it whenever its file changes.
     pub fn enable_reload(

@@ -389,6 +389,25 @@ fn quiet_queues_of_a() -> Vec<String> {
     ]
 }
 
+/// What the hosts counted: received (redeliveries included), parked and
+/// unparked relays, duplicates the parent's host dropped.
+fn print_host_figures(a: &CellHost, b: &CellHost) {
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let (sa, sb, links) = (&a.router().stats, &b.router().stats, &a.links().stats);
+    println!(
+        "  a: received {}, relayed {}, publish failures {}, dead-lettered {}, parked {}, unparked {}; \
+         b: received {}, duplicates dropped {}",
+        get(&sa.received),
+        get(&sa.relayed),
+        get(&sa.publish_failures),
+        get(&sa.dead_lettered),
+        get(&links.parked),
+        get(&links.unparked),
+        get(&sb.received),
+        get(&sb.duplicates),
+    );
+}
+
 /// Prints the figures of one fault test and asserts nothing was lost.
 fn report(
     fault: &str,
@@ -401,7 +420,8 @@ fn report(
         (Some(t), Some(end)) => format!("{:.2} s", t.saturating_duration_since(end).as_secs_f64()),
         _ => "n/a".to_string(),
     };
-    let resumed = fault_end.and_then(|end| tally.firsts.iter().filter(|t| **t >= end).min().copied());
+    let resumed =
+        fault_end.and_then(|end| tally.firsts.iter().filter(|t| **t >= end).min().copied());
     let all_in = tally.firsts.iter().max().copied();
     println!(
         "FAULT {fault}: sent {}, delivered {}, duplicated {}, lost {}, \
@@ -415,7 +435,10 @@ fn report(
         started.elapsed().as_secs_f64()
     );
     assert_eq!(tally.lost, 0, "{fault}: messages lost");
-    assert_eq!(tally.strangers, 0, "{fault}: deliveries of uuids never sent");
+    assert_eq!(
+        tally.strangers, 0,
+        "{fault}: deliveries of uuids never sent"
+    );
 }
 
 /// Which link of `a` a fault strikes.
@@ -445,7 +468,9 @@ async fn relay_through_fault(name: &str, link: Link, fault: Fault) {
     cells.neighbour_through("a", "b", &neighbour);
     let host_b = cells.start_host("b").await.expect("b's host starts");
     let host_a = cells.start_host("a").await.expect("a's host starts");
-    let app = App::start(&cells.vhost("b")).await.expect("b's application");
+    let app = App::start(&cells.vhost("b"))
+        .await
+        .expect("b's application");
 
     let (sent, bodies) = up_to_b(MESSAGES);
     let sender = tokio::spawn(publish_all(cells.vhost("a"), "targeted", bodies));
@@ -487,12 +512,7 @@ async fn relay_through_fault(name: &str, link: Link, fault: Fault) {
         .expect("b's queue drained");
     // Counted again once every queue is quiet: late duplicates included.
     let tally = app.tally(&sent);
-    let stats = &host_a.router().stats;
-    println!(
-        "  a: publish failures {}, dead-lettered {}",
-        cellhost::router::Stats::get(&stats.publish_failures),
-        cellhost::router::Stats::get(&stats.dead_lettered)
-    );
+    print_host_figures(&host_a, &host_b);
     report(name, &sent, &tally, Some(fault_end), started);
     app.stop().await;
     host_a.shutdown().await;
