@@ -36,7 +36,7 @@ use futures::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::watch;
 
@@ -146,6 +146,24 @@ impl Cells {
 #[derive(Default)]
 struct Seen {
     first: HashMap<String, (u32, Instant)>,
+    /// What was wrong with deliveries that were not as expected.
+    wrong: Vec<String>,
+}
+
+/// Names a delivery by its cells uuid, or says what is wrong with it.
+type UuidOf = fn(&lapin::message::Delivery) -> std::result::Result<String, String>;
+
+/// A local delivery: an oslo request whose context carries the cells uuid.
+fn local_delivery_uuid(delivery: &lapin::message::Delivery) -> std::result::Result<String, String> {
+    let request = cellhost::wire::decode_request(&delivery.data, usize::MAX)
+        .map_err(|e| format!("undecodable local delivery: {e}"))?;
+    request
+        .context
+        .0
+        .get("cell_message_uuid")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| "a local delivery without cell_message_uuid".to_string())
 }
 
 /// A cell's application: consumes `cells.local` on the cell's broker
@@ -159,7 +177,15 @@ struct App {
 }
 
 impl App {
+    /// The application behind the cell whose broker is `vhost`.
     async fn start(vhost: &str) -> Result<App> {
+        App::consume(vhost, "cells.local", local_delivery_uuid).await
+    }
+
+    /// Records what arrives on `queue` of `vhost`, each delivery named by
+    /// `uuid_of` (an error says what is wrong with a delivery, and fails the
+    /// test at the end).
+    async fn consume(vhost: &str, queue: &str, uuid_of: UuidOf) -> Result<App> {
         let connection =
             Connection::connect(&local_amqp_uri(vhost), ConnectionProperties::default())
                 .await
@@ -169,7 +195,7 @@ impl App {
         // with automatic acks: the application is not what is tested.
         let mut consumer = channel
             .basic_consume(
-                "cells.local".into(),
+                queue.into(),
                 "fault-test-app".into(),
                 BasicConsumeOptions {
                     no_ack: true,
@@ -178,30 +204,21 @@ impl App {
                 FieldTable::default(),
             )
             .await
-            .with_context(|| format!("consuming cells.local on {vhost}"))?;
+            .with_context(|| format!("consuming {queue} on {vhost}"))?;
         let seen = Arc::new(Mutex::new(Seen::default()));
         let (tx, distinct) = watch::channel(0usize);
         let record = seen.clone();
-        let vhost = vhost.to_string();
         tokio::spawn(async move {
             while let Some(delivery) = consumer.next().await {
                 let Ok(delivery) = delivery else { return };
-                let uuid = match cellhost::wire::decode_request(&delivery.data, usize::MAX) {
-                    Ok(request) => request
-                        .context
-                        .0
-                        .get("cell_message_uuid")
-                        .and_then(|v| v.as_str())
-                        .unwrap_or_default()
-                        .to_string(),
-                    Err(e) => {
-                        eprintln!("the application on {vhost} got an undecodable message: {e}");
-                        continue;
-                    }
-                };
                 let mut seen = lock(&record);
-                let entry = seen.first.entry(uuid).or_insert((0, Instant::now()));
-                entry.0 += 1;
+                match uuid_of(&delivery) {
+                    Ok(uuid) => {
+                        let entry = seen.first.entry(uuid).or_insert((0, Instant::now()));
+                        entry.0 += 1;
+                    }
+                    Err(wrong) => seen.wrong.push(wrong),
+                }
                 let count = seen.first.len();
                 drop(seen);
                 tx.send_replace(count);
@@ -245,7 +262,9 @@ impl App {
                 None => tally.lost += 1,
             }
         }
+        let sent: std::collections::HashSet<&String> = sent.iter().collect();
         tally.strangers = seen.first.keys().filter(|u| !sent.contains(u)).count();
+        tally.wrong = seen.wrong.clone();
         tally
     }
 
@@ -261,6 +280,7 @@ struct Tally {
     lost: usize,
     /// Uuids the test never sent.
     strangers: usize,
+    wrong: Vec<String>,
     firsts: Vec<Instant>,
 }
 
@@ -391,21 +411,23 @@ fn quiet_queues_of_a() -> Vec<String> {
 
 /// What the hosts counted: received (redeliveries included), parked and
 /// unparked relays, duplicates the parent's host dropped.
-fn print_host_figures(a: &CellHost, b: &CellHost) {
+fn print_host_figures(hosts: &[(&str, &CellHost)]) {
     let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    let (sa, sb, links) = (&a.router().stats, &b.router().stats, &a.links().stats);
-    println!(
-        "  a: received {}, relayed {}, publish failures {}, dead-lettered {}, parked {}, unparked {}; \
-         b: received {}, duplicates dropped {}",
-        get(&sa.received),
-        get(&sa.relayed),
-        get(&sa.publish_failures),
-        get(&sa.dead_lettered),
-        get(&links.parked),
-        get(&links.unparked),
-        get(&sb.received),
-        get(&sb.duplicates),
-    );
+    for (cell, host) in hosts {
+        let (stats, links) = (&host.router().stats, &host.links().stats);
+        println!(
+            "  {cell}: received {}, relayed {}, delivered locally {}, duplicates dropped {}, \
+             publish failures {}, dead-lettered {}, parked {}, unparked {}",
+            get(&stats.received),
+            get(&stats.relayed),
+            get(&stats.delivered_local),
+            get(&stats.duplicates),
+            get(&stats.publish_failures),
+            get(&stats.dead_lettered),
+            get(&links.parked),
+            get(&links.unparked),
+        );
+    }
 }
 
 /// Prints the figures of one fault test and asserts nothing was lost.
@@ -456,30 +478,107 @@ enum Fault {
     Stall,
 }
 
-/// The one-hop relay `a` → `b` with `a`'s links through proxies, 20,000
-/// messages streamed, `fault` struck at `link` mid-stream.
+/// The one-hop relay `a` → `b`: `a`'s links go through proxies, `b`'s
+/// host and application straight to RabbitMQ.
+struct Relay {
+    started: Instant,
+    own: FaultProxy,
+    neighbour: FaultProxy,
+    cells: Cells,
+    host_a: CellHost,
+    host_b: CellHost,
+    app: App,
+}
+
+impl Relay {
+    /// Starts both hosts; with `neighbour_refusing`, `a` starts while `b`'s
+    /// broker refuses it.
+    async fn start(neighbour_refusing: bool) -> Relay {
+        let started = Instant::now();
+        let own = FaultProxy::start(RABBIT).await.expect("own proxy");
+        let neighbour = FaultProxy::start(RABBIT).await.expect("neighbour proxy");
+        neighbour.refuse(neighbour_refusing);
+        let mut cells = Cells::create(&PAIR).expect("vhosts");
+        cells.own_through("a", &own);
+        cells.neighbour_through("a", "b", &neighbour);
+        let host_b = cells.start_host("b").await.expect("b's host starts");
+        let host_a = cells.start_host("a").await.expect("a's host starts");
+        let app = App::start(&cells.vhost("b"))
+            .await
+            .expect("b's application");
+        Relay {
+            started,
+            own,
+            neighbour,
+            cells,
+            host_a,
+            host_b,
+            app,
+        }
+    }
+
+    /// Waits for every message, then for `a`'s queues to be quiet; reports
+    /// and checks that nothing was lost, dead-lettered or left parked.
+    async fn finish(
+        self,
+        name: &str,
+        sent: &[String],
+        sender: tokio::task::JoinHandle<Result<()>>,
+        fault_end: Instant,
+    ) {
+        sender
+            .await
+            .expect("sender task")
+            .expect("every message cast into a");
+        let delivered = self.app.wait_distinct(sent.len(), FLOW_PATIENCE).await;
+        if let Err(e) = delivered {
+            report(
+                name,
+                sent,
+                &self.app.tally(sent),
+                Some(fault_end),
+                self.started,
+            );
+            panic!("{name}: {e:#}");
+        }
+        wait_empty(&self.cells.vhost("a"), &quiet_queues_of_a())
+            .await
+            .expect("a's queues drained: nothing dead-lettered, nothing left parked");
+        wait_empty(&self.cells.vhost("b"), &[format!("{QUEUE_BASE}.targeted")])
+            .await
+            .expect("b's queue drained");
+        // Counted once every queue is quiet: late duplicates included.
+        print_host_figures(&[("a", &self.host_a), ("b", &self.host_b)]);
+        report(
+            name,
+            sent,
+            &self.app.tally(sent),
+            Some(fault_end),
+            self.started,
+        );
+        self.app.stop().await;
+        self.host_a.shutdown().await;
+        self.host_b.shutdown().await;
+        drop((self.own, self.neighbour));
+        self.cells.vhosts.remove().expect("vhosts removed");
+    }
+}
+
+/// 20,000 messages streamed through the relay, `fault` struck at `link`
+/// once a quarter of them were delivered.
 async fn relay_through_fault(name: &str, link: Link, fault: Fault) {
     let _serial = SERIAL.lock().await;
-    let started = Instant::now();
-    let own = FaultProxy::start(RABBIT).await.expect("own proxy");
-    let neighbour = FaultProxy::start(RABBIT).await.expect("neighbour proxy");
-    let mut cells = Cells::create(&PAIR).expect("vhosts");
-    cells.own_through("a", &own);
-    cells.neighbour_through("a", "b", &neighbour);
-    let host_b = cells.start_host("b").await.expect("b's host starts");
-    let host_a = cells.start_host("a").await.expect("a's host starts");
-    let app = App::start(&cells.vhost("b"))
-        .await
-        .expect("b's application");
-
+    let relay = Relay::start(false).await;
     let (sent, bodies) = up_to_b(MESSAGES);
-    let sender = tokio::spawn(publish_all(cells.vhost("a"), "targeted", bodies));
-    app.wait_distinct(STRIKE_AT, FLOW_PATIENCE)
+    let sender = tokio::spawn(publish_all(relay.cells.vhost("a"), "targeted", bodies));
+    relay
+        .app
+        .wait_distinct(STRIKE_AT, FLOW_PATIENCE)
         .await
         .expect("the stream flows before the fault");
     let proxy = match link {
-        Link::Own => &own,
-        Link::Neighbour => &neighbour,
+        Link::Own => &relay.own,
+        Link::Neighbour => &relay.neighbour,
     };
     match fault {
         Fault::Cut => {
@@ -494,30 +593,7 @@ async fn relay_through_fault(name: &str, link: Link, fault: Fault) {
         }
     }
     let fault_end = Instant::now();
-    sender
-        .await
-        .expect("sender task")
-        .expect("every message cast into a");
-    let delivered = app.wait_distinct(sent.len(), FLOW_PATIENCE).await;
-    let tally = app.tally(&sent);
-    if let Err(e) = delivered {
-        report(name, &sent, &tally, Some(fault_end), started);
-        panic!("{name}: {e:#}");
-    }
-    wait_empty(&cells.vhost("a"), &quiet_queues_of_a())
-        .await
-        .expect("a's queues drained: nothing dead-lettered, nothing left parked");
-    wait_empty(&cells.vhost("b"), &[format!("{QUEUE_BASE}.targeted")])
-        .await
-        .expect("b's queue drained");
-    // Counted again once every queue is quiet: late duplicates included.
-    let tally = app.tally(&sent);
-    print_host_figures(&host_a, &host_b);
-    report(name, &sent, &tally, Some(fault_end), started);
-    app.stop().await;
-    host_a.shutdown().await;
-    host_b.shutdown().await;
-    cells.vhosts.remove().expect("vhosts removed");
+    relay.finish(name, &sent, sender, fault_end).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -543,4 +619,362 @@ async fn neighbour_unreachable_for_10_s_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn neighbour_stalled_for_10_s_loses_nothing() {
     relay_through_fault("neighbour stalled 10 s", Link::Neighbour, Fault::Stall).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neighbour_down_at_start_up_then_up_10_s_later_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let name = "neighbour down at start-up";
+    // The host starts and serves although its parent refuses it.
+    let relay = Relay::start(true).await;
+    let (sent, bodies) = up_to_b(MESSAGES);
+    let sender = tokio::spawn(publish_all(relay.cells.vhost("a"), "targeted", bodies));
+    // The outage itself is the fault being simulated.
+    tokio::time::sleep(OUTAGE).await;
+    assert_eq!(
+        *relay.app.distinct.borrow(),
+        0,
+        "nothing reaches b while its broker refuses a's host"
+    );
+    relay.neighbour.refuse(false);
+    let fault_end = Instant::now();
+    relay.finish(name, &sent, sender, fault_end).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_while_a_child_is_down_reaches_everyone_once() {
+    let _serial = SERIAL.lock().await;
+    let name = "broadcast, one child down";
+    let started = Instant::now();
+    const FAMILY: [(&str, Option<&str>); 3] = [("p", None), ("c1", Some("p")), ("c2", Some("p"))];
+    let down = FaultProxy::start(RABBIT).await.expect("proxy to c2");
+    down.refuse(true);
+    let mut cells = Cells::create(&FAMILY).expect("vhosts");
+    cells.neighbour_through("p", "c2", &down);
+    let mut hosts = Vec::new();
+    for cell in ["c1", "c2", "p"] {
+        hosts.push((cell, cells.start_host(cell).await.expect("host starts")));
+    }
+    let mut apps = HashMap::new();
+    for cell in ["p", "c1", "c2"] {
+        apps.insert(
+            cell,
+            App::start(&cells.vhost(cell)).await.expect("application"),
+        );
+    }
+    let (sent, bodies) = messages(MESSAGES, |_| {
+        Outgoing::broadcast(Direction::Down, "fault_broadcast")
+    });
+    publish_all(cells.vhost("p"), "broadcast", bodies)
+        .await
+        .expect("every broadcast cast into p");
+    for cell in ["p", "c1"] {
+        apps[cell]
+            .wait_distinct(sent.len(), FLOW_PATIENCE)
+            .await
+            .unwrap_or_else(|e| panic!("{cell} while c2 is down: {e:#}"));
+    }
+    assert_eq!(*apps["c2"].distinct.borrow(), 0, "c2 is down");
+    let parked = cellhost::links::park_queue(QUEUE_BASE, "c2");
+    // The last relays may still be on their way to the park queue.
+    let deadline = Instant::now() + QUIET_PATIENCE;
+    let mut waiting = 0;
+    while Instant::now() < deadline {
+        waiting = queue_depths(&cells.vhost("p"))
+            .expect("p's queues")
+            .get(&parked)
+            .copied()
+            .unwrap_or(0);
+        if waiting as usize == sent.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        waiting as usize,
+        sent.len(),
+        "every relay to c2 parked on p"
+    );
+    down.refuse(false);
+    let fault_end = Instant::now();
+    apps["c2"]
+        .wait_distinct(sent.len(), FLOW_PATIENCE)
+        .await
+        .expect("c2 gets every broadcast once it is back");
+    wait_empty(
+        &cells.vhost("p"),
+        &[
+            format!("{QUEUE_BASE}.broadcast"),
+            format!("{QUEUE_BASE}.dead"),
+            parked,
+            cellhost::links::park_queue(QUEUE_BASE, "c1"),
+        ],
+    )
+    .await
+    .expect("p's queues drained");
+    for cell in ["c1", "c2"] {
+        wait_empty(&cells.vhost(cell), &[format!("{QUEUE_BASE}.broadcast")])
+            .await
+            .expect("the children's queues drained");
+    }
+    let figures: Vec<(&str, &CellHost)> = hosts.iter().map(|(c, h)| (*c, h)).collect();
+    print_host_figures(&figures);
+    for cell in ["p", "c1", "c2"] {
+        let tally = apps[cell].tally(&sent);
+        report(
+            &format!("{name}: {cell}"),
+            &sent,
+            &tally,
+            (cell == "c2").then_some(fault_end),
+            started,
+        );
+        if cell != "c2" {
+            assert_eq!(tally.duplicated, 0, "{cell} got a broadcast twice");
+        }
+    }
+    for (_, app) in apps {
+        app.stop().await;
+    }
+    for (_, host) in hosts {
+        host.shutdown().await;
+    }
+    cells.vhosts.remove().expect("vhosts removed");
+}
+
+/// A dead letter of `a`: the relay for `b`'s intercell queue, with the reason.
+fn unroutable_relay_uuid(
+    delivery: &lapin::message::Delivery,
+) -> std::result::Result<String, String> {
+    let header = |name: &str| -> String {
+        delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(name))
+            .and_then(|v| v.as_long_string())
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    };
+    let (reason, code) = (header(REASON_HEADER), header(REASON_CODE_HEADER));
+    let expected = format!("has no queue for \"{QUEUE_BASE}.targeted\"");
+    if code != "unroutable" || !reason.contains(&expected) {
+        return Err(format!("dead letter with code {code:?}, reason {reason:?}"));
+    }
+    let request = cellhost::wire::decode_request(&delivery.data, usize::MAX)
+        .map_err(|e| format!("undecodable dead letter: {e}"))?;
+    let message = request
+        .cells_message()
+        .map_err(|e| format!("a dead letter without a cells message: {e}"))?;
+    Ok(message.uuid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_to_a_broker_where_nothing_is_bound_is_dead_lettered_with_the_reason() {
+    let _serial = SERIAL.lock().await;
+    let name = "relay with nothing bound";
+    let started = Instant::now();
+    let cells = Cells::create(&PAIR).expect("vhosts");
+    // No host serves b: its intercell queue, which a's host declares there,
+    // is deleted once declared, so nothing is bound for a's relays.
+    let host_a = cells.start_host("a").await.expect("a's host starts");
+    let link = host_a
+        .links()
+        .neighbours()
+        .find(|(n, _)| n.as_str() == "b")
+        .map(|(_, broker)| broker.clone())
+        .expect("a link to b");
+    tokio::time::timeout(FLOW_PATIENCE, link.until_up())
+        .await
+        .expect("a's link to b comes up");
+    let b = Connection::connect(
+        &local_amqp_uri(&cells.vhost("b")),
+        ConnectionProperties::default(),
+    )
+    .await
+    .expect("connect to b");
+    b.create_channel()
+        .await
+        .expect("channel")
+        .queue_delete(
+            format!("{QUEUE_BASE}.targeted").as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .expect("b's intercell queue deleted");
+    let _ = b.close(200, "deleted".into()).await;
+
+    let dead = App::consume(
+        &cells.vhost("a"),
+        &format!("{QUEUE_BASE}.dead"),
+        unroutable_relay_uuid,
+    )
+    .await
+    .expect("reading a's dead letters");
+    let (sent, bodies) = up_to_b(MESSAGES);
+    publish_all(cells.vhost("a"), "targeted", bodies)
+        .await
+        .expect("every message cast into a");
+    let arrived = dead.wait_distinct(sent.len(), FLOW_PATIENCE).await;
+    let tally = dead.tally(&sent);
+    print_host_figures(&[("a", &host_a)]);
+    // Here "delivered" counts dead letters: each message must be one.
+    report(name, &sent, &tally, None, started);
+    arrived.expect("every relay dead-lettered");
+    wait_empty(&cells.vhost("a"), &quiet_queues_of_a())
+        .await
+        .expect("a's queues drained");
+    dead.stop().await;
+    host_a.shutdown().await;
+    cells.vhosts.remove().expect("vhosts removed");
+}
+
+/// A `cellhost run` process, killed when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Running {
+    /// Kills it the hard way (SIGKILL), as a crash or an OOM kill would.
+    fn kill_9(&mut self) {
+        self.0.kill().expect("SIGKILL sent");
+        self.0.wait().expect("the killed host reaped");
+    }
+}
+
+/// Runs cell `a` of `cells` as a real `cellhost run` process with `host_id`
+/// (its log goes to a file beside its config).
+fn run_a(cells: &Cells, host_id: &str) -> Running {
+    let dir = std::env::temp_dir().join(&cells.prefix);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join(format!("{host_id}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[cell]\nname = \"a\"\ntransport_url = \"rabbit://guest:guest@127.0.0.1:5672/{}\"\n\
+             host_id = \"{host_id}\"\n\n[[neighbours]]\nname = \"b\"\nis_parent = true\n\
+             transport_url = \"rabbit://guest:guest@127.0.0.1:5672/{}\"\n",
+            cells.vhost("a"),
+            cells.vhost("b")
+        ),
+    )
+    .expect("config written");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{host_id}.log")))
+        .expect("log file");
+    Running(
+        Command::new(cellhost_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cellhost run starts"),
+    )
+}
+
+/// `a` served by `processes` real hosts, `b` by one in this process; the
+/// intercell queues of `a` exist before any host, so the stream can start
+/// at once.
+async fn processes_relay(host_ids: &[&str]) -> (Cells, Vec<Running>, CellHost, App) {
+    let cells = Cells::create(&PAIR).expect("vhosts");
+    let config_a = cells.config("a");
+    let broker = cellhost::transport::Broker::connect(
+        &config_a.cell.transport_url,
+        &config_a.oslo_messaging_rabbit,
+        "fault-test-setup",
+    )
+    .await
+    .expect("connect to a");
+    cellhost::client::declare_intercell(&broker, EXCHANGE, QUEUE_BASE)
+        .await
+        .expect("a's intercell queues");
+    broker.close().await;
+    let host_b = cells.start_host("b").await.expect("b's host starts");
+    let app = App::start(&cells.vhost("b"))
+        .await
+        .expect("b's application");
+    let running = host_ids.iter().map(|id| run_a(&cells, id)).collect();
+    (cells, running, host_b, app)
+}
+
+/// The end of a process test: every message delivered, `a`'s queues quiet.
+async fn finish_processes(
+    name: &str,
+    started: Instant,
+    cells: Cells,
+    host_b: CellHost,
+    app: App,
+    sent: &[String],
+    fault_end: Instant,
+) {
+    let delivered = app.wait_distinct(sent.len(), FLOW_PATIENCE).await;
+    if let Err(e) = delivered {
+        report(name, sent, &app.tally(sent), Some(fault_end), started);
+        panic!(
+            "{name}: {e:#} (host logs in {})",
+            std::env::temp_dir().join(&cells.prefix).display()
+        );
+    }
+    wait_empty(&cells.vhost("a"), &quiet_queues_of_a())
+        .await
+        .expect("a's queues drained");
+    wait_empty(&cells.vhost("b"), &[format!("{QUEUE_BASE}.targeted")])
+        .await
+        .expect("b's queue drained");
+    print_host_figures(&[("b", &host_b)]);
+    report(name, sent, &app.tally(sent), Some(fault_end), started);
+    app.stop().await;
+    host_b.shutdown().await;
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&cells.prefix));
+    cells.vhosts.remove().expect("vhosts removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_killed_mid_stream_and_restarted_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let name = "host kill -9, restarted";
+    let started = Instant::now();
+    let (cells, mut running, host_b, app) = processes_relay(&["a-one"]).await;
+    let (sent, bodies) = up_to_b(MESSAGES);
+    publish_all(cells.vhost("a"), "targeted", bodies)
+        .await
+        .expect("every message cast into a");
+    app.wait_distinct(STRIKE_AT, FLOW_PATIENCE)
+        .await
+        .expect("the stream flows before the kill");
+    running[0].kill_9();
+    running[0] = run_a(&cells, "a-one");
+    let fault_end = Instant::now();
+    finish_processes(name, started, cells, host_b, app, &sent, fault_end).await;
+    drop(running);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_on_one_cell_one_killed_mid_stream_the_other_carries_on() {
+    let _serial = SERIAL.lock().await;
+    let name = "two hosts, one kill -9";
+    let started = Instant::now();
+    let (cells, mut running, host_b, app) = processes_relay(&["a-one", "a-two"]).await;
+    let (sent, bodies) = up_to_b(MESSAGES);
+    publish_all(cells.vhost("a"), "targeted", bodies)
+        .await
+        .expect("every message cast into a");
+    app.wait_distinct(STRIKE_AT, FLOW_PATIENCE)
+        .await
+        .expect("the stream flows before the kill");
+    running[0].kill_9();
+    let fault_end = Instant::now();
+    finish_processes(name, started, cells, host_b, app, &sent, fault_end).await;
+    assert!(
+        running[1].0.try_wait().expect("status").is_none(),
+        "the other host still runs"
+    );
+    drop(running);
 }
