@@ -115,6 +115,9 @@ impl Links {
                 Err(e) => Err(e),
             },
             Target::Neighbour(name) => {
+                // A relay that no queue of the neighbour takes is returned,
+                // not confirmed and lost: it is dead-lettered below.
+                let publication = publication.mandatory();
                 let Some(broker) = self.neighbours.get(name) else {
                     let reason = format!("no link to neighbour {name}");
                     return self

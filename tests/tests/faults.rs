@@ -417,13 +417,14 @@ fn print_host_figures(hosts: &[(&str, &CellHost)]) {
         let (stats, links) = (&host.router().stats, &host.links().stats);
         println!(
             "  {cell}: received {}, relayed {}, delivered locally {}, duplicates dropped {}, \
-             publish failures {}, dead-lettered {}, parked {}, unparked {}",
+             publish failures {}, dead-lettered {}, unroutable {}, parked {}, unparked {}",
             get(&stats.received),
             get(&stats.relayed),
             get(&stats.delivered_local),
             get(&stats.duplicates),
             get(&stats.publish_failures),
             get(&stats.dead_lettered),
+            get(&links.unroutable),
             get(&links.parked),
             get(&links.unparked),
         );
