@@ -339,6 +339,8 @@ async fn the_host_transport_heals_after_a_cut() -> Result<()> {
         name: format!("fault-proxy-host-{}", uuid::Uuid::new_v4().simple()),
         durable: false,
         auto_delete: true,
+        arguments: Default::default(),
+        role: cellhost::transport::Role::TopicQueue,
     };
     broker.declare_queue(&queue, "", "").await?;
     let mut inbox = broker
