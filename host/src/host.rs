@@ -155,6 +155,11 @@ impl CellHost {
         &self.router
     }
 
+    /// The cell's links: its own broker and each neighbour's.
+    pub fn links(&self) -> &Arc<Links> {
+        &self.links
+    }
+
     /// Lets the cell's policy be reloaded with `engine`, and with `watch`,
     /// reloads it whenever its file changes.
     pub fn enable_reload(
