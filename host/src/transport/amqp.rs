@@ -52,6 +52,12 @@ const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// How often a link checks that its connection still stands, besides
 /// listening for lapin's error events.
 const LIVENESS_CHECK: Duration = Duration::from_millis(250);
+/// Longest wait for one host to accept a connection (TCP, TLS and AMQP
+/// handshakes): a host that says nothing is as good as down.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait, on close, for settled acknowledgements to go out and for
+/// the broker to confirm the close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A self-healing link to one RabbitMQ virtual host.
 #[derive(Clone)]
@@ -184,20 +190,28 @@ impl AmqpBroker {
             let (host, port) = (parsed.authority.host.clone(), parsed.authority.port);
             let properties = ConnectionProperties::default()
                 .with_connection_name(LongString::from(format!("cellhost {label}")));
-            let opened = if let (AMQPScheme::AMQPS, Some(setup)) = (&parsed.scheme, &self.inner.tls)
-            {
-                connect_tls(parsed, properties, setup)
-                    .await
-                    .map_err(|e| setup.explain(e, label, &host, port))
-            } else {
-                Connection::connect_uri(parsed, properties)
-                    .await
-                    .map_err(|e| {
-                        anyhow::Error::new(e).context(format!(
-                            "AMQP connection to the broker of {label} at {host}:{port} failed"
-                        ))
-                    })
+            let opening = async {
+                if let (AMQPScheme::AMQPS, Some(setup)) = (&parsed.scheme, &self.inner.tls) {
+                    connect_tls(parsed.clone(), properties, setup)
+                        .await
+                        .map_err(|e| setup.explain(e, label, &host, port))
+                } else {
+                    Connection::connect_uri(parsed.clone(), properties)
+                        .await
+                        .map_err(|e| {
+                            anyhow::Error::new(e).context(format!(
+                                "AMQP connection to the broker of {label} at {host}:{port} failed"
+                            ))
+                        })
+                }
             };
+            let opened = tokio::time::timeout(CONNECT_TIMEOUT, opening)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!(
+                        "AMQP connection to the broker of {label} at {host}:{port}: no answer within {CONNECT_TIMEOUT:?}"
+                    ))
+                });
             match opened {
                 Ok(connection) => return Ok(connection),
                 Err(e) => {
@@ -215,22 +229,25 @@ impl AmqpBroker {
     /// Makes `connection` the one in use: its publisher channel opened and
     /// every declaration replayed on it.
     async fn go_live(&self, connection: Connection) -> Result<()> {
-        let publisher = open_confirm_channel(&connection).await?;
-        let declared = self.inner.declared.lock().await;
-        for declaration in declared.iter() {
-            let replayed = match declaration {
-                Declaration::Exchange(spec) => {
-                    declare_exchange_on(&connection, &self.inner.label, spec).await
-                }
-                Declaration::Queue(spec, exchange, key) => {
-                    declare_queue_on(&connection, &self.inner.label, spec, exchange, key).await
-                }
-            };
-            if let Err(e) = replayed {
-                let _ = connection.close(200, "declarations failed".into()).await;
+        // A broker that stalls here must not hold the declarations, and every
+        // later attempt, forever.
+        let replayed = tokio::time::timeout(CONNECT_TIMEOUT, self.replay(&connection)).await;
+        let (publisher, declared) = match replayed {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(e)) => {
+                let closing = connection.close(200, "declarations failed".into());
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
                 return Err(e);
             }
-        }
+            Err(_) => {
+                let closing = connection.close(200, "declarations too slow".into());
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
+                bail!(
+                    "the broker of {} did not take the declarations within {CONNECT_TIMEOUT:?}",
+                    self.inner.label
+                );
+            }
+        };
         let generation = self.inner.state.borrow().generation + 1;
         self.inner.live.store(Some(Arc::new(Live {
             connection,
@@ -246,6 +263,28 @@ impl AmqpBroker {
         drop(declared);
         tracing::info!(broker = %self.inner.label, generation, "link up");
         Ok(())
+    }
+
+    /// Opens the publisher channel of `connection` and replays every
+    /// declaration on it; the declarations stay locked until the caller
+    /// has made the connection the one in use.
+    async fn replay(
+        &self,
+        connection: &Connection,
+    ) -> Result<(Channel, tokio::sync::MutexGuard<'_, Vec<Declaration>>)> {
+        let publisher = open_confirm_channel(connection).await?;
+        let declared = self.inner.declared.lock().await;
+        for declaration in declared.iter() {
+            match declaration {
+                Declaration::Exchange(spec) => {
+                    declare_exchange_on(connection, &self.inner.label, spec).await?
+                }
+                Declaration::Queue(spec, exchange, key) => {
+                    declare_queue_on(connection, &self.inner.label, spec, exchange, key).await?
+                }
+            }
+        }
+        Ok((publisher, declared))
     }
 
     /// Keeps the link connected until it is closed.
@@ -572,16 +611,13 @@ impl AmqpBroker {
             }
             acks.push(tasks.acks);
         }
-        for task in acks {
-            // Deliveries still unsettled are the broker's again once the
-            // connection closes; waiting on them forever would hang shutdown.
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-        }
+        // Deliveries still unsettled (an answer still being gathered, say)
+        // are the broker's again once the connection closes; waiting on them
+        // for long would hang shutdown.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, futures::future::join_all(acks)).await;
         if let Some(live) = self.inner.live.swap(None) {
-            let _ = live
-                .connection
-                .close(200, "cellhost shutting down".into())
-                .await;
+            let closing = live.connection.close(200, "cellhost shutting down".into());
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
         }
         self.inner.state.send_modify(|s| s.up = false);
     }
