@@ -199,6 +199,21 @@ impl Cluster {
         }
     }
 
+    /// Waits until the connection named `name` is on another node than
+    /// `left`, and returns that node.
+    async fn wait_moved(&self, name: &str, left: usize, ask: usize) -> Result<usize> {
+        let deadline = Instant::now() + QUIET_PATIENCE;
+        loop {
+            match self.node_of_connection(name, ask)? {
+                Some(node) if node != left => return Ok(node),
+                _ if Instant::now() > deadline => {
+                    bail!("{name:?} did not reconnect to another node within {QUIET_PATIENCE:?}")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
     /// Messages (ready and unacknowledged) of each queue of `vhost`, as
     /// `node` sees them.
     fn queue_depths(&self, node: usize, vhost: &str) -> Result<HashMap<String, u64>> {
@@ -257,6 +272,16 @@ impl Cluster {
             })
             .collect())
     }
+}
+
+/// The longest time between consecutive instants of `times`.
+fn longest_pause(mut times: Vec<Instant>) -> Duration {
+    times.sort();
+    times
+        .windows(2)
+        .map(|w| w[1].saturating_duration_since(w[0]))
+        .max()
+        .unwrap_or_default()
 }
 
 /// What the application behind `b` saw: each cells uuid, how often, and
@@ -470,6 +495,9 @@ async fn host_fails_over_to_another_cluster_node_and_loses_nothing() {
         .ctl(&["stop_app"])
         .expect("stopping the node a's host is on");
     let stop_took = stop_at.elapsed();
+    // rabbitmqctl itself takes about half a second: the time is that coarse.
+    let moved = cluster.wait_moved("cellhost a", victim, survivor).await;
+    let moved_after = stop_at.elapsed();
 
     sender
         .await
@@ -477,8 +505,7 @@ async fn host_fails_over_to_another_cluster_node_and_loses_nothing() {
         .expect("every message cast into a");
     let all_in = app.wait_distinct(sent.len(), FLOW_PATIENCE).await;
 
-    // Where the host went, and what the hosts counted.
-    let moved_to = cluster.wait_connection("cellhost a", survivor).await;
+    // What the hosts counted.
     let get = Stats::get;
     for (cell, host) in [("a", &host_a), ("b", &host_b)] {
         let s = &host.router().stats;
@@ -496,12 +523,12 @@ async fn host_fails_over_to_another_cluster_node_and_loses_nothing() {
             get(&s.unroutable),
         );
     }
-    let (delivered, duplicated, lost, strangers, wrong, resumed, last) = {
+    let (delivered, duplicated, lost, strangers, wrong, pause, last) = {
         let seen = lock(&app.seen);
         let mut delivered = 0;
         let mut duplicated = 0;
         let mut lost = 0;
-        let mut resumed: Option<Instant> = None;
+        let mut after_stop = vec![stop_at];
         let mut last: Option<Instant> = None;
         for uuid in &sent {
             match seen.first.get(uuid) {
@@ -509,7 +536,7 @@ async fn host_fails_over_to_another_cluster_node_and_loses_nothing() {
                     delivered += 1;
                     duplicated += (*count - 1) as usize;
                     if *at >= stop_at {
-                        resumed = Some(resumed.map_or(*at, |r| r.min(*at)));
+                        after_stop.push(*at);
                     }
                     last = Some(last.map_or(*at, |l| l.max(*at)));
                 }
@@ -524,7 +551,7 @@ async fn host_fails_over_to_another_cluster_node_and_loses_nothing() {
             lost,
             strangers,
             seen.wrong.clone(),
-            resumed,
+            longest_pause(after_stop),
             last,
         )
     };
@@ -539,18 +566,19 @@ async fn host_fails_over_to_another_cluster_node_and_loses_nothing() {
     };
     println!(
         "CLUSTER failover: cluster of 3 up in {:.1} s; stopped {victim_name} (node {}) after {delivered_at_stop} \
-         deliveries (stop_app took {:.1} s); a's host now on node {}; sent {}, delivered {delivered}, \
-         duplicated {duplicated}, lost {lost}; first delivery after the stop {}, all delivered {} after the \
-         stop; stream {:.1} s, wall {:.1} s",
+         deliveries (stop_app took {:.1} s); a's host on node {} {:.1} s after the stop; sent {}, \
+         delivered {delivered}, duplicated {duplicated}, lost {lost}; longest pause in deliveries after the \
+         stop {:.2} s, all delivered {} after the stop; stream {:.1} s, wall {:.1} s",
         clustered_in.as_secs_f64(),
         victim + 1,
         stop_took.as_secs_f64(),
-        moved_to
+        moved
             .as_ref()
             .map(|n| (n + 1).to_string())
             .unwrap_or_else(|e| format!("unknown ({e:#})")),
+        moved_after.as_secs_f64(),
         sent.len(),
-        since_stop(resumed),
+        pause.as_secs_f64(),
         since_stop(last),
         stream_started.elapsed().as_secs_f64(),
         started.elapsed().as_secs_f64(),
@@ -559,8 +587,7 @@ async fn host_fails_over_to_another_cluster_node_and_loses_nothing() {
     assert_eq!(lost, 0, "messages lost");
     assert_eq!(strangers, 0, "deliveries of uuids never sent");
     assert!(wrong.is_empty(), "malformed local deliveries: {wrong:?}");
-    let moved_to = moved_to.expect("a's host reconnected");
-    assert_ne!(moved_to, victim, "a's host left the stopped node");
+    moved.expect("a's host reconnected to another node");
 
     let quiet_a = [
         format!("{QUEUE_BASE}.targeted"),
