@@ -17,8 +17,9 @@
 //! Once a quarter have arrived, the node holding the connection of `a`'s
 //! host gets `rabbitmqctl stop_app`. The test waits (bounded, on the
 //! consumer's own count) until every uuid arrived at least once and `a`'s
-//! queues are empty, then prints sent, delivered, duplicated, lost and the
-//! time from the stop to the first delivery after it and to the last one.
+//! queues are empty, then prints sent, delivered, duplicated, lost, how long
+//! after the stop the host was on another node, the longest pause in
+//! deliveries after the stop, and when the last message arrived.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
