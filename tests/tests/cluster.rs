@@ -1,0 +1,621 @@
+//! A cell whose broker is a three-node RabbitMQ cluster, with quorum
+//! queues: the node its host is connected to is stopped mid-stream, and the
+//! host fails over to another node through its multi-host `transport_url`
+//! without losing a message (issue 9).
+//!
+//! The test starts three extra RabbitMQ nodes on this machine (own names,
+//! ports and folders, see `cellhost_tests::rabbit_node`) and clusters them;
+//! the node on 127.0.0.1:5672 that serves every other test stays out of it.
+//! Both cells of a one-hop relay live on the cluster: child `a` sends
+//! targeted messages up to its parent `b`. Every cellhost URL lists the
+//! three nodes, and `rabbit_quorum_queue = true`, so each queue has a member
+//! on each node and stays available while a majority is up.
+//!
+//! 20,000 messages are cast into `a` through a node that stays up; an
+//! application on `b` (a plain lapin consumer on `cells.local`, also on a
+//! surviving node) records the `cell_message_uuid` of every local delivery.
+//! Once a quarter have arrived, the node holding the connection of `a`'s
+//! host gets `rabbitmqctl stop_app`. The test waits (bounded, on the
+//! consumer's own count) until every uuid arrived at least once and `a`'s
+//! queues are empty, then prints sent, delivered, duplicated, lost, how long
+//! after the stop the host was on another node, the longest pause in
+//! deliveries after the stop, and when the last message arrived.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use cellhost::client::{entry_cast, Outgoing};
+use cellhost::config::{Config, TransportUrl};
+use cellhost::demo::tree_configs;
+use cellhost::router::Stats;
+use cellhost::CellHost;
+use cellhost_tests::rabbit_node::{NodeSpec, RabbitNode};
+use cellhost_tests::{plugin, Direction};
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use tokio::sync::watch;
+
+/// Messages the test streams.
+const MESSAGES: usize = 20_000;
+/// The node is stopped once this many were delivered: mid-stream.
+const STRIKE_AT: usize = 5_000;
+/// The longest the test waits for every message to be delivered.
+const FLOW_PATIENCE: Duration = Duration::from_secs(240);
+/// The longest the test waits for the queues to be empty once all arrived.
+const QUIET_PATIENCE: Duration = Duration::from_secs(60);
+/// How long three nodes may take to report one cluster once joined.
+const CLUSTER_PATIENCE: Duration = Duration::from_secs(90);
+/// Publishes whose confirms are awaited together.
+const PUBLISH_BATCH: usize = 500;
+
+const EXCHANGE: &str = "nova";
+const QUEUE_BASE: &str = "cells.intercell";
+const PAIR: [(&str, Option<&str>); 2] = [("b", None), ("a", Some("b"))];
+/// A message from `a` to its parent `b`.
+const UP_TO_B: &str = "a!b";
+
+/// Three extra RabbitMQ nodes clustered together; each is stopped and its
+/// folder removed when this is dropped.
+struct Cluster {
+    nodes: Vec<RabbitNode>,
+}
+
+impl Cluster {
+    /// Boots three nodes at once (a boot takes 5 to 15 s each), then joins
+    /// the second and third to the first, and waits until all three report
+    /// one running cluster.
+    fn start() -> Result<Cluster> {
+        let booted: Vec<Result<RabbitNode>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = ["q1", "q2", "q3"]
+                .iter()
+                .map(|label| {
+                    scope.spawn(move || {
+                        RabbitNode::start(&NodeSpec {
+                            label: label.to_string(),
+                            tcp: true,
+                            tls: None,
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a node start panicked")))
+                })
+                .collect()
+        });
+        // Booted nodes are kept (and so stopped on drop) even if one failed.
+        let mut nodes = Vec::new();
+        let mut failures = Vec::new();
+        for node in booted {
+            match node {
+                Ok(node) => nodes.push(node),
+                Err(e) => failures.push(format!("{e:#}")),
+            }
+        }
+        let cluster = Cluster { nodes };
+        ensure!(
+            failures.is_empty(),
+            "extra RabbitMQ nodes failed to boot: {}",
+            failures.join("; ")
+        );
+        let first = cluster.nodes[0].name.clone();
+        for node in &cluster.nodes[1..] {
+            node.ctl(&["stop_app"])?;
+            node.ctl(&["join_cluster", &first])
+                .with_context(|| format!("{} joining the cluster of {first}", node.name))?;
+            node.ctl(&["start_app"])?;
+            node.ctl(&["await_startup", "--timeout", "60"])?;
+        }
+        cluster.wait_running(3)?;
+        Ok(cluster)
+    }
+
+    /// Waits until the first node counts `count` running members.
+    fn wait_running(&self, count: usize) -> Result<()> {
+        let deadline = Instant::now() + CLUSTER_PATIENCE;
+        loop {
+            let status = self.nodes[0].ctl(&["cluster_status", "--formatter", "json"])?;
+            let running = serde_json::from_str::<serde_json::Value>(&status)
+                .ok()
+                .and_then(|s| s["running_nodes"].as_array().map(Vec::len))
+                .unwrap_or(0);
+            if running >= count {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the test cluster has {running} of {count} nodes running after {CLUSTER_PATIENCE:?}: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// oslo's multi-host URL: every node of the cluster, in order.
+    fn url(&self, vhost: &str) -> TransportUrl {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("guest:guest@127.0.0.1:{}", self.port(n)))
+            .collect();
+        format!("rabbit://{}/{vhost}", hosts.join(","))
+            .parse()
+            .expect("a well-formed test URL")
+    }
+
+    fn port(&self, node: &RabbitNode) -> u16 {
+        node.amqp_port
+            .expect("cluster nodes have a plain AMQP port")
+    }
+
+    /// The AMQP URI of `vhost` on `node` alone, for the test's own clients.
+    fn uri(&self, node: usize, vhost: &str) -> String {
+        format!(
+            "amqp://guest:guest@127.0.0.1:{}/{vhost}",
+            self.port(&self.nodes[node])
+        )
+    }
+
+    /// The node (index) holding the connection named `name`, if any.
+    fn node_of_connection(&self, name: &str, ask: usize) -> Result<Option<usize>> {
+        let listing = self.nodes[ask].ctl(&[
+            "list_connections",
+            "--formatter",
+            "json",
+            "port",
+            "client_properties",
+        ])?;
+        let connections: Vec<serde_json::Value> = serde_json::from_str(&listing)
+            .with_context(|| format!("reading rabbitmqctl list_connections: {listing}"))?;
+        // The name a client gives is its `connection_name` client property
+        // (the `name` column is the addresses); `port` is the server's side
+        // of the connection: the listener of the node that holds it.
+        let quoted = serde_json::Value::String(name.to_string()).to_string();
+        Ok(connections.iter().find_map(|c| {
+            let port = u16::try_from(c["port"].as_u64()?).ok()?;
+            c["client_properties"]
+                .to_string()
+                .contains(&quoted)
+                .then(|| self.nodes.iter().position(|n| n.amqp_port == Some(port)))
+                .flatten()
+        }))
+    }
+
+    /// Waits until a connection named `name` exists, and returns its node.
+    async fn wait_connection(&self, name: &str, ask: usize) -> Result<usize> {
+        let deadline = Instant::now() + QUIET_PATIENCE;
+        loop {
+            if let Some(node) = self.node_of_connection(name, ask)? {
+                return Ok(node);
+            }
+            if Instant::now() > deadline {
+                bail!("no connection named {name:?} on the test cluster after {QUIET_PATIENCE:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Waits until the connection named `name` is on another node than
+    /// `left`, and returns that node.
+    async fn wait_moved(&self, name: &str, left: usize, ask: usize) -> Result<usize> {
+        let deadline = Instant::now() + QUIET_PATIENCE;
+        loop {
+            match self.node_of_connection(name, ask)? {
+                Some(node) if node != left => return Ok(node),
+                _ if Instant::now() > deadline => {
+                    bail!("{name:?} did not reconnect to another node within {QUIET_PATIENCE:?}")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Messages (ready and unacknowledged) of each queue of `vhost`, as
+    /// `node` sees them.
+    fn queue_depths(&self, node: usize, vhost: &str) -> Result<HashMap<String, u64>> {
+        let listing = self.nodes[node].ctl(&[
+            "list_queues",
+            "-p",
+            vhost,
+            "--no-table-headers",
+            "name",
+            "messages",
+        ])?;
+        Ok(listing
+            .lines()
+            .filter_map(|line| {
+                let (name, count) = line.split_once('\t')?;
+                Some((name.trim().to_string(), count.trim().parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// Waits until every queue of `vhost` named in `queues` holds nothing.
+    async fn wait_empty(&self, node: usize, vhost: &str, queues: &[String]) -> Result<()> {
+        let deadline = Instant::now() + QUIET_PATIENCE;
+        loop {
+            let depths = self.queue_depths(node, vhost)?;
+            let busy: Vec<String> = queues
+                .iter()
+                .filter(|q| depths.get(*q).copied().unwrap_or(0) > 0)
+                .map(|q| format!("{q}: {}", depths[q]))
+                .collect();
+            if busy.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("queues of {vhost} still hold messages after {QUIET_PATIENCE:?}: {busy:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The `x-queue-type` of each queue of `vhost`.
+    fn queue_types(&self, node: usize, vhost: &str) -> Result<HashMap<String, String>> {
+        let listing = self.nodes[node].ctl(&[
+            "list_queues",
+            "-p",
+            vhost,
+            "--no-table-headers",
+            "name",
+            "type",
+        ])?;
+        Ok(listing
+            .lines()
+            .filter_map(|line| {
+                let (name, kind) = line.split_once('\t')?;
+                Some((name.trim().to_string(), kind.trim().to_string()))
+            })
+            .collect())
+    }
+}
+
+/// The longest time between consecutive instants of `times`.
+fn longest_pause(mut times: Vec<Instant>) -> Duration {
+    times.sort();
+    times
+        .windows(2)
+        .map(|w| w[1].saturating_duration_since(w[0]))
+        .max()
+        .unwrap_or_default()
+}
+
+/// What the application behind `b` saw: each cells uuid, how often, and
+/// when first.
+#[derive(Default)]
+struct Seen {
+    first: HashMap<String, (u32, Instant)>,
+    wrong: Vec<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A local delivery: an oslo request whose context carries the cells uuid.
+fn local_delivery_uuid(delivery: &lapin::message::Delivery) -> std::result::Result<String, String> {
+    let request = cellhost::wire::decode_request(&delivery.data, usize::MAX)
+        .map_err(|e| format!("undecodable local delivery: {e}"))?;
+    request
+        .context
+        .0
+        .get("cell_message_uuid")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| "a local delivery without cell_message_uuid".to_string())
+}
+
+/// `b`'s application: consumes `cells.local` and counts uuids.
+struct App {
+    connection: Connection,
+    seen: Arc<Mutex<Seen>>,
+    distinct: watch::Receiver<usize>,
+}
+
+impl App {
+    async fn start(uri: &str) -> Result<App> {
+        let connection = Connection::connect(uri, ConnectionProperties::default())
+            .await
+            .with_context(|| format!("the application connecting to {uri}"))?;
+        let channel = connection.create_channel().await?;
+        // Automatic acks, as an oslo server would: the application is not
+        // what is tested.
+        let mut consumer = channel
+            .basic_consume(
+                "cells.local".into(),
+                "cluster-test-app".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("consuming cells.local through {uri}"))?;
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (tx, distinct) = watch::channel(0usize);
+        let record = seen.clone();
+        tokio::spawn(async move {
+            while let Some(delivery) = consumer.next().await {
+                let Ok(delivery) = delivery else { return };
+                let mut seen = lock(&record);
+                match local_delivery_uuid(&delivery) {
+                    Ok(uuid) => seen.first.entry(uuid).or_insert((0, Instant::now())).0 += 1,
+                    Err(wrong) => seen.wrong.push(wrong),
+                }
+                let count = seen.first.len();
+                drop(seen);
+                tx.send_replace(count);
+            }
+        });
+        Ok(App {
+            connection,
+            seen,
+            distinct,
+        })
+    }
+
+    async fn wait_distinct(&self, n: usize, patience: Duration) -> Result<()> {
+        let mut distinct = self.distinct.clone();
+        let waited = tokio::time::timeout(patience, async {
+            distinct.wait_for(|d| *d >= n).await.map(|_| ())
+        })
+        .await;
+        match waited {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => bail!("the application's consumer ended"),
+            Err(_) => bail!(
+                "{} of {n} messages delivered within {patience:?}",
+                *self.distinct.borrow()
+            ),
+        }
+    }
+}
+
+/// Casts `bodies` into `cells.intercell.targeted` through `uri`, many
+/// publishes in flight, each confirmed.
+async fn publish_all(uri: String, bodies: Vec<Vec<u8>>) -> Result<()> {
+    let connection = Connection::connect(&uri, ConnectionProperties::default())
+        .await
+        .with_context(|| format!("the sender connecting to {uri}"))?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let routing_key = format!("{QUEUE_BASE}.targeted");
+    // What an oslo.messaging client sets.
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_delivery_mode(2);
+    for batch in bodies.chunks(PUBLISH_BATCH) {
+        let sends = batch.iter().map(|body| {
+            channel.basic_publish(
+                EXCHANGE.into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                properties.clone(),
+            )
+        });
+        let confirms = futures::future::try_join_all(sends).await?;
+        for confirmation in futures::future::try_join_all(confirms).await? {
+            ensure!(
+                matches!(confirmation, Confirmation::Ack(_)),
+                "the cluster did not take a message for {routing_key}: {confirmation:?}"
+            );
+        }
+    }
+    let _ = connection.close(200, "sent".into()).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_fails_over_to_another_cluster_node_and_loses_nothing() {
+    let started = Instant::now();
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .expect("cluster start task")
+        .expect("three clustered RabbitMQ nodes");
+    let clustered_in = started.elapsed();
+
+    let prefix = format!("chc-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let vhost = |cell: &str| format!("{prefix}-{cell}");
+    for cell in ["a", "b"] {
+        cluster.nodes[0].add_vhost(&vhost(cell)).expect("vhost");
+    }
+    let mut configs: Vec<Config> = tree_configs(&PAIR, |cell| cluster.url(&vhost(cell)));
+    for config in &mut configs {
+        config.oslo_messaging_rabbit.rabbit_quorum_queue = true;
+    }
+    let config = |cell: &str| {
+        configs
+            .iter()
+            .find(|c| c.cell.name == cell)
+            .cloned()
+            .expect("a config per cell")
+    };
+    let policy = plugin("nova_cells", "").expect("nova_cells policy");
+    let host_b = CellHost::start(config("b"), policy.clone())
+        .await
+        .expect("b's host starts on the cluster");
+    let host_a = CellHost::start(config("a"), policy)
+        .await
+        .expect("a's host starts on the cluster");
+
+    // Every queue of a cell is quorum, as `rabbit_quorum_queue` asks.
+    let types = cluster.queue_types(0, &vhost("a")).expect("a's queues");
+    assert_eq!(
+        types
+            .get(&format!("{QUEUE_BASE}.targeted"))
+            .map(String::as_str),
+        Some("quorum"),
+        "a's queues: {types:?}"
+    );
+
+    // The node to stop is the one `a`'s host is on; the test's own clients
+    // go through another one.
+    let victim = cluster
+        .wait_connection("cellhost a", 0)
+        .await
+        .expect("a's host is connected");
+    let survivor = (victim + 1) % cluster.nodes.len();
+    let app = App::start(&cluster.uri(survivor, &vhost("b")))
+        .await
+        .expect("b's application");
+
+    let (sent, bodies): (Vec<String>, Vec<Vec<u8>>) = (0..MESSAGES)
+        .map(|i| {
+            let mut outgoing = Outgoing::targeted(UP_TO_B, Direction::Up, "cluster_test");
+            outgoing.ctxt.insert(
+                "request_id".into(),
+                serde_json::Value::String(format!("req-cluster-{i}")),
+            );
+            let message = outgoing.to_message();
+            (
+                message.uuid.clone(),
+                entry_cast(EXCHANGE, QUEUE_BASE, &message).body,
+            )
+        })
+        .unzip();
+    let stream_started = Instant::now();
+    let sender = tokio::spawn(publish_all(cluster.uri(survivor, &vhost("a")), bodies));
+    app.wait_distinct(STRIKE_AT, FLOW_PATIENCE)
+        .await
+        .expect("the stream flows before the node stops");
+
+    let victim_name = cluster.nodes[victim].name.clone();
+    let stop_at = Instant::now();
+    let delivered_at_stop = *app.distinct.borrow();
+    cluster.nodes[victim]
+        .ctl(&["stop_app"])
+        .expect("stopping the node a's host is on");
+    let stop_took = stop_at.elapsed();
+    // rabbitmqctl itself takes about half a second: the time is that coarse.
+    let moved = cluster.wait_moved("cellhost a", victim, survivor).await;
+    let moved_after = stop_at.elapsed();
+
+    sender
+        .await
+        .expect("sender task")
+        .expect("every message cast into a");
+    let all_in = app.wait_distinct(sent.len(), FLOW_PATIENCE).await;
+
+    // What the hosts counted.
+    let get = Stats::get;
+    for (cell, host) in [("a", &host_a), ("b", &host_b)] {
+        let s = &host.router().stats;
+        println!(
+            "  {cell}: received {}, relayed {}, delivered locally {}, duplicates dropped {}, \
+             publish failures {}, dead-lettered {}, parked {}, unparked {}, unroutable {}",
+            get(&s.received),
+            get(&s.relayed),
+            get(&s.delivered_local),
+            get(&s.duplicates),
+            get(&s.publish_failures),
+            get(&s.dead_lettered),
+            get(&s.parked),
+            get(&s.unparked),
+            get(&s.unroutable),
+        );
+    }
+    let (delivered, duplicated, lost, strangers, wrong, pause, last) = {
+        let seen = lock(&app.seen);
+        let mut delivered = 0;
+        let mut duplicated = 0;
+        let mut lost = 0;
+        let mut after_stop = vec![stop_at];
+        let mut last: Option<Instant> = None;
+        for uuid in &sent {
+            match seen.first.get(uuid) {
+                Some((count, at)) => {
+                    delivered += 1;
+                    duplicated += (*count - 1) as usize;
+                    if *at >= stop_at {
+                        after_stop.push(*at);
+                    }
+                    last = Some(last.map_or(*at, |l| l.max(*at)));
+                }
+                None => lost += 1,
+            }
+        }
+        let sent_set: std::collections::HashSet<&String> = sent.iter().collect();
+        let strangers = seen.first.keys().filter(|u| !sent_set.contains(u)).count();
+        (
+            delivered,
+            duplicated,
+            lost,
+            strangers,
+            seen.wrong.clone(),
+            longest_pause(after_stop),
+            last,
+        )
+    };
+    let since_stop = |t: Option<Instant>| {
+        t.map(|t| {
+            format!(
+                "{:.2} s",
+                t.saturating_duration_since(stop_at).as_secs_f64()
+            )
+        })
+        .unwrap_or_else(|| "n/a".into())
+    };
+    println!(
+        "CLUSTER failover: cluster of 3 up in {:.1} s; stopped {victim_name} (node {}) after {delivered_at_stop} \
+         deliveries (stop_app took {:.1} s); a's host on node {} {:.1} s after the stop; sent {}, \
+         delivered {delivered}, duplicated {duplicated}, lost {lost}; longest pause in deliveries after the \
+         stop {:.2} s, all delivered {} after the stop; stream {:.1} s, wall {:.1} s",
+        clustered_in.as_secs_f64(),
+        victim + 1,
+        stop_took.as_secs_f64(),
+        moved
+            .as_ref()
+            .map(|n| (n + 1).to_string())
+            .unwrap_or_else(|e| format!("unknown ({e:#})")),
+        moved_after.as_secs_f64(),
+        sent.len(),
+        pause.as_secs_f64(),
+        since_stop(last),
+        stream_started.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+    );
+    all_in.expect("every message delivered after the failover");
+    assert_eq!(lost, 0, "messages lost");
+    assert_eq!(strangers, 0, "deliveries of uuids never sent");
+    assert!(wrong.is_empty(), "malformed local deliveries: {wrong:?}");
+    moved.expect("a's host reconnected to another node");
+
+    let quiet_a = [
+        format!("{QUEUE_BASE}.targeted"),
+        format!("{QUEUE_BASE}.dead"),
+        cellhost::links::park_queue(QUEUE_BASE, "b"),
+    ];
+    cluster
+        .wait_empty(survivor, &vhost("a"), &quiet_a)
+        .await
+        .expect("a's queues drained: nothing dead-lettered, nothing left parked");
+    cluster
+        .wait_empty(
+            survivor,
+            &vhost("b"),
+            &[
+                format!("{QUEUE_BASE}.targeted"),
+                format!("{QUEUE_BASE}.dead"),
+            ],
+        )
+        .await
+        .expect("b's queues drained");
+
+    let _ = app.connection.close(200, "test done".into()).await;
+    host_a.shutdown().await;
+    host_b.shutdown().await;
+    // The nodes (and with them the vhosts) go when `cluster` is dropped.
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .expect("cluster stopped");
+}
