@@ -317,7 +317,7 @@ impl Broker {
     /// message (a publisher confirm on AMQP). Callers run many of these at once.
     pub async fn publish(&self, publication: &Publication) -> Result<(), PublishError> {
         match self {
-            Broker::Amqp(b) => b.publish(&publication).await,
+            Broker::Amqp(b) => b.publish(publication).await,
             Broker::Memory(b) => b.publish(publication),
         }
     }
