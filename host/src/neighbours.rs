@@ -29,7 +29,6 @@ use tokio::task::JoinHandle;
 
 use crate::config::{load_cells_config, Config, NeighbourConfig};
 use crate::links::{park_queue, Links};
-use crate::lock;
 use crate::router::Router;
 use crate::transport::Broker;
 
@@ -61,7 +60,6 @@ pub struct NeighbourLinks {
     links: Arc<Links>,
     /// Held for the whole of an apply: two changes never interleave.
     running: tokio::sync::Mutex<HashMap<String, Running>>,
-    last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl NeighbourLinks {
@@ -79,7 +77,6 @@ impl NeighbourLinks {
             router,
             links,
             running: tokio::sync::Mutex::new(running),
-            last_error: std::sync::Mutex::new(None),
         })
     }
 
@@ -90,7 +87,7 @@ impl NeighbourLinks {
 
     /// Why the last version of the neighbours file was refused, until one is applied.
     pub fn last_error(&self) -> Option<String> {
-        lock(&self.last_error).clone()
+        self.router.neighbours_error()
     }
 
     /// Re-reads the neighbours file and applies it.
@@ -109,7 +106,7 @@ impl NeighbourLinks {
             Err(e) => Err(e),
         };
         if let Err(e) = &result {
-            *lock(&self.last_error) = Some(format!("{e:#}"));
+            self.router.set_neighbours_error(Some(format!("{e:#}")));
             tracing::error!(cell = %cell, file = %path.display(), error = %format!("{e:#}"), "neighbours file refused; the current neighbours keep serving");
         }
         result
@@ -121,12 +118,12 @@ impl NeighbourLinks {
         let result = self.apply_checked(set).await;
         match &result {
             Ok(changed) => {
-                *lock(&self.last_error) = None;
+                self.router.set_neighbours_error(None);
                 if *changed != NeighboursChanged::default() {
                     tracing::info!(cell = %self.router.cell_name(), added = ?changed.added, removed = ?changed.removed, reconnected = ?changed.reconnected, "neighbours changed");
                 }
             }
-            Err(e) => *lock(&self.last_error) = Some(format!("{e:#}")),
+            Err(e) => self.router.set_neighbours_error(Some(format!("{e:#}"))),
         }
         result
     }

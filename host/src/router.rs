@@ -205,6 +205,8 @@ pub struct Router {
     /// The neighbours new messages route with; swapped whole when the
     /// neighbours file changes, so a message sees one set or the other.
     neighbours: ArcSwap<NeighbourSet>,
+    /// Why the last version of the neighbours file was refused, until one applies.
+    neighbours_error: Mutex<Option<String>>,
     active: ArcSwap<LoadedPolicy>,
     dedupe: Arc<Dedupe>,
     /// Where this host's calls to the local application are answered.
@@ -247,6 +249,7 @@ impl Router {
         Arc::new(Router {
             cell_name: config.cell.name.clone(),
             neighbours: ArcSwap::from_pointee(NeighbourSet::new(&config, &config.neighbours)),
+            neighbours_error: Mutex::new(None),
             dedupe: Dedupe::new(
                 config.cell.dedupe_window,
                 Some(Duration::from_secs(config.cell.dedupe_max_age_s)),
@@ -283,6 +286,16 @@ impl Router {
     pub fn set_neighbours(&self, neighbours: &[crate::config::NeighbourConfig]) {
         self.neighbours
             .store(Arc::new(NeighbourSet::new(&self.config, neighbours)));
+    }
+
+    /// Why the last neighbours file was refused, if it was.
+    pub fn neighbours_error(&self) -> Option<String> {
+        lock(&self.neighbours_error).clone()
+    }
+
+    /// Records (or, with `None`, clears) why a neighbours file was refused.
+    pub fn set_neighbours_error(&self, error: Option<String>) {
+        *lock(&self.neighbours_error) = error;
     }
 
     /// Stops reporting link `name` (its neighbour was removed).
