@@ -124,6 +124,8 @@ async fn policy(State(cells): State<Cells>) -> Json<Value> {
                 "reloads": c.reloader.as_ref().map(|r| r.swaps()),
                 "last_reload_error": c.reloader.as_ref().and_then(|r| r.last_error()),
                 "fallbacks": Stats::get(&s.fallbacks),
+                "neighbours": sorted(&c.router.neighbours().names),
+                "last_neighbours_error": c.router.neighbours_error(),
             })
         })
         .collect();
@@ -290,4 +292,10 @@ async fn metrics(State(cells): State<Cells>) -> Response {
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+fn sorted(names: &std::collections::HashSet<String>) -> Vec<&String> {
+    let mut names: Vec<_> = names.iter().collect();
+    names.sort();
+    names
 }

@@ -467,8 +467,14 @@ impl Config {
         }
         self.oslo_messaging_rabbit
             .validate("oslo_messaging_rabbit")?;
+        self.validate_neighbours(&self.neighbours)
+    }
+
+    /// The checks on a neighbour set: at start, and for each new version of
+    /// the neighbours file.
+    pub fn validate_neighbours(&self, neighbours: &[NeighbourConfig]) -> Result<()> {
         let mut seen = HashSet::new();
-        for (i, n) in self.neighbours.iter().enumerate() {
+        for (i, n) in neighbours.iter().enumerate() {
             if let Some(options) = &n.oslo_messaging_rabbit {
                 options.validate(&format!("neighbours[{i}].oslo_messaging_rabbit"))?;
             }

@@ -17,9 +17,12 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::client::{declare_intercell, Caller};
+use crate::client::Caller;
 use crate::config::Config;
-use crate::links::{park_queue, Links};
+use crate::links::Links;
+use crate::neighbours::{
+    connect_neighbour, declare_park_queue, NeighbourLinks, NeighboursChanged, NeighboursWatch,
+};
 use crate::policy::{LoadedPolicy, PolicyEngine};
 use crate::reload::{PolicyReloader, Reloaded, WatchGuard};
 use crate::responses::{Answering, Waiters};
@@ -37,8 +40,9 @@ pub struct CellHost {
     links: Arc<Links>,
     shutdown: watch::Sender<bool>,
     consumers: Vec<JoinHandle<()>>,
-    /// One per neighbour: moves its parked relays on.
-    drainers: Vec<JoinHandle<()>>,
+    /// The neighbour links, their drainers, and changes to them.
+    neighbours: Arc<NeighbourLinks>,
+    neighbours_watch: Option<NeighboursWatch>,
     reloader: Option<(Arc<PolicyReloader>, Option<WatchGuard>)>,
 }
 
@@ -87,13 +91,7 @@ impl CellHost {
         let dead = oslo.dead_letter_queue(&format!("{}.dead", config.cell.queue_base));
         own.declare_queue(&dead, "", "").await?;
         for n in &config.neighbours {
-            let parked = oslo.park_queue(
-                &park_queue(&config.cell.queue_base, &n.name),
-                &dead.name,
-                config.cell.park_max_age_s.saturating_mul(1000),
-                config.cell.park_max_length,
-            );
-            own.declare_queue(&parked, "", "").await?;
+            declare_park_queue(&own, &config, &n.name).await?;
         }
 
         // A neighbour that is down does not stop the cell: its link keeps
@@ -120,13 +118,13 @@ impl CellHost {
         let (shutdown, stop) = watch::channel(false);
         let mut consumers = Vec::new();
         router.watch_link(OWN_LINK, links.own.state());
-        let mut drainers = Vec::new();
-        for (neighbour, broker) in links.neighbours() {
-            router.watch_link(neighbour, broker.state());
-            drainers.push(tokio::spawn(
-                links.clone().drain_parked(neighbour.clone(), stop.clone()),
-            ));
-        }
+        let neighbours = NeighbourLinks::start(router.clone(), links.clone());
+        // The file is watched from the start: an edit made while the
+        // consumers start is not missed.
+        let neighbours_watch = match router.config().cell.neighbours_file {
+            Some(_) => Some(neighbours.watch()?),
+            None => None,
+        };
         for (kind, queues) in queues_by_kind {
             let tag = format!("cellhost-{name}-{}", kind.as_str());
             let inbox = links.own.consume(&queues, prefetch, &tag).await?;
@@ -140,13 +138,14 @@ impl CellHost {
                 stop.clone(),
             )));
         }
-        tracing::info!(cell = %name, neighbours = links.neighbours().count(), policy = router.active_policy().version(), "cell serving");
+        tracing::info!(cell = %name, neighbours = links.neighbours().len(), policy = router.active_policy().version(), "cell serving");
         Ok(CellHost {
             router,
             links,
             shutdown,
             consumers,
-            drainers,
+            neighbours,
+            neighbours_watch,
             reloader: None,
         })
     }
@@ -188,6 +187,17 @@ impl CellHost {
         }
     }
 
+    /// The cell's neighbour links: to change them, or see why a neighbours
+    /// file was refused.
+    pub fn neighbours(&self) -> &Arc<NeighbourLinks> {
+        &self.neighbours
+    }
+
+    /// Re-reads the neighbours file and applies it now (SIGHUP).
+    pub async fn reload_neighbours(&self) -> Result<NeighboursChanged> {
+        self.neighbours.reload().await
+    }
+
     /// Returns when a consumer stops on its own (its broker went away).
     pub async fn stopped(&mut self) {
         if self.consumers.is_empty() {
@@ -201,31 +211,15 @@ impl CellHost {
     pub async fn shutdown(mut self) {
         // No reload may swap a policy in while the consumers drain.
         self.reloader = None;
+        self.neighbours_watch = None;
         let _ = self.shutdown.send(true);
-        for task in self.consumers.into_iter().chain(self.drainers) {
+        for task in self.consumers {
             let _ = task.await;
         }
-        for (_, broker) in self.links.neighbours() {
-            broker.close().await;
-        }
+        self.neighbours.shutdown().await;
         self.links.own.close().await;
         tracing::info!(cell = %self.router.cell_name(), "cell stopped");
     }
-}
-
-/// Opens the link to a neighbour (in the background: it may be down) and
-/// makes sure what this cell publishes to exists there once it is up.
-async fn connect_neighbour(config: &Config, n: &crate::config::NeighbourConfig) -> Result<Broker> {
-    let label = format!("{}->{}", config.cell.name, n.name);
-    let broker =
-        Broker::connect_in_background(&n.transport_url, config.rabbit_options_of(n), &label)?;
-    declare_intercell(
-        &broker,
-        &config.cell.control_exchange,
-        &config.cell.queue_base,
-    )
-    .await?;
-    Ok(broker)
 }
 
 /// One consumer: plan each message as it arrives, keep up to `window` of them

@@ -30,6 +30,7 @@ pub mod config;
 pub mod demo;
 pub mod host;
 pub mod links;
+pub mod neighbours;
 pub mod plugins;
 pub mod policy;
 pub mod policy_tools;

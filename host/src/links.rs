@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use futures::StreamExt;
 use tokio::sync::watch;
 
@@ -54,7 +55,10 @@ pub struct Links {
     cell: String,
     queue_base: String,
     pub own: Broker,
-    neighbours: HashMap<String, Broker>,
+    /// Swapped whole when the neighbours change. Each broker is shared
+    /// with the publications using it, so a removed one is closed only once
+    /// no relay to it is in flight.
+    neighbours: ArcSwap<HashMap<String, Arc<Broker>>>,
     /// Where parked, unparked and unroutable publications are counted.
     router: Arc<Router>,
 }
@@ -65,7 +69,12 @@ impl Links {
             cell: router.cell_name().to_string(),
             queue_base: router.config().cell.queue_base.clone(),
             own,
-            neighbours,
+            neighbours: ArcSwap::from_pointee(
+                neighbours
+                    .into_iter()
+                    .map(|(name, broker)| (name, Arc::new(broker)))
+                    .collect(),
+            ),
             router,
         }
     }
@@ -79,8 +88,14 @@ impl Links {
         format!("{}.dead", self.queue_base)
     }
 
-    pub fn neighbours(&self) -> impl Iterator<Item = (&String, &Broker)> {
-        self.neighbours.iter()
+    /// The neighbours' brokers now.
+    pub fn neighbours(&self) -> Arc<HashMap<String, Arc<Broker>>> {
+        self.neighbours.load_full()
+    }
+
+    /// Makes `neighbours` the brokers relays go to.
+    pub fn set_neighbours(&self, neighbours: HashMap<String, Arc<Broker>>) {
+        self.neighbours.store(Arc::new(neighbours));
     }
 
     /// Publishes one publication of a plan where it goes; parks a relay
@@ -103,7 +118,7 @@ impl Links {
                 Err(e) => Err(e),
             },
             Target::Neighbour(name) => {
-                let Some(broker) = self.neighbours.get(name) else {
+                let Some(broker) = self.neighbours.load().get(name).cloned() else {
                     let reason = format!("no link to neighbour {name}");
                     return self
                         .dead_letter(publication.body, Some(name), &reason)
@@ -176,10 +191,12 @@ impl Links {
     /// Moves the relays parked for `neighbour` on to it, for as long as the
     /// cell runs: each is acked from the park queue only once the
     /// neighbour's broker confirmed it.
-    pub async fn drain_parked(self: Arc<Self>, neighbour: String, mut stop: watch::Receiver<bool>) {
-        let Some(broker) = self.neighbours.get(&neighbour).cloned() else {
-            return;
-        };
+    pub async fn drain_parked(
+        self: Arc<Self>,
+        neighbour: String,
+        broker: Arc<Broker>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let queue = self.park_queue(&neighbour);
         let tag = format!("cellhost-{}-park-{neighbour}", self.cell);
         let mut inbox = match self

@@ -179,13 +179,22 @@ async fn run(paths: Vec<PathBuf>) -> Result<()> {
             .collect();
         cellhost::admin::serve(admin.listen, cells).await?;
     }
-    // SIGHUP reloads every cell's policy from its file.
+    // SIGHUP reloads every cell's policy and neighbours from their files.
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+        let neighbours: Vec<_> = hosts
+            .iter()
+            .map(|h| h.neighbours().clone())
+            .filter(|n| n.path().is_some())
+            .collect();
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
+                for cell in &neighbours {
+                    // Logged either way; a refused file leaves the set serving.
+                    let _ = cell.reload().await;
+                }
                 for reloader in reloaders.iter().filter(|r| r.path().is_some()) {
                     // The outcome is logged; a refused version leaves the old one serving.
                     let _ = reloader.reload().await;

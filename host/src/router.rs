@@ -202,8 +202,11 @@ impl Stats {
 pub struct Router {
     cell_name: String,
     config: Config,
-    wit_cell: policy::Cell,
-    neighbours: HashSet<String>,
+    /// The neighbours new messages route with; swapped whole when the
+    /// neighbours file changes, so a message sees one set or the other.
+    neighbours: ArcSwap<NeighbourSet>,
+    /// Why the last version of the neighbours file was refused, until one applies.
+    neighbours_error: Mutex<Option<String>>,
     active: ArcSwap<LoadedPolicy>,
     dedupe: Arc<Dedupe>,
     /// Where this host's calls to the local application are answered.
@@ -217,21 +220,40 @@ pub struct Router {
     consecutive_failures: AtomicU64,
     /// Each link of the cell (`own`, and each neighbour) as its broker last
     /// reported it, for health and metrics.
-    links: Mutex<BTreeMap<String, LinkState>>,
+    /// The number is the watch that owns the entry: a link replaced (its
+    /// URL changed) must not be overwritten by its old broker's watch.
+    links: Mutex<BTreeMap<String, (u64, LinkState)>>,
+    link_watches: AtomicU64,
     pub stats: Stats,
+}
+
+/// The neighbours a cell routes with: their names, for checking relays, and
+/// the policy's view of the cell.
+#[derive(Debug)]
+pub struct NeighbourSet {
+    pub names: HashSet<String>,
+    pub wit_cell: policy::Cell,
+}
+
+impl NeighbourSet {
+    fn new(config: &Config, neighbours: &[crate::config::NeighbourConfig]) -> NeighbourSet {
+        NeighbourSet {
+            names: neighbours.iter().map(|n| n.name.clone()).collect(),
+            wit_cell: wit_cell_of(&config.cell.name, neighbours),
+        }
+    }
 }
 
 impl Router {
     pub fn new(config: Config, policy: Arc<LoadedPolicy>, reply_queue: String) -> Arc<Router> {
-        let wit_cell = wit_cell(&config);
         Arc::new(Router {
             cell_name: config.cell.name.clone(),
-            neighbours: config.neighbours.iter().map(|n| n.name.clone()).collect(),
+            neighbours: ArcSwap::from_pointee(NeighbourSet::new(&config, &config.neighbours)),
+            neighbours_error: Mutex::new(None),
             dedupe: Dedupe::new(
                 config.cell.dedupe_window,
                 Some(Duration::from_secs(config.cell.dedupe_max_age_s)),
             ),
-            wit_cell,
             config,
             active: ArcSwap::new(policy),
             reply_queue,
@@ -240,6 +262,7 @@ impl Router {
             consumers: std::sync::atomic::AtomicUsize::new(0),
             consecutive_failures: AtomicU64::new(0),
             links: Mutex::new(BTreeMap::new()),
+            link_watches: AtomicU64::new(0),
             stats: Stats::default(),
         })
     }
@@ -248,8 +271,36 @@ impl Router {
         &self.cell_name
     }
 
+    /// The config the cell started with. Its `neighbours` are the first
+    /// set; [`Router::neighbours`] is the one in use.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The neighbours new messages route with.
+    pub fn neighbours(&self) -> Arc<NeighbourSet> {
+        self.neighbours.load_full()
+    }
+
+    /// Makes `neighbours` the set new messages route with.
+    pub fn set_neighbours(&self, neighbours: &[crate::config::NeighbourConfig]) {
+        self.neighbours
+            .store(Arc::new(NeighbourSet::new(&self.config, neighbours)));
+    }
+
+    /// Why the last neighbours file was refused, if it was.
+    pub fn neighbours_error(&self) -> Option<String> {
+        lock(&self.neighbours_error).clone()
+    }
+
+    /// Records (or, with `None`, clears) why a neighbours file was refused.
+    pub fn set_neighbours_error(&self, error: Option<String>) {
+        *lock(&self.neighbours_error) = error;
+    }
+
+    /// Stops reporting link `name` (its neighbour was removed).
+    pub fn forget_link(&self, name: &str) {
+        lock(&self.links).remove(name);
     }
 
     /// The policy version new messages are routed by.
@@ -265,7 +316,8 @@ impl Router {
     /// Follows the state of link `name` for health and metrics.
     pub fn watch_link(self: &Arc<Self>, name: &str, mut state: watch::Receiver<LinkState>) {
         let name = name.to_string();
-        lock(&self.links).insert(name.clone(), state.borrow().clone());
+        let id = self.link_watches.fetch_add(1, Ordering::Relaxed);
+        lock(&self.links).insert(name.clone(), (id, state.borrow().clone()));
         let router = Arc::downgrade(self);
         tokio::spawn(async move {
             while state.changed().await.is_ok() {
@@ -273,7 +325,12 @@ impl Router {
                     return;
                 };
                 let now = state.borrow().clone();
-                lock(&router.links).insert(name.clone(), now);
+                let mut links = lock(&router.links);
+                match links.get_mut(&name) {
+                    Some(entry) if entry.0 == id => entry.1 = now,
+                    // The link was removed or replaced: this watch is done.
+                    _ => return,
+                }
             }
         });
     }
@@ -282,7 +339,7 @@ impl Router {
     pub fn link_states(&self) -> Vec<(String, LinkState)> {
         lock(&self.links)
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, (_, v))| (k.clone(), v.clone()))
             .collect()
     }
 
@@ -566,7 +623,7 @@ impl RouteWorker {
             self.shadow = shadow.instantiate().ok();
         }
         let candidate = match self.shadow.as_mut() {
-            Some(instance) => instance.route(view, &self.router.wit_cell),
+            Some(instance) => instance.route(view, &self.router.neighbours.load().wit_cell),
             None => Err(PolicyError::Trap(
                 "the shadow policy cannot be instantiated".into(),
             )),
@@ -613,7 +670,7 @@ impl RouteWorker {
         let Some(instance) = self.instance.as_mut() else {
             return Err(PolicyError::Trap("no policy instance".into()));
         };
-        let result = instance.route(view, &self.router.wit_cell);
+        let result = instance.route(view, &self.router.neighbours.load().wit_cell);
         if let Err(e) = &result {
             if e.poisons_instance() {
                 // A trapped instance is unusable; the next call gets a fresh one.
@@ -666,6 +723,9 @@ impl RouteWorker {
                 failure,
             );
         }
+        // A relay the policy chose with the set swapped out since is
+        // refused as to an unknown neighbour, never sent to a removed cell.
+        let neighbours = router.neighbours.load();
         let mut local = false;
         let mut relays: Vec<String> = Vec::new();
         let mut refusals = Vec::new();
@@ -674,7 +734,7 @@ impl RouteWorker {
             match action {
                 policy::Action::ProcessHere => local = true,
                 policy::Action::Relay(to) => {
-                    if !router.neighbours.contains(&to) {
+                    if !neighbours.names.contains(&to) {
                         let reason = format!(
                             "policy relayed to {to:?}, which is not a neighbour of {}",
                             router.cell_name
@@ -1081,6 +1141,10 @@ pub(crate) fn wit_message(m: &CellsMessage, is_origin: bool) -> policy::Message 
 }
 
 pub(crate) fn wit_cell(config: &Config) -> policy::Cell {
+    wit_cell_of(&config.cell.name, &config.neighbours)
+}
+
+fn wit_cell_of(name: &str, neighbours: &[crate::config::NeighbourConfig]) -> policy::Cell {
     let neighbour = |n: &crate::config::NeighbourConfig| policy::Neighbour {
         name: n.name.clone(),
         is_parent: n.is_parent,
@@ -1093,15 +1157,13 @@ pub(crate) fn wit_cell(config: &Config) -> policy::Cell {
             .collect(),
     };
     policy::Cell {
-        name: config.cell.name.clone(),
-        parents: config
-            .neighbours
+        name: name.to_string(),
+        parents: neighbours
             .iter()
             .filter(|n| n.is_parent)
             .map(neighbour)
             .collect(),
-        children: config
-            .neighbours
+        children: neighbours
             .iter()
             .filter(|n| !n.is_parent)
             .map(neighbour)
