@@ -781,8 +781,8 @@ async fn relay_to_a_broker_where_nothing_is_bound_is_dead_lettered_with_the_reas
     let link = host_a
         .links()
         .neighbours()
-        .find(|(n, _)| n.as_str() == "b")
-        .map(|(_, broker)| broker.clone())
+        .get("b")
+        .cloned()
         .expect("a link to b");
     tokio::time::timeout(FLOW_PATIENCE, link.until_up())
         .await
