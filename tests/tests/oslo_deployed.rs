@@ -340,11 +340,41 @@ fn compare_roles(
             kind: None,
             durable: true,
             auto_delete: false,
-            arguments: expected
+            arguments: expected.clone()
         },
         "cell {cell}: the dead-letter queue"
     );
     accounted.insert("cells.intercell.dead".to_string());
+    // cellhost's own park queues, one per neighbour: as the dead-letter
+    // queue, bounded by age and length, expiring into it.
+    let parks: Vec<String> = new
+        .iter()
+        .filter(|n| n.starts_with("cells.intercell.park."))
+        .map(|n| n.to_string())
+        .collect();
+    assert!(!parks.is_empty(), "cell {cell}: a park queue per neighbour");
+    for park in parks {
+        let mut expected = expected.clone();
+        expected.insert("x-message-ttl".to_string(), json!(86_400_000));
+        expected.insert("x-max-length".to_string(), json!(1_000_000));
+        expected.insert("x-overflow".to_string(), json!("reject-publish"));
+        expected.insert("x-dead-letter-exchange".to_string(), json!(""));
+        expected.insert(
+            "x-dead-letter-routing-key".to_string(),
+            json!("cells.intercell.dead"),
+        );
+        assert_eq!(
+            after.queue(&park),
+            &Declared {
+                kind: None,
+                durable: true,
+                auto_delete: false,
+                arguments: expected
+            },
+            "cell {cell}: the park queue {park}"
+        );
+        accounted.insert(park);
+    }
     if cell == "top" {
         rows.push((
             "cells.intercell.dead (cellhost's own)".into(),
