@@ -26,6 +26,7 @@ use cellhost::CellHost;
 
 pub mod oslo;
 pub mod rabbit_node;
+pub mod stream;
 
 pub use cellhost::demo::Behaviour;
 pub use cellhost::demo::NOVA_TOPOLOGY as NOVA;

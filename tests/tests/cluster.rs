@@ -22,22 +22,17 @@
 //! deliveries after the stop, and when the last message arrived.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use cellhost::client::{entry_cast, Outgoing};
+use cellhost::client::Outgoing;
 use cellhost::config::{Config, TransportUrl};
 use cellhost::demo::tree_configs;
 use cellhost::router::Stats;
 use cellhost::CellHost;
 use cellhost_tests::rabbit_node::{NodeSpec, RabbitNode};
+use cellhost_tests::stream::{messages, publish_all, App, Tally, QUEUE_BASE};
 use cellhost_tests::{plugin, Direction};
-use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
-use tokio::sync::watch;
 
 /// Messages the test streams.
 const MESSAGES: usize = 20_000;
@@ -49,11 +44,7 @@ const FLOW_PATIENCE: Duration = Duration::from_secs(240);
 const QUIET_PATIENCE: Duration = Duration::from_secs(60);
 /// How long three nodes may take to report one cluster once joined.
 const CLUSTER_PATIENCE: Duration = Duration::from_secs(90);
-/// Publishes whose confirms are awaited together.
-const PUBLISH_BATCH: usize = 500;
 
-const EXCHANGE: &str = "nova";
-const QUEUE_BASE: &str = "cells.intercell";
 const PAIR: [(&str, Option<&str>); 2] = [("b", None), ("a", Some("b"))];
 /// A message from `a` to its parent `b`.
 const UP_TO_B: &str = "a!b";
@@ -285,136 +276,6 @@ fn longest_pause(mut times: Vec<Instant>) -> Duration {
         .unwrap_or_default()
 }
 
-/// What the application behind `b` saw: each cells uuid, how often, and
-/// when first.
-#[derive(Default)]
-struct Seen {
-    first: HashMap<String, (u32, Instant)>,
-    wrong: Vec<String>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A local delivery: an oslo request whose context carries the cells uuid.
-fn local_delivery_uuid(delivery: &lapin::message::Delivery) -> std::result::Result<String, String> {
-    let request = cellhost::wire::decode_request(&delivery.data, usize::MAX)
-        .map_err(|e| format!("undecodable local delivery: {e}"))?;
-    request
-        .context
-        .0
-        .get("cell_message_uuid")
-        .and_then(|v| v.as_str())
-        .map(str::to_string)
-        .ok_or_else(|| "a local delivery without cell_message_uuid".to_string())
-}
-
-/// `b`'s application: consumes `cells.local` and counts uuids.
-struct App {
-    connection: Connection,
-    seen: Arc<Mutex<Seen>>,
-    distinct: watch::Receiver<usize>,
-}
-
-impl App {
-    async fn start(uri: &str) -> Result<App> {
-        let connection = Connection::connect(uri, ConnectionProperties::default())
-            .await
-            .with_context(|| format!("the application connecting to {uri}"))?;
-        let channel = connection.create_channel().await?;
-        // Automatic acks, as an oslo server would: the application is not
-        // what is tested.
-        let mut consumer = channel
-            .basic_consume(
-                "cells.local".into(),
-                "cluster-test-app".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("consuming cells.local through {uri}"))?;
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let (tx, distinct) = watch::channel(0usize);
-        let record = seen.clone();
-        tokio::spawn(async move {
-            while let Some(delivery) = consumer.next().await {
-                let Ok(delivery) = delivery else { return };
-                let mut seen = lock(&record);
-                match local_delivery_uuid(&delivery) {
-                    Ok(uuid) => seen.first.entry(uuid).or_insert((0, Instant::now())).0 += 1,
-                    Err(wrong) => seen.wrong.push(wrong),
-                }
-                let count = seen.first.len();
-                drop(seen);
-                tx.send_replace(count);
-            }
-        });
-        Ok(App {
-            connection,
-            seen,
-            distinct,
-        })
-    }
-
-    async fn wait_distinct(&self, n: usize, patience: Duration) -> Result<()> {
-        let mut distinct = self.distinct.clone();
-        let waited = tokio::time::timeout(patience, async {
-            distinct.wait_for(|d| *d >= n).await.map(|_| ())
-        })
-        .await;
-        match waited {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => bail!("the application's consumer ended"),
-            Err(_) => bail!(
-                "{} of {n} messages delivered within {patience:?}",
-                *self.distinct.borrow()
-            ),
-        }
-    }
-}
-
-/// Casts `bodies` into `cells.intercell.targeted` through `uri`, many
-/// publishes in flight, each confirmed.
-async fn publish_all(uri: String, bodies: Vec<Vec<u8>>) -> Result<()> {
-    let connection = Connection::connect(&uri, ConnectionProperties::default())
-        .await
-        .with_context(|| format!("the sender connecting to {uri}"))?;
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let routing_key = format!("{QUEUE_BASE}.targeted");
-    // What an oslo.messaging client sets.
-    let properties = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_content_encoding("utf-8".into())
-        .with_delivery_mode(2);
-    for batch in bodies.chunks(PUBLISH_BATCH) {
-        let sends = batch.iter().map(|body| {
-            channel.basic_publish(
-                EXCHANGE.into(),
-                routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                body,
-                properties.clone(),
-            )
-        });
-        let confirms = futures::future::try_join_all(sends).await?;
-        for confirmation in futures::future::try_join_all(confirms).await? {
-            ensure!(
-                matches!(confirmation, Confirmation::Ack(_)),
-                "the cluster did not take a message for {routing_key}: {confirmation:?}"
-            );
-        }
-    }
-    let _ = connection.close(200, "sent".into()).await;
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_fails_over_to_another_cluster_node_and_loses_nothing() {
     let started = Instant::now();
@@ -469,29 +330,22 @@ async fn host_fails_over_to_another_cluster_node_and_loses_nothing() {
         .await
         .expect("b's application");
 
-    let (sent, bodies): (Vec<String>, Vec<Vec<u8>>) = (0..MESSAGES)
-        .map(|i| {
-            let mut outgoing = Outgoing::targeted(UP_TO_B, Direction::Up, "cluster_test");
-            outgoing.ctxt.insert(
-                "request_id".into(),
-                serde_json::Value::String(format!("req-cluster-{i}")),
-            );
-            let message = outgoing.to_message();
-            (
-                message.uuid.clone(),
-                entry_cast(EXCHANGE, QUEUE_BASE, &message).body,
-            )
-        })
-        .unzip();
+    let (sent, bodies) = messages(MESSAGES, "cluster", |_| {
+        Outgoing::targeted(UP_TO_B, Direction::Up, "cluster_test")
+    });
     let stream_started = Instant::now();
-    let sender = tokio::spawn(publish_all(cluster.uri(survivor, &vhost("a")), bodies));
+    let sender = tokio::spawn(publish_all(
+        cluster.uri(survivor, &vhost("a")),
+        "targeted",
+        bodies,
+    ));
     app.wait_distinct(STRIKE_AT, FLOW_PATIENCE)
         .await
         .expect("the stream flows before the node stops");
 
     let victim_name = cluster.nodes[victim].name.clone();
     let stop_at = Instant::now();
-    let delivered_at_stop = *app.distinct.borrow();
+    let delivered_at_stop = app.delivered_now();
     cluster.nodes[victim]
         .ctl(&["stop_app"])
         .expect("stopping the node a's host is on");
@@ -524,38 +378,19 @@ async fn host_fails_over_to_another_cluster_node_and_loses_nothing() {
             get(&s.unroutable),
         );
     }
-    let (delivered, duplicated, lost, strangers, wrong, pause, last) = {
-        let seen = lock(&app.seen);
-        let mut delivered = 0;
-        let mut duplicated = 0;
-        let mut lost = 0;
-        let mut after_stop = vec![stop_at];
-        let mut last: Option<Instant> = None;
-        for uuid in &sent {
-            match seen.first.get(uuid) {
-                Some((count, at)) => {
-                    delivered += 1;
-                    duplicated += (*count - 1) as usize;
-                    if *at >= stop_at {
-                        after_stop.push(*at);
-                    }
-                    last = Some(last.map_or(*at, |l| l.max(*at)));
-                }
-                None => lost += 1,
-            }
-        }
-        let sent_set: std::collections::HashSet<&String> = sent.iter().collect();
-        let strangers = seen.first.keys().filter(|u| !sent_set.contains(u)).count();
-        (
-            delivered,
-            duplicated,
-            lost,
-            strangers,
-            seen.wrong.clone(),
-            longest_pause(after_stop),
-            last,
-        )
-    };
+    let Tally {
+        delivered,
+        duplicated,
+        lost,
+        strangers,
+        wrong,
+        firsts,
+    } = app.tally(&sent);
+    let last = firsts.iter().max().copied();
+    let after_stop: Vec<Instant> = std::iter::once(stop_at)
+        .chain(firsts.into_iter().filter(|at| *at >= stop_at))
+        .collect();
+    let pause = longest_pause(after_stop);
     let since_stop = |t: Option<Instant>| {
         t.map(|t| {
             format!(
@@ -611,7 +446,7 @@ async fn host_fails_over_to_another_cluster_node_and_loses_nothing() {
         .await
         .expect("b's queues drained");
 
-    let _ = app.connection.close(200, "test done".into()).await;
+    app.stop().await;
     host_a.shutdown().await;
     host_b.shutdown().await;
     // The nodes (and with them the vhosts) go when `cluster` is dropped.

@@ -21,24 +21,19 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use cellhost::client::{entry_cast, Outgoing};
+use cellhost::client::Outgoing;
 use cellhost::config::{Config, TransportUrl};
 use cellhost::demo::tree_configs;
 use cellhost::router::{REASON_CODE_HEADER, REASON_HEADER};
 use cellhost::CellHost;
 use cellhost_tests::fault_proxy::FaultProxy;
+use cellhost_tests::stream::{self, messages, App, Tally, EXCHANGE, QUEUE_BASE};
 use cellhost_tests::{cellhost_bin, local_amqp_uri, plugin, Direction, Vhosts};
-use futures::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
-use tokio::sync::watch;
+use lapin::options::QueueDeleteOptions;
+use lapin::{Connection, ConnectionProperties};
 
 /// Messages each test streams.
 const MESSAGES: usize = 20_000;
@@ -50,13 +45,9 @@ const OUTAGE: Duration = Duration::from_secs(10);
 const FLOW_PATIENCE: Duration = Duration::from_secs(120);
 /// The longest a test waits for the queues to be empty once all arrived.
 const QUIET_PATIENCE: Duration = Duration::from_secs(30);
-/// Publishes whose confirms are awaited together.
-const PUBLISH_BATCH: usize = 500;
 
 const RABBIT: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 5672);
-const EXCHANGE: &str = "nova";
-const QUEUE_BASE: &str = "cells.intercell";
 const PAIR: [(&str, Option<&str>); 2] = [("b", None), ("a", Some("b"))];
 /// A message from `a` to its parent `b`.
 const UP_TO_B: &str = "a!b";
@@ -141,214 +132,16 @@ impl Cells {
     }
 }
 
-/// What an application behind a cell saw: each cells uuid it was given,
-/// how often, and when first.
-#[derive(Default)]
-struct Seen {
-    first: HashMap<String, (u32, Instant)>,
-    /// What was wrong with deliveries that were not as expected.
-    wrong: Vec<String>,
-}
-
-/// Names a delivery by its cells uuid, or says what is wrong with it.
-type UuidOf = fn(&lapin::message::Delivery) -> std::result::Result<String, String>;
-
-/// A local delivery: an oslo request whose context carries the cells uuid.
-fn local_delivery_uuid(delivery: &lapin::message::Delivery) -> std::result::Result<String, String> {
-    let request = cellhost::wire::decode_request(&delivery.data, usize::MAX)
-        .map_err(|e| format!("undecodable local delivery: {e}"))?;
-    request
-        .context
-        .0
-        .get("cell_message_uuid")
-        .and_then(|v| v.as_str())
-        .map(str::to_string)
-        .ok_or_else(|| "a local delivery without cell_message_uuid".to_string())
-}
-
-/// A cell's application: consumes `cells.local` on the cell's broker
-/// (directly, not through a proxy) and records the cells uuid of each
-/// delivery.
-struct App {
-    connection: Connection,
-    seen: Arc<Mutex<Seen>>,
-    /// Distinct uuids seen so far.
-    distinct: watch::Receiver<usize>,
-}
-
-impl App {
-    /// The application behind the cell whose broker is `vhost`.
-    async fn start(vhost: &str) -> Result<App> {
-        App::consume(vhost, "cells.local", local_delivery_uuid).await
-    }
-
-    /// Records what arrives on `queue` of `vhost`, each delivery named by
-    /// `uuid_of` (an error says what is wrong with a delivery, and fails the
-    /// test at the end).
-    async fn consume(vhost: &str, queue: &str, uuid_of: UuidOf) -> Result<App> {
-        let connection =
-            Connection::connect(&local_amqp_uri(vhost), ConnectionProperties::default())
-                .await
-                .with_context(|| format!("the application connecting to vhost {vhost}"))?;
-        let channel = connection.create_channel().await?;
-        // Declared by the host already; consumed as an oslo server would,
-        // with automatic acks: the application is not what is tested.
-        let mut consumer = channel
-            .basic_consume(
-                queue.into(),
-                "fault-test-app".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("consuming {queue} on {vhost}"))?;
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let (tx, distinct) = watch::channel(0usize);
-        let record = seen.clone();
-        tokio::spawn(async move {
-            while let Some(delivery) = consumer.next().await {
-                let Ok(delivery) = delivery else { return };
-                let mut seen = lock(&record);
-                match uuid_of(&delivery) {
-                    Ok(uuid) => {
-                        let entry = seen.first.entry(uuid).or_insert((0, Instant::now()));
-                        entry.0 += 1;
-                    }
-                    Err(wrong) => seen.wrong.push(wrong),
-                }
-                let count = seen.first.len();
-                drop(seen);
-                tx.send_replace(count);
-            }
-        });
-        Ok(App {
-            connection,
-            seen,
-            distinct,
-        })
-    }
-
-    /// Waits until at least `n` distinct uuids were delivered.
-    async fn wait_distinct(&self, n: usize, patience: Duration) -> Result<()> {
-        let mut distinct = self.distinct.clone();
-        let waited = tokio::time::timeout(patience, async {
-            distinct.wait_for(|d| *d >= n).await.map(|_| ())
-        })
-        .await;
-        match waited {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => bail!("the application's consumer ended"),
-            Err(_) => bail!(
-                "{} of {n} messages delivered within {patience:?}",
-                *self.distinct.borrow()
-            ),
-        }
-    }
-
-    /// Delivered, duplicated, lost, and the first delivery of each uuid.
-    fn tally(&self, sent: &[String]) -> Tally {
-        let seen = lock(&self.seen);
-        let mut tally = Tally::default();
-        for uuid in sent {
-            match seen.first.get(uuid) {
-                Some((count, at)) => {
-                    tally.delivered += 1;
-                    tally.duplicated += (*count - 1) as usize;
-                    tally.firsts.push(*at);
-                }
-                None => tally.lost += 1,
-            }
-        }
-        let sent: std::collections::HashSet<&String> = sent.iter().collect();
-        tally.strangers = seen.first.keys().filter(|u| !sent.contains(u)).count();
-        tally.wrong = seen.wrong.clone();
-        tally
-    }
-
-    async fn stop(self) {
-        let _ = self.connection.close(200, "test done".into()).await;
-    }
-}
-
-#[derive(Default)]
-struct Tally {
-    delivered: usize,
-    duplicated: usize,
-    lost: usize,
-    /// Uuids the test never sent.
-    strangers: usize,
-    wrong: Vec<String>,
-    firsts: Vec<Instant>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// `count` targeted messages from `a` up to `b`, as an application on `a`
-/// casts them: their uuids and oslo bodies.
-fn messages(count: usize, make: impl Fn(usize) -> Outgoing) -> (Vec<String>, Vec<Vec<u8>>) {
-    (0..count)
-        .map(|i| {
-            let mut outgoing = make(i);
-            outgoing.ctxt.insert(
-                "request_id".into(),
-                serde_json::Value::String(format!("req-fault-{i}")),
-            );
-            let message = outgoing.to_message();
-            (
-                message.uuid.clone(),
-                entry_cast(EXCHANGE, QUEUE_BASE, &message).body,
-            )
-        })
-        .unzip()
-}
-
 fn up_to_b(count: usize) -> (Vec<String>, Vec<Vec<u8>>) {
-    messages(count, |_| {
+    messages(count, "fault", |_| {
         Outgoing::targeted(UP_TO_B, Direction::Up, "fault_test")
     })
 }
 
 /// Casts `bodies` into `vhost`'s `cells.intercell.<kind>` directly on
-/// RabbitMQ, many publishes in flight, each confirmed.
+/// RabbitMQ (not through a proxy).
 async fn publish_all(vhost: String, kind: &'static str, bodies: Vec<Vec<u8>>) -> Result<()> {
-    let connection = Connection::connect(&local_amqp_uri(&vhost), ConnectionProperties::default())
-        .await
-        .with_context(|| format!("the sender connecting to vhost {vhost}"))?;
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let routing_key = format!("{QUEUE_BASE}.{kind}");
-    // What an oslo.messaging client sets.
-    let properties = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_content_encoding("utf-8".into())
-        .with_delivery_mode(2);
-    for batch in bodies.chunks(PUBLISH_BATCH) {
-        let sends = batch.iter().map(|body| {
-            channel.basic_publish(
-                EXCHANGE.into(),
-                routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                body,
-                properties.clone(),
-            )
-        });
-        let confirms = futures::future::try_join_all(sends).await?;
-        for confirmation in futures::future::try_join_all(confirms).await? {
-            ensure!(
-                matches!(confirmation, Confirmation::Ack(_)),
-                "the broker did not take a message for {routing_key} on {vhost}: {confirmation:?}"
-            );
-        }
-    }
-    let _ = connection.close(200, "sent".into()).await;
-    Ok(())
+    stream::publish_all(local_amqp_uri(&vhost), kind, bodies).await
 }
 
 /// Messages (ready and unacknowledged) of each queue of `vhost`.
@@ -504,7 +297,7 @@ impl Relay {
         cells.neighbour_through("a", "b", &neighbour);
         let host_b = cells.start_host("b").await.expect("b's host starts");
         let host_a = cells.start_host("a").await.expect("a's host starts");
-        let app = App::start(&cells.vhost("b"))
+        let app = App::start(&local_amqp_uri(&cells.vhost("b")))
             .await
             .expect("b's application");
         Relay {
@@ -633,7 +426,7 @@ async fn neighbour_down_at_start_up_then_up_10_s_later_loses_nothing() {
     // The outage itself is the fault being simulated.
     tokio::time::sleep(OUTAGE).await;
     assert_eq!(
-        *relay.app.distinct.borrow(),
+        relay.app.delivered_now(),
         0,
         "nothing reaches b while its broker refuses a's host"
     );
@@ -660,10 +453,12 @@ async fn broadcast_while_a_child_is_down_reaches_everyone_once() {
     for cell in ["p", "c1", "c2"] {
         apps.insert(
             cell,
-            App::start(&cells.vhost(cell)).await.expect("application"),
+            App::start(&local_amqp_uri(&cells.vhost(cell)))
+                .await
+                .expect("application"),
         );
     }
-    let (sent, bodies) = messages(MESSAGES, |_| {
+    let (sent, bodies) = messages(MESSAGES, "fault", |_| {
         Outgoing::broadcast(Direction::Down, "fault_broadcast")
     });
     publish_all(cells.vhost("p"), "broadcast", bodies)
@@ -675,7 +470,7 @@ async fn broadcast_while_a_child_is_down_reaches_everyone_once() {
             .await
             .unwrap_or_else(|e| panic!("{cell} while c2 is down: {e:#}"));
     }
-    assert_eq!(*apps["c2"].distinct.borrow(), 0, "c2 is down");
+    assert_eq!(apps["c2"].delivered_now(), 0, "c2 is down");
     let parked = cellhost::links::park_queue(QUEUE_BASE, "c2");
     // The last relays may still be on their way to the park queue.
     let deadline = Instant::now() + QUIET_PATIENCE;
@@ -805,7 +600,7 @@ async fn relay_to_a_broker_where_nothing_is_bound_is_dead_lettered_with_the_reas
     let _ = b.close(200, "deleted".into()).await;
 
     let dead = App::consume(
-        &cells.vhost("a"),
+        &local_amqp_uri(&cells.vhost("a")),
         &format!("{QUEUE_BASE}.dead"),
         unroutable_relay_uuid,
     )
@@ -898,7 +693,7 @@ async fn processes_relay(host_ids: &[&str]) -> (Cells, Vec<Running>, CellHost, A
         .expect("a's intercell queues");
     broker.close().await;
     let host_b = cells.start_host("b").await.expect("b's host starts");
-    let app = App::start(&cells.vhost("b"))
+    let app = App::start(&local_amqp_uri(&cells.vhost("b")))
         .await
         .expect("b's application");
     let running = host_ids.iter().map(|id| run_a(&cells, id)).collect();
