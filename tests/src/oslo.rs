@@ -41,29 +41,36 @@ pub fn oslo_url(topo: &Topology, cell: &str) -> String {
         .replacen("amqp://", "rabbit://", 1)
 }
 
-/// An oslo.messaging RPC server serving `cells.local` for one cell, with
-/// the lines it prints arriving on a channel.
-pub struct OsloWorker {
+/// A real oslo.messaging process (one of the scripts in `tests/oslo/`),
+/// with the lines it prints arriving on a channel.
+pub struct OsloProcess {
     child: Child,
     lines: mpsc::Receiver<String>,
 }
 
-impl OsloWorker {
-    /// Starts the worker of `cell` on `url` and waits until it serves.
-    pub fn start(url: &str, cell: &str) -> OsloWorker {
-        OsloWorker::spawn(url, cell, Duration::ZERO).ready()
+impl OsloProcess {
+    /// Starts the worker of `cell` on `url` (an RPC server on `cells.local`)
+    /// and waits until it serves.
+    pub fn start_worker(url: &str, cell: &str) -> OsloProcess {
+        OsloProcess::worker(url, cell, Duration::ZERO).ready()
     }
 
     /// Starts a worker whose every method first sleeps `delay`; call
-    /// [`OsloWorker::ready`] before using it (several can boot at once).
-    pub fn spawn(url: &str, cell: &str, delay: Duration) -> OsloWorker {
+    /// [`OsloProcess::ready`] before using it (several can boot at once).
+    pub fn worker(url: &str, cell: &str, delay: Duration) -> OsloProcess {
+        let delay = delay.as_secs_f64().to_string();
+        OsloProcess::spawn("worker.py", &[url, cell, &delay])
+    }
+
+    /// Starts `tests/oslo/<script_name>` with `args`.
+    pub fn spawn(script_name: &str, args: &[&str]) -> OsloProcess {
         let mut child = Command::new(python())
-            .arg(script("worker.py"))
-            .args([url, cell, &delay.as_secs_f64().to_string()])
+            .arg(script(script_name))
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .expect("the oslo.messaging worker starts");
+            .unwrap_or_else(|e| panic!("{script_name} starts: {e}"));
         let stdout: ChildStdout = child.stdout.take().expect("stdout piped");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -73,11 +80,11 @@ impl OsloWorker {
                 }
             }
         });
-        OsloWorker { child, lines }
+        OsloProcess { child, lines }
     }
 
-    /// Waits for the worker's `ready` line.
-    pub fn ready(self) -> OsloWorker {
+    /// Waits for the process's `ready` line.
+    pub fn ready(self) -> OsloProcess {
         assert_eq!(self.next_line(), "ready");
         self
     }
@@ -85,11 +92,11 @@ impl OsloWorker {
     pub fn next_line(&self) -> String {
         self.lines
             .recv_timeout(PATIENCE)
-            .expect("the oslo.messaging worker printed a line in time")
+            .expect("the oslo.messaging process printed a line in time")
     }
 }
 
-impl Drop for OsloWorker {
+impl Drop for OsloProcess {
     fn drop(&mut self) {
         drop(self.child.stdin.take());
         let _ = self.child.kill();
@@ -130,7 +137,15 @@ pub fn oslo_call(url: &str, message: &Value, timeout: f64, monitor: Option<f64>)
     OsloCall { result, elapsed }
 }
 
-fn oslo_client_with(url: &str, mode: &str, message: &Value, extra: &[String]) -> (String, String) {
+/// Casts or calls with a real oslo.messaging client, `extra` appended to its
+/// arguments (a call's timeouts, then oslo.config's, e.g. `--config-file`);
+/// returns what it printed on standard output and standard error.
+pub fn oslo_client_with(
+    url: &str,
+    mode: &str,
+    message: &Value,
+    extra: &[String],
+) -> (String, String) {
     let kind = message["message_type"]
         .as_str()
         .expect("has a type")

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use cellhost::client::Outgoing;
-use cellhost_tests::oslo::{oslo_call, oslo_url, OsloCall, OsloWorker};
+use cellhost_tests::oslo::{oslo_call, oslo_url, OsloCall, OsloProcess};
 use cellhost_tests::{plugin, Behaviour, Direction, Topology, Transport, NOVA};
 use serde_json::{json, Value};
 
@@ -27,18 +27,18 @@ async fn rabbit_cells(topology: &[(&str, Option<&str>)]) -> Topology {
 }
 
 /// One oslo worker per cell, each with its delay; they boot together.
-fn oslo_workers(topo: &Topology, cells: &[&str], slow: &[(&str, Duration)]) -> Vec<OsloWorker> {
+fn oslo_workers(topo: &Topology, cells: &[&str], slow: &[(&str, Duration)]) -> Vec<OsloProcess> {
     let delay = |cell: &str| {
         slow.iter()
             .find(|(c, _)| *c == cell)
             .map(|(_, d)| *d)
             .unwrap_or_default()
     };
-    let spawned: Vec<OsloWorker> = cells
+    let spawned: Vec<OsloProcess> = cells
         .iter()
-        .map(|cell| OsloWorker::spawn(&oslo_url(topo, cell), cell, delay(cell)))
+        .map(|cell| OsloProcess::worker(&oslo_url(topo, cell), cell, delay(cell)))
         .collect();
-    spawned.into_iter().map(OsloWorker::ready).collect()
+    spawned.into_iter().map(OsloProcess::ready).collect()
 }
 
 /// A message as an application hands it to `process_message`.

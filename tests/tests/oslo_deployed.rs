@@ -9,107 +9,24 @@
 //! same role on the same broker.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
 use cellhost::client::Outgoing;
 use cellhost::config::RabbitOptions;
 use cellhost::wire::MessageType;
 use cellhost::CellHost;
-use cellhost_tests::{plugin, Direction, Topology, Transport, PATIENCE};
+use cellhost_tests::oslo::{oslo_client_with, oslo_url as url, OsloProcess};
+use cellhost_tests::{plugin, Direction, Topology, Transport};
 use serde_json::{json, Value};
 
 /// top, with children a and b.
 const TREE: [(&str, Option<&str>); 3] = [("top", None), ("a", Some("top")), ("b", Some("top"))];
 
-fn python() -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/oslo-venv/bin/python");
-    assert!(
-        venv.is_file(),
-        "{} is missing: `bash scripts/test` creates it (python3 -m venv target/oslo-venv && target/oslo-venv/bin/pip install oslo.messaging==18.3.1)",
-        venv.display()
-    );
-    venv
-}
-
-fn script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("oslo")
-        .join(name)
-}
-
-fn url(topo: &Topology, cell: &str) -> String {
-    topo.config(cell)
-        .cell
-        .transport_url
-        .amqp_uris()
-        .remove(0)
-        .replacen("amqp://", "rabbit://", 1)
-}
-
-/// A Python oslo.messaging process whose printed lines arrive on a channel;
-/// killed when dropped.
-struct Oslo {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Oslo {
-    fn spawn(script_name: &str, args: &[&str]) -> Oslo {
-        let mut child = Command::new(python())
-            .arg(script(script_name))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{script_name} starts: {e}"));
-        let stdout: ChildStdout = child.stdout.take().expect("stdout piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Oslo { child, lines }
-    }
-
-    fn next_line(&self, what: &str) -> String {
-        self.lines
-            .recv_timeout(PATIENCE)
-            .unwrap_or_else(|_| panic!("{what}: the oslo.messaging process printed a line in time"))
-    }
-}
-
-impl Drop for Oslo {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// Casts or calls with an oslo client configured by `conf`; a call's result.
 fn oslo_client(url: &str, conf: &Path, mode: &str, message: &Value) -> Value {
-    let kind = message["message_type"]
-        .as_str()
-        .expect("has a type")
-        .to_string();
-    let out = Command::new(python())
-        .arg(script("client.py"))
-        .args([url, mode, &kind, &message.to_string()])
-        .arg("--config-file")
-        .arg(conf)
-        .output()
-        .expect("the oslo.messaging client runs");
-    assert!(
-        out.status.success(),
-        "oslo client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let extra = ["--config-file".to_string(), conf.display().to_string()];
+    let (text, _) = oslo_client_with(url, mode, message, &extra);
     if mode == "call" {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"))
     } else {
@@ -413,32 +330,32 @@ async fn deployment_with(options_section: &str, options: RabbitOptions) {
 
     // The oslo services of every cell, first: the worker behind the cell, then
     // nova-cells' leftover queues and a caller's reply queue.
-    let workers: BTreeMap<&str, Oslo> = cells
+    let workers: BTreeMap<&str, OsloProcess> = cells
         .iter()
         .map(|c| {
             let u = url(&topo, c);
             (
                 *c,
-                Oslo::spawn("worker.py", &[&u, c, "--config-file", &conf_arg]),
+                OsloProcess::spawn("worker.py", &[&u, c, "--config-file", &conf_arg]),
             )
         })
         .collect();
-    for (cell, worker) in &workers {
-        assert_eq!(worker.next_line(&format!("worker {cell}")), "ready");
+    for worker in workers.values() {
+        assert_eq!(worker.next_line(), "ready");
     }
-    let declarers: Vec<Oslo> = cells
+    let declarers: Vec<OsloProcess> = cells
         .iter()
         .map(|c| {
-            Oslo::spawn(
+            OsloProcess::spawn(
                 "declare.py",
                 &[&url(&topo, c), c, "--config-file", &conf_arg],
             )
         })
         .collect();
     for (cell, declarer) in cells.iter().zip(&declarers) {
-        assert_eq!(declarer.next_line(&format!("declare.py {cell}")), "ready");
-        let uptime: Value = serde_json::from_str(&workers[cell].next_line("worker"))
-            .expect("the worker prints JSON");
+        assert_eq!(declarer.next_line(), "ready");
+        let uptime: Value =
+            serde_json::from_str(&workers[cell].next_line()).expect("the worker prints JSON");
         assert_eq!(uptime["method"], json!("get_host_uptime"));
     }
     drop(declarers);
@@ -486,8 +403,7 @@ async fn deployment_with(options_section: &str, options: RabbitOptions) {
         false,
     );
     oslo_client(&top, &conf, "cast", &cast);
-    let processed: Value =
-        serde_json::from_str(&workers["a"].next_line("worker a")).expect("JSON line");
+    let processed: Value = serde_json::from_str(&workers["a"].next_line()).expect("JSON line");
     assert_eq!(processed["method"], json!("reboot_instance"));
     assert_eq!(processed["ctxt"]["cell_routing_path"], json!("top!a"));
 
@@ -501,7 +417,7 @@ async fn deployment_with(options_section: &str, options: RabbitOptions) {
         result,
         json!({"cell_name": "top!b", "value": "uptime of b", "failure": false})
     );
-    let _ = workers["b"].next_line("worker b");
+    let _ = workers["b"].next_line();
 
     // A broadcast call down from top: every cell's worker answers.
     let broadcast = entering(

@@ -4,7 +4,7 @@
 //! application behind the destination cell. Two cells on RabbitMQ.
 
 use cellhost::client::Outgoing;
-use cellhost_tests::oslo::{oslo_client, oslo_url as url, OsloWorker as Worker};
+use cellhost_tests::oslo::{oslo_client, oslo_url as url, OsloProcess};
 use cellhost_tests::{plugin, Direction, Topology, Transport};
 use serde_json::{json, Value};
 
@@ -28,7 +28,7 @@ async fn oslo_messaging_clients_and_servers_work_through_cellhost() {
         .await
         .expect("topology starts");
     let (top, leaf) = (url(&topo, "top"), url(&topo, "leaf"));
-    let worker = Worker::start(&leaf, "leaf");
+    let worker = OsloProcess::start_worker(&leaf, "leaf");
 
     // A cast from a Python client reaches the Python server behind leaf.
     let cast = entering(
