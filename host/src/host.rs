@@ -19,12 +19,11 @@ use tokio::task::JoinHandle;
 
 use crate::client::Caller;
 use crate::config::Config;
+use crate::file_watch::FileWatch;
 use crate::links::Links;
-use crate::neighbours::{
-    connect_neighbour, declare_park_queue, NeighbourLinks, NeighboursChanged, NeighboursWatch,
-};
+use crate::neighbours::{connect_neighbour, declare_park_queue, NeighbourLinks, NeighboursChanged};
 use crate::policy::{LoadedPolicy, PolicyEngine};
-use crate::reload::{PolicyReloader, Reloaded, WatchGuard};
+use crate::reload::{PolicyReloader, Reloaded};
 use crate::responses::{Answering, Waiters};
 use crate::router::{Plan, RouteWorker, Router, OWN_LINK};
 use crate::transport::{Broker, Inbound, Outcome};
@@ -42,8 +41,8 @@ pub struct CellHost {
     consumers: Vec<JoinHandle<()>>,
     /// The neighbour links, their drainers, and changes to them.
     neighbours: Arc<NeighbourLinks>,
-    neighbours_watch: Option<NeighboursWatch>,
-    reloader: Option<(Arc<PolicyReloader>, Option<WatchGuard>)>,
+    neighbours_watch: Option<FileWatch>,
+    reloader: Option<(Arc<PolicyReloader>, Option<FileWatch>)>,
 }
 
 impl CellHost {

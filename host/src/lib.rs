@@ -15,7 +15,8 @@
 //! - [`links`]: the own and the neighbours' brokers; parking relays for a
 //!   neighbour that cannot take them, and draining them when it can.
 //! - [`responses`]: waiting for answers and sending them on.
-//! - [`reload`]: swapping a cell's policy while it runs.
+//! - [`reload`]: swapping a cell's policy while it runs; [`file_watch`]:
+//!   noticing that a file it reads (policy, neighbours) changed.
 //! - [`admin`]: health, policy state, reload requests and metrics over HTTP.
 //! - [`host`]: one running cell, wiring the above together.
 //! - [`client`]: what an application does to send into the network.
@@ -28,6 +29,7 @@ pub mod admin;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod file_watch;
 pub mod host;
 pub mod links;
 pub mod neighbours;

@@ -18,16 +18,16 @@
 //! the neighbour comes back first.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use notify::{RecursiveMode, Watcher};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{load_cells_config, Config, NeighbourConfig};
+use crate::file_watch::{watch_file, FileWatch};
 use crate::links::{park_queue, Links};
 use crate::router::Router;
 use crate::transport::Broker;
@@ -224,67 +224,23 @@ impl NeighbourLinks {
 
     /// Re-reads the neighbours file whenever it changes. The watch stops
     /// when the returned guard is dropped.
-    pub fn watch(self: &Arc<Self>) -> Result<NeighboursWatch> {
+    pub fn watch(self: &Arc<Self>) -> Result<FileWatch> {
         let Some(path) = self.path().map(Path::to_path_buf) else {
             anyhow::bail!("no neighbours file to watch: set `cell.neighbours_file`");
         };
-        let folder = folder_of(&path);
-        let name = path.file_name().map(|n| n.to_os_string());
-        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-        // The folder is watched, not the file: an editor or a deploy tool
-        // that writes a new file and renames it over the old one replaces
-        // the inode a file watch would follow.
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Ok(event) = event {
-                    let ours = event
-                        .paths
-                        .iter()
-                        .any(|p| p.file_name().map(|n| n.to_os_string()) == name);
-                    if ours && !event.kind.is_access() {
-                        let _ = tx.send(());
-                    }
-                }
-            })
-            .context("starting the neighbours file watcher")?;
-        watcher
-            .watch(&folder, RecursiveMode::NonRecursive)
-            .with_context(|| format!("watching {} for the neighbours file", folder.display()))?;
         let me = Arc::downgrade(self);
-        let task = tokio::spawn(async move {
-            while rx.recv().await.is_some() {
-                tokio::time::sleep(SETTLE).await;
-                while rx.try_recv().is_ok() {}
-                let Some(me) = me.upgrade() else { return };
+        let watch = watch_file(&path, "neighbours file", SETTLE, move || {
+            let me = me.upgrade();
+            async move {
+                let Some(me) = me else { return false };
                 // The outcome is logged; a refused file leaves the set serving.
                 let _ = me.reload().await;
+                true
             }
-        });
+        })?;
         tracing::info!(cell = %self.router.cell_name(), file = %path.display(), "watching the neighbours file");
-        Ok(NeighboursWatch {
-            _watcher: watcher,
-            task,
-        })
+        Ok(watch)
     }
-}
-
-/// Keeps a neighbours file watched.
-pub struct NeighboursWatch {
-    _watcher: notify::RecommendedWatcher,
-    task: JoinHandle<()>,
-}
-
-impl Drop for NeighboursWatch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn folder_of(path: &Path) -> PathBuf {
-    path.parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or_else(|| Path::new("."))
-        .to_path_buf()
 }
 
 /// Whether the link to `old` can serve `new`: same broker, same options.

@@ -12,6 +12,7 @@
 //! folder, so deploys that rename a new file into place are seen), by SIGHUP
 //! (`cellhost run`), and by calling [`PolicyReloader::reload`].
 
+use crate::file_watch::{watch_file, FileWatch};
 use crate::lock;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,8 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
-use notify::{RecursiveMode, Watcher};
-use tokio::sync::mpsc;
 
 use crate::config::PolicySection;
 use crate::policy::PolicyEngine;
@@ -137,59 +136,21 @@ impl PolicyReloader {
 
     /// Watches the policy file and reloads when it changes. The watch stops
     /// when the returned guard is dropped.
-    pub fn watch(self: &Arc<Self>) -> Result<WatchGuard> {
+    pub fn watch(self: &Arc<Self>) -> Result<FileWatch> {
         let Some(path) = self.section.path.clone() else {
             anyhow::bail!("no policy file to watch: the cell runs the embedded policy");
         };
-        let folder = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or_else(|| Path::new("."))
-            .to_path_buf();
-        let name = path.file_name().map(|n| n.to_os_string());
-        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Ok(event) = event {
-                    let ours = event
-                        .paths
-                        .iter()
-                        .any(|p| p.file_name().map(|n| n.to_os_string()) == name);
-                    if ours && !event.kind.is_access() {
-                        let _ = tx.send(());
-                    }
-                }
-            })
-            .context("starting the policy file watcher")?;
-        watcher
-            .watch(&folder, RecursiveMode::NonRecursive)
-            .with_context(|| format!("watching {}", folder.display()))?;
         let reloader = self.clone();
-        let task = tokio::spawn(async move {
-            while rx.recv().await.is_some() {
-                // A burst of events (write, chmod, rename) is one change.
-                tokio::time::sleep(SETTLE).await;
-                while rx.try_recv().is_ok() {}
+        let watch = watch_file(&path, "policy file", SETTLE, move || {
+            let reloader = reloader.clone();
+            async move {
+                // The outcome is logged; a refused version leaves the current one.
                 let _ = reloader.reload().await;
+                true
             }
-        });
+        })?;
         tracing::info!(cell = %self.router.cell_name(), file = %path.display(), "watching the policy file");
-        Ok(WatchGuard {
-            _watcher: watcher,
-            task,
-        })
-    }
-}
-
-/// Keeps a policy file watched.
-pub struct WatchGuard {
-    _watcher: notify::RecommendedWatcher,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for WatchGuard {
-    fn drop(&mut self) {
-        self.task.abort();
+        Ok(watch)
     }
 }
 
