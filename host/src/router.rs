@@ -27,8 +27,8 @@ use crate::lock;
 use crate::policy::{self, LoadedPolicy, PolicyError, PolicyInstance};
 use crate::transport::{LinkState, Publication};
 use crate::wire::{
-    self, nova_failure, CallInfo, CellResponse, CellsMessage, Context, Direction, MessageType,
-    RemoteFailure, Request,
+    self, nova_failure, CallInfo, CellResponse, CellsMessage, Context, Direction, Hop, MessageType,
+    RemoteFailure, Request, Skim,
 };
 use tokio::sync::watch;
 
@@ -440,10 +440,14 @@ impl RouteWorker {
     /// Decides what to do with one received body; `expiration_ms` is the
     /// AMQP `expiration` it came with (an oslo call's timeout).
     pub fn plan(&mut self, body: &[u8], expiration_ms: Option<u64>) -> Plan {
-        let router = self.router.clone();
         let received = Instant::now();
-        router.stats.received.fetch_add(1, Ordering::Relaxed);
-        let limit = router.config.cell.max_body_bytes;
+        self.router.stats.received.fetch_add(1, Ordering::Relaxed);
+        let limit = self.router.config.cell.max_body_bytes;
+        // Most traffic is casts that want no answer: those are read without
+        // building their JSON trees and relayed by splicing.
+        if let Some(skim) = Skim::read(body, limit) {
+            return self.plan_skimmed(body, skim, received, expiration_ms);
+        }
         let request = match wire::decode_request(body, limit) {
             Ok(r) => r,
             Err(e) => return self.dead_letter(body, None, e.reason_code(), e.to_string()),
@@ -463,27 +467,9 @@ impl RouteWorker {
             message.need_response = true;
         }
         let wants_answer = message.need_response && message.message_type != MessageType::Response;
-        // Claimed before anything is decided, in one step with the check, so
-        // two deliveries of one uuid are never both carried out. A message
-        // without a uuid cannot be told from another and is not claimed.
-        let claimed = if message.uuid.is_empty() {
-            Ok(None)
-        } else {
-            router.dedupe.claim(&message.uuid, wants_answer)
-        };
-        let mut claim = match claimed {
+        let mut claim = match self.claim(&message.uuid, wants_answer) {
             Ok(claim) => claim,
-            Err(Seen::Remembered) => {
-                router.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(uuid = %message.uuid, "duplicate message dropped");
-                return Plan::nothing(None, Disposition::Duplicate);
-            }
-            Err(Seen::InFlight) => {
-                tracing::debug!(uuid = %message.uuid, "another delivery of this message is in flight; this one comes back later");
-                let mut plan = Plan::nothing(Some(message.uuid), Disposition::InFlight);
-                plan.requeue_after = Some(IN_FLIGHT_RETRY);
-                return plan;
-            }
+            Err(seen) => return self.seen(&message.uuid, seen),
         };
         let mut plan = self.route(body, message, is_origin, reply_to, received, expiration_ms);
         if let Some(claim) = claim.as_mut() {
@@ -494,6 +480,201 @@ impl RouteWorker {
         }
         plan.claim = claim;
         plan
+    }
+
+    /// Claims `uuid` for this delivery before anything is decided, in one
+    /// step with the check, so two deliveries of one uuid are never both
+    /// carried out. A message without a uuid cannot be told from another and
+    /// is not claimed.
+    fn claim(&self, uuid: &str, wants_answer: bool) -> Result<Option<Claim>, Seen> {
+        if uuid.is_empty() {
+            return Ok(None);
+        }
+        self.router.dedupe.claim(uuid, wants_answer)
+    }
+
+    /// The plan for a delivery of a uuid already carried out or in flight.
+    fn seen(&self, uuid: &str, seen: Seen) -> Plan {
+        match seen {
+            Seen::Remembered => {
+                self.router.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(uuid, "duplicate message dropped");
+                Plan::nothing(None, Disposition::Duplicate)
+            }
+            Seen::InFlight => {
+                tracing::debug!(
+                    uuid,
+                    "another delivery of this message is in flight; this one comes back later"
+                );
+                let mut plan = Plan::nothing(Some(uuid.to_string()), Disposition::InFlight);
+                plan.requeue_after = Some(IN_FLIGHT_RETRY);
+                plan
+            }
+        }
+    }
+
+    /// The fast path of a cast that wants no answer. When the policy only
+    /// relays it and delivers it here, the bodies are spliced from the
+    /// received text; any other decision is carried out by the full path,
+    /// on the fully decoded message, without asking the policy again.
+    fn plan_skimmed(
+        &mut self,
+        body: &[u8],
+        skim: Skim,
+        received: Instant,
+        expiration_ms: Option<u64>,
+    ) -> Plan {
+        let mut claim = match self.claim(&skim.uuid, false) {
+            Ok(claim) => claim,
+            Err(seen) => return self.seen(&skim.uuid, seen),
+        };
+        let router = self.router.clone();
+        let is_origin = skim.path.is_empty();
+        let routing_path = if is_origin {
+            router.cell_name.clone()
+        } else {
+            format!("{}!{}", skim.path, router.cell_name)
+        };
+        let hop = Hop {
+            routing_path,
+            hop_count: skim.hop_count.saturating_add(1),
+            max_hop_count: skim.max_hop_count.min(router.config.cell.max_hop_count),
+        };
+        let span = tracing::debug_span!(
+            "route",
+            uuid = %skim.uuid,
+            kind = skim.message_type.as_str(),
+            method = %skim.method_name,
+            path = %hop.routing_path,
+            policy = tracing::field::Empty,
+        );
+        let _entered = span.enter();
+        let view = wit_skim(&skim, &hop, is_origin);
+        let outcome = self.decide(&view, &span);
+        let plain = match &outcome {
+            Ok(actions) => self.plain_route(actions, &hop),
+            Err(_) => None,
+        };
+        let mut plan = match plain {
+            Some((local, relays)) => self.splice(&skim, hop, local, relays),
+            None => self.conclude_decoded(body, received, expiration_ms, is_origin, outcome),
+        };
+        if let Some(claim) = claim.as_mut() {
+            claim.remember(plan.disposition.carries_out());
+        }
+        plan.claim = claim;
+        plan
+    }
+
+    /// The local delivery and the relays of `actions`, when they are only
+    /// that and break no invariant; `None` sends the decision to
+    /// [`RouteWorker::apply`], which refuses or drops as it must.
+    fn plain_route(&self, actions: &[policy::Action], hop: &Hop) -> Option<(bool, Vec<String>)> {
+        let policy_limits = &self.router.config.policy;
+        if actions.is_empty() || actions.len() > policy_limits.max_actions {
+            return None;
+        }
+        let neighbours = self.router.neighbours.load();
+        let mut local = false;
+        let mut relays: Vec<String> = Vec::new();
+        let mut bytes = 0;
+        for action in actions {
+            match action {
+                policy::Action::ProcessHere => local = true,
+                policy::Action::Relay(to) => {
+                    bytes += to.len();
+                    if !neighbours.names.contains(to) || hop.hop_count >= hop.max_hop_count {
+                        return None;
+                    }
+                    if !relays.contains(to) {
+                        relays.push(to.clone());
+                    }
+                }
+                policy::Action::ReplyError(_) | policy::Action::Drop(_) => return None,
+            }
+        }
+        (bytes <= policy_limits.max_action_bytes).then_some((local, relays))
+    }
+
+    /// The plan of a plain route, its bodies spliced from the skimmed text.
+    fn splice(&self, skim: &Skim, hop: Hop, local: bool, relays: Vec<String>) -> Plan {
+        let router = &self.router;
+        let cfg = &router.config;
+        let mut sends = Vec::with_capacity(relays.len() + usize::from(local));
+        if !relays.is_empty() {
+            let topic = router.intercell_topic(skim.message_type);
+            // One encoding serves every neighbour: the body does not depend on it.
+            let body = skim.relay_body(&hop, &new_unique_id());
+            for to in &relays {
+                let exchange = if skim.fanout {
+                    format!("{topic}_fanout")
+                } else {
+                    cfg.cell.control_exchange.clone()
+                };
+                sends.push((
+                    Target::Neighbour(to.clone()),
+                    Publication::new(exchange, topic.clone(), body.clone()).mandatory(),
+                ));
+            }
+        }
+        if local {
+            let publication = Publication::new(
+                cfg.cell.control_exchange.clone(),
+                cfg.local.topic.clone(),
+                skim.local_body(&hop, &new_unique_id()),
+            )
+            .mandatory();
+            sends.push((Target::Own, publication));
+        }
+        router
+            .stats
+            .relayed
+            .fetch_add(relays.len() as u64, Ordering::Relaxed);
+        router
+            .stats
+            .delivered_local
+            .fetch_add(u64::from(local), Ordering::Relaxed);
+        tracing::debug!(uuid = %skim.uuid, local, ?relays, "routed");
+        let mut plan = Plan::nothing(
+            Some(skim.uuid.clone()),
+            Disposition::Routed {
+                routing_path: hop.routing_path,
+                local,
+                relays,
+            },
+        );
+        plan.sends = sends;
+        plan
+    }
+
+    /// Carries out a decision taken on a skimmed message the full way.
+    fn conclude_decoded(
+        &mut self,
+        body: &[u8],
+        received: Instant,
+        expiration_ms: Option<u64>,
+        is_origin: bool,
+        outcome: Result<Vec<policy::Action>, PolicyError>,
+    ) -> Plan {
+        let limit = self.router.config.cell.max_body_bytes;
+        let decoded = wire::decode_request(body, limit).and_then(|r| r.cells_message());
+        let mut message = match decoded {
+            Ok(message) => message,
+            // The skim accepted what the decoder refuses: a fault of ours,
+            // so the message is kept with the decoder's reason.
+            Err(e) => return self.dead_letter(body, None, e.reason_code(), e.to_string()),
+        };
+        message.append_hop(&self.router.cell_name);
+        message.max_hop_count = message
+            .max_hop_count
+            .min(self.router.config.cell.max_hop_count);
+        let situation = Situation {
+            is_origin,
+            reply_to: None,
+            received,
+            budget: self.budget(&message, None, expiration_ms),
+        };
+        self.conclude(body, message, situation, outcome)
     }
 
     /// Plans a message this delivery has claimed: records this cell's hop,
@@ -529,25 +710,55 @@ impl RouteWorker {
             budget,
         };
         let view = wit_message(&message, is_origin);
-        let outcome = self.ask_policy(&view);
+        let outcome = self.decide(&view, &span);
+        self.conclude(body, message, situation, outcome)
+    }
+
+    /// Asks the policy (and the shadow policy, if one runs) and keeps count
+    /// of its failures.
+    fn decide(
+        &mut self,
+        view: &policy::Message,
+        span: &tracing::Span,
+    ) -> Result<Vec<policy::Action>, PolicyError> {
+        let router = self.router.clone();
+        let outcome = self.ask_policy(view);
         if router.shadow.load().is_some() {
-            self.shadow_compare(&view, &outcome);
+            self.shadow_compare(view, &outcome);
         }
-        let actions = match outcome {
-            Ok(actions) => {
+        match &outcome {
+            Ok(_) => {
                 // Read before writing: the counter is shared by every
                 // consumer, and a write per message would bounce its line.
                 if router.consecutive_failures.load(Ordering::Relaxed) != 0 {
                     router.consecutive_failures.store(0, Ordering::Relaxed);
                 }
-                actions
+                if let Some(instance) = &self.instance {
+                    span.record("policy", instance.policy().version());
+                }
             }
             Err(e) => {
                 router.stats.policy_failures.fetch_add(1, Ordering::Relaxed);
-                router.policy_failed(&e);
+                router.policy_failed(e);
+            }
+        }
+        outcome
+    }
+
+    /// Applies the policy's answer, or what its failure means for the message.
+    fn conclude(
+        &self,
+        body: &[u8],
+        message: CellsMessage,
+        situation: Situation,
+        outcome: Result<Vec<policy::Action>, PolicyError>,
+    ) -> Plan {
+        let actions = match outcome {
+            Ok(actions) => actions,
+            Err(e) => {
                 let wants_answer =
                     message.need_response && message.message_type != MessageType::Response;
-                if router.config.policy.on_failure == OnFailure::Reject && !wants_answer {
+                if self.router.config.policy.on_failure == OnFailure::Reject && !wants_answer {
                     tracing::warn!(uuid = %message.uuid, error = %e, "policy failed; message rejected back to the broker");
                     let mut plan = Plan::nothing(
                         Some(message.uuid),
@@ -565,9 +776,6 @@ impl RouteWorker {
                 return self.refuse(body, message, situation, e.reason_code(), failure);
             }
         };
-        if let Some(instance) = &self.instance {
-            span.record("policy", instance.policy().version());
-        }
         self.apply(body, message, situation, actions)
     }
 
@@ -1137,6 +1345,33 @@ pub(crate) fn wit_message(m: &CellsMessage, is_origin: bool) -> policy::Message 
         run_locally: m.run_locally(),
         ctxt: Value::Object(m.ctxt.clone()).to_string(),
         method_kwargs: Value::Object(m.method_kwargs.clone()).to_string(),
+    }
+}
+
+/// The policy's view of a skimmed message, this cell's hop recorded.
+fn wit_skim(m: &Skim, hop: &Hop, is_origin: bool) -> policy::Message {
+    policy::Message {
+        uuid: m.uuid.clone(),
+        message_type: match m.message_type {
+            MessageType::Targeted => policy::MessageType::Targeted,
+            MessageType::Broadcast => policy::MessageType::Broadcast,
+            MessageType::Response => policy::MessageType::Response,
+        },
+        direction: match m.direction {
+            Direction::Up => policy::Direction::Up,
+            Direction::Down => policy::Direction::Down,
+        },
+        method_name: m.method_name.clone(),
+        routing_path: hop.routing_path.clone(),
+        hop_count: hop.hop_count,
+        max_hop_count: hop.max_hop_count,
+        target_cell: m.target_cell.clone(),
+        need_response: false,
+        fanout: m.fanout,
+        is_origin,
+        run_locally: m.run_locally,
+        ctxt: m.ctxt().to_string(),
+        method_kwargs: m.method_kwargs().to_string(),
     }
 }
 

@@ -149,6 +149,68 @@ fn python_float_repr(value: f64) -> String {
     out
 }
 
+/// Appends `text` as a JSON string the way Python's `json.dumps` writes one: the quotes,
+/// `\"` and `\\`, the short escapes of `\b \f \n \r \t`, `\u00xx` for other control
+/// characters and DEL, and `\uXXXX` (surrogate pairs above the BMP) for everything outside
+/// ASCII. The same bytes as serializing the string with [`PythonFormatter`], written without
+/// going through serde, for the relay's fast path.
+pub fn write_python_str(out: &mut String, text: &str) {
+    out.reserve(text.len() + 2);
+    out.push('"');
+    let bytes = text.as_bytes();
+    let mut clean_from = 0;
+    let mut at = 0;
+    while at < bytes.len() {
+        let byte = bytes[at];
+        if (b' '..=b'~').contains(&byte) && byte != b'"' && byte != b'\\' {
+            at += 1;
+            continue;
+        }
+        out.push_str(&text[clean_from..at]);
+        let step = match byte {
+            b'"' => push_escape(out, "\\\""),
+            b'\\' => push_escape(out, "\\\\"),
+            b'\n' => push_escape(out, "\\n"),
+            b'\r' => push_escape(out, "\\r"),
+            b'\t' => push_escape(out, "\\t"),
+            0x08 => push_escape(out, "\\b"),
+            0x0c => push_escape(out, "\\f"),
+            0x00..=0x7f => {
+                push_unit(out, u16::from(byte));
+                1
+            }
+            _ => {
+                // `at` is on a character boundary: every byte before it was ASCII or the
+                // whole of an earlier character.
+                let ch = text[at..].chars().next().unwrap_or('\u{fffd}');
+                let mut units = [0u16; 2];
+                for unit in ch.encode_utf16(&mut units) {
+                    push_unit(out, *unit);
+                }
+                ch.len_utf8()
+            }
+        };
+        at += step;
+        clean_from = at;
+    }
+    out.push_str(&text[clean_from..]);
+    out.push('"');
+}
+
+fn push_escape(out: &mut String, escape: &str) -> usize {
+    out.push_str(escape);
+    1
+}
+
+/// `\uXXXX` in lowercase hex, as Python writes it.
+fn push_unit(out: &mut String, unit: u16) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push_str("\\u");
+    for shift in [12, 8, 4, 0] {
+        out.push(HEX[usize::from((unit >> shift) & 0xf)] as char);
+    }
+}
+
 /// Writes `value` as Python's `json.dumps` would into `writer`.
 pub fn write_python_json<W: io::Write, T: Serialize + ?Sized>(
     writer: W,

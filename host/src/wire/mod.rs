@@ -3,7 +3,8 @@
 //! This module owns the two layers of text a nova-cells peer puts on the wire: the
 //! oslo.messaging envelope (`envelope`: requests, calls and replies) and the flat cells
 //! message carried inside a `process_message` cast (`cells`), plus the Python-compatible JSON
-//! writer both of them need (`json`). It knows JSON and the oslo envelope and nothing else:
+//! writer both of them need (`json`), and the relay's fast path through both (`skim`), which
+//! reads only what routing needs and writes a relay by splicing. It knows JSON and the oslo envelope and nothing else:
 //! no AMQP, no queues, no routing decisions. Everything here is pure and never panics on
 //! input; every rejection is a [`WireError`] an operator can read and a metric can count.
 
@@ -11,13 +12,17 @@ mod cells;
 mod envelope;
 mod json;
 mod response;
+mod skim;
 
 pub use cells::{CellsMessage, Direction, MessageType};
 pub use envelope::{
     decode_reply, decode_request, CallInfo, Context, RemoteFailure, Reply, ReplyOutcome, Request,
 };
-pub use json::{to_python_json, value_to_python_json, write_python_json, PythonFormatter};
+pub use json::{
+    to_python_json, value_to_python_json, write_python_json, write_python_str, PythonFormatter,
+};
 pub use response::{nova_failure, CellResponse};
+pub use skim::{Hop, Skim};
 
 use serde_json::Value;
 use std::fmt;

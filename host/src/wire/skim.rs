@@ -1,0 +1,642 @@
+//! The relay's fast path: a cells cast read without building its JSON trees, and written
+//! back by splicing.
+//!
+//! A relay changes three fields of the cells message (`routing_path`, `hop_count`,
+//! `max_hop_count`) and gives the oslo envelope a new `_unique_id`; the context and the
+//! method's arguments pass through untouched. [`Skim::read`] parses each layer once into
+//! borrowed raw values, keeps the byte spans of what a relay rewrites and checks every field
+//! the full decoder checks. [`Skim::relay_body`] and [`Skim::local_body`] then write the new
+//! bodies by copying the untouched text and splicing in the new values, escaping each layer
+//! once.
+//!
+//! The skim takes only what it can carry out exactly as the full path would: a cast (no
+//! `_msg_id`) of `process_message` holding a well-formed targeted or broadcast message that
+//! wants no response, with no repeated keys among the fields it reads. For anything else it
+//! answers `None` and the caller takes the full path ([`super::decode_request`]), which also
+//! gives the precise error of a bad body. Text written here decodes to the same request and
+//! cells message as the full path's re-encoding (a property test in this file holds the two
+//! to that); it is not byte-for-byte the same, since untouched values keep the sender's
+//! formatting.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::ops::Range;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::cells::{Direction, MessageType};
+use super::json::write_python_str;
+
+/// Cells message keys whose repetition sends a message down the full path.
+const CELLS_KEYS: [&str; 15] = [
+    "message_type",
+    "ctxt",
+    "method_name",
+    "method_kwargs",
+    "direction",
+    "need_response",
+    "fanout",
+    "uuid",
+    "routing_path",
+    "hop_count",
+    "max_hop_count",
+    "target_cell",
+    "response_uuid",
+    "run_locally",
+    "cellhost_timeout_ms",
+];
+
+/// Request keys whose repetition sends a message down the full path.
+const REQUEST_KEYS: [&str; 8] = [
+    "method",
+    "args",
+    "version",
+    "_unique_id",
+    "namespace",
+    "_msg_id",
+    "_reply_q",
+    "_timeout",
+];
+
+/// What routing needs of a cells cast, with the text a relay copies.
+#[derive(Debug, Clone)]
+pub struct Skim {
+    /// The cells message's own JSON text (`args.message`, unescaped).
+    cells: String,
+    ctxt: Range<usize>,
+    method_kwargs: Range<usize>,
+    routing_path: Range<usize>,
+    hop_count_at: Range<usize>,
+    max_hop_count_at: Range<usize>,
+    pub message_type: MessageType,
+    pub direction: Direction,
+    pub fanout: bool,
+    pub run_locally: bool,
+    pub hop_count: u32,
+    pub max_hop_count: u32,
+    pub uuid: String,
+    pub method_name: String,
+    /// The path so far; empty when the message enters the tree here.
+    pub path: String,
+    pub target_cell: Option<String>,
+}
+
+impl Skim {
+    /// Reads a body of at most `limit` bytes, or `None` when it needs the full path.
+    pub fn read(body: &[u8], limit: usize) -> Option<Skim> {
+        if body.len() > limit {
+            return None;
+        }
+        let text = std::str::from_utf8(body).ok()?;
+        let outer: Entries<'_> = serde_json::from_str(text).ok()?;
+        let version = outer.single("oslo.version")?;
+        if parse_str(version?)? != "2.0" {
+            return None;
+        }
+        let inner = parse_str(outer.single("oslo.message")??)?;
+        let request: Entries<'_> = serde_json::from_str(&inner).ok()?;
+        if REQUEST_KEYS.iter().any(|k| request.count(k) > 1) {
+            return None;
+        }
+        // A call, or a cast whose `_msg_id` is neither null nor absent.
+        if request
+            .single("_msg_id")?
+            .is_some_and(|raw| raw.get() != "null")
+        {
+            return None;
+        }
+        if parse_str(request.single("method")??)? != "process_message" {
+            return None;
+        }
+        for key in ["version", "_unique_id", "namespace"] {
+            if let Some(raw) = request.single(key)? {
+                parse_opt_str(raw)?;
+            }
+        }
+        let args: Entries<'_> = serde_json::from_str(request.single("args")??.get()).ok()?;
+        let cells = parse_str(args.single("message")??)?.into_owned();
+        Skim::read_cells(cells)
+    }
+
+    fn read_cells(cells: String) -> Option<Skim> {
+        let entries: Entries<'_> = serde_json::from_str(&cells).ok()?;
+        if CELLS_KEYS.iter().any(|k| entries.count(k) > 1) {
+            return None;
+        }
+        let field = |key: &str| entries.single(key).flatten();
+        let span = |raw: &RawValue| {
+            let at = raw.get().as_ptr() as usize - cells.as_ptr() as usize;
+            at..at + raw.get().len()
+        };
+        let message_type = MessageType::from_wire(&parse_str(field("message_type")?)?)?;
+        let direction = Direction::from_wire(&parse_str(field("direction")?)?)?;
+        let ctxt = field("ctxt").filter(|raw| raw.get().starts_with('{'))?;
+        let method_kwargs = field("method_kwargs").filter(|raw| raw.get().starts_with('{'))?;
+        let need_response: bool = serde_json::from_str(field("need_response")?.get()).ok()?;
+        let fanout: bool = serde_json::from_str(field("fanout")?.get()).ok()?;
+        let routing_path = field("routing_path")?;
+        let hop_count = field("hop_count")?;
+        let max_hop_count = field("max_hop_count")?;
+        let target_cell = match field("target_cell") {
+            Some(raw) => parse_opt_str(raw)?,
+            None => None,
+        };
+        if let Some(raw) = field("response_uuid") {
+            parse_opt_str(raw)?;
+        }
+        // Only what needs no answer: responses and requests waiting for one
+        // take the full path, which knows how to answer them.
+        if need_response || message_type == MessageType::Response {
+            return None;
+        }
+        if message_type != MessageType::Broadcast && target_cell.is_none() {
+            return None;
+        }
+        let skim = Skim {
+            ctxt: span(ctxt),
+            method_kwargs: span(method_kwargs),
+            routing_path: span(routing_path),
+            hop_count_at: span(hop_count),
+            max_hop_count_at: span(max_hop_count),
+            message_type,
+            direction,
+            fanout,
+            run_locally: field("run_locally")
+                .and_then(|raw| serde_json::from_str(raw.get()).ok())
+                .unwrap_or(true),
+            hop_count: serde_json::from_str(hop_count.get()).ok()?,
+            max_hop_count: serde_json::from_str(max_hop_count.get()).ok()?,
+            uuid: parse_str(field("uuid")?)?.into_owned(),
+            method_name: parse_str(field("method_name")?)?.into_owned(),
+            path: parse_opt_str(routing_path)?
+                .map(Cow::into_owned)
+                .unwrap_or_default(),
+            target_cell: target_cell.map(Cow::into_owned),
+            cells: String::new(),
+        };
+        drop(entries);
+        Some(Skim { cells, ..skim })
+    }
+
+    /// The context's JSON text, as the sender wrote it.
+    pub fn ctxt(&self) -> &str {
+        &self.cells[self.ctxt.clone()]
+    }
+
+    /// The method arguments' JSON text, as the sender wrote it.
+    pub fn method_kwargs(&self) -> &str {
+        &self.cells[self.method_kwargs.clone()]
+    }
+
+    /// The oslo cast that carries the message on, with `hop` recorded: what
+    /// [`super::Request::process_message`] of the updated message writes.
+    pub fn relay_body(&self, hop: &Hop, unique_id: &str) -> Vec<u8> {
+        let mut cells = String::with_capacity(self.cells.len() + hop.routing_path.len() + 16);
+        let mut edits = [
+            (self.routing_path.clone(), Edit::Str(&hop.routing_path)),
+            (self.hop_count_at.clone(), Edit::Count(hop.hop_count)),
+            (
+                self.max_hop_count_at.clone(),
+                Edit::Count(hop.max_hop_count),
+            ),
+        ];
+        edits.sort_by_key(|(range, _)| range.start);
+        let mut from = 0;
+        for (range, edit) in &edits {
+            cells.push_str(&self.cells[from..range.start]);
+            edit.write(&mut cells);
+            from = range.end;
+        }
+        cells.push_str(&self.cells[from..]);
+
+        let mut inner = String::with_capacity(cells.len() * 11 / 10 + 128);
+        inner.push_str("{\"method\": \"process_message\", \"args\": {\"message\": ");
+        write_python_str(&mut inner, &cells);
+        inner.push_str("}, \"version\": \"1.0\", \"_unique_id\": ");
+        write_python_str(&mut inner, unique_id);
+        self.write_context(&mut inner, &[]);
+        inner.push('}');
+        envelope(&inner)
+    }
+
+    /// The oslo cast of `method_name(**method_kwargs)` to the local worker,
+    /// with the message's context plus where it came from: what the full
+    /// path's local delivery of a cast writes.
+    pub fn local_body(&self, hop: &Hop, unique_id: &str) -> Vec<u8> {
+        let mut inner = String::with_capacity(self.cells.len() + 256);
+        inner.push_str("{\"method\": ");
+        write_python_str(&mut inner, &self.method_name);
+        inner.push_str(", \"args\": ");
+        inner.push_str(self.method_kwargs());
+        inner.push_str(", \"version\": \"1.0\", \"_unique_id\": ");
+        write_python_str(&mut inner, unique_id);
+        // Appended last, so they win over keys of the same name in the
+        // context, as inserting them into the context does.
+        self.write_context(
+            &mut inner,
+            &[
+                ("cell_routing_path", &hop.routing_path),
+                ("cell_message_uuid", &self.uuid),
+            ],
+        );
+        inner.push('}');
+        envelope(&inner)
+    }
+
+    /// Each context entry as a flat `_context_<key>` request key, then `more`.
+    fn write_context(&self, out: &mut String, more: &[(&str, &str)]) {
+        // Read once already in `read`, so it parses; should it not, the
+        // context is left out rather than written broken.
+        let entries: Entries<'_> = serde_json::from_str(self.ctxt()).unwrap_or_default();
+        let mut key = String::new();
+        for (name, value) in &entries.0 {
+            key.clear();
+            key.push_str("_context_");
+            key.push_str(name);
+            out.push_str(", ");
+            write_python_str(out, &key);
+            out.push_str(": ");
+            out.push_str(value.get());
+        }
+        for (name, value) in more {
+            key.clear();
+            key.push_str("_context_");
+            key.push_str(name);
+            out.push_str(", ");
+            write_python_str(out, &key);
+            out.push_str(": ");
+            write_python_str(out, value);
+        }
+    }
+}
+
+/// This cell's hop, as a relay records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    pub routing_path: String,
+    pub hop_count: u32,
+    pub max_hop_count: u32,
+}
+
+enum Edit<'a> {
+    Str(&'a str),
+    Count(u32),
+}
+
+impl Edit<'_> {
+    fn write(&self, out: &mut String) {
+        match self {
+            Edit::Str(text) => write_python_str(out, text),
+            Edit::Count(n) => {
+                use fmt::Write;
+                let _ = write!(out, "{n}");
+            }
+        }
+    }
+}
+
+/// The oslo 2.0 envelope around an inner message's text.
+fn envelope(inner: &str) -> Vec<u8> {
+    let mut out = String::with_capacity(inner.len() * 11 / 10 + 48);
+    out.push_str("{\"oslo.version\": \"2.0\", \"oslo.message\": ");
+    write_python_str(&mut out, inner);
+    out.push('}');
+    out.into_bytes()
+}
+
+/// A JSON string's value, borrowed when it holds no escapes.
+fn parse_str(raw: &RawValue) -> Option<Cow<'_, str>> {
+    serde_json::from_str::<Text<'_>>(raw.get())
+        .ok()
+        .map(|t| t.0)
+}
+
+/// A JSON string or null; `None` (the outer one) when it is neither.
+fn parse_opt_str(raw: &RawValue) -> Option<Option<Cow<'_, str>>> {
+    if raw.get() == "null" {
+        return Some(None);
+    }
+    parse_str(raw).map(Some)
+}
+
+/// The entries of one JSON object in text order, values left as raw text.
+#[derive(Default)]
+struct Entries<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> Entries<'a> {
+    fn count(&self, key: &str) -> usize {
+        self.0.iter().filter(|(k, _)| k == key).count()
+    }
+
+    /// The value of a key that appears at most once: `Some(None)` when it
+    /// is absent, `None` when it is repeated.
+    fn single(&self, key: &str) -> Option<Option<&'a RawValue>> {
+        let mut found = None;
+        for (k, v) in &self.0 {
+            if k == key {
+                if found.is_some() {
+                    return None;
+                }
+                found = Some(*v);
+            }
+        }
+        Some(found)
+    }
+}
+
+impl<'de> Deserialize<'de> for Entries<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EntriesVisitor;
+        impl<'de> Visitor<'de> for EntriesVisitor {
+            type Value = Entries<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries<'de>, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(16));
+                while let Some(Text(key)) = map.next_key()? {
+                    entries.push((key, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Entries(entries))
+            }
+        }
+        deserializer.deserialize_map(EntriesVisitor)
+    }
+}
+
+/// A string borrowed from the text when it can be, owned when it had escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(TextVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{decode_request, CellsMessage, Context, Request, DEFAULT_BODY_LIMIT};
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Map, Value};
+
+    const CAST: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/wire/cast-process-message.json"
+    ));
+
+    /// A request minus its `args`, and the cells message it carries: what a
+    /// peer makes of a relay, whatever the formatting of its text.
+    fn meaning(body: &[u8]) -> (Request, CellsMessage) {
+        let mut request = decode_request(body, DEFAULT_BODY_LIMIT).expect("a request");
+        let message = request.cells_message().expect("a cells message");
+        request.args = Map::new();
+        (request, message)
+    }
+
+    fn hop_of(message: &CellsMessage, cell: &str, max: u32) -> Hop {
+        let mut m = message.clone();
+        m.append_hop(cell);
+        Hop {
+            routing_path: m.routing_path,
+            hop_count: m.hop_count,
+            max_hop_count: m.max_hop_count.min(max),
+        }
+    }
+
+    /// The full path's relay: the message updated and encoded again.
+    fn full_relay(message: &CellsMessage, hop: &Hop, unique_id: &str) -> Vec<u8> {
+        let mut m = message.clone();
+        m.routing_path = hop.routing_path.clone();
+        m.hop_count = hop.hop_count;
+        m.max_hop_count = hop.max_hop_count;
+        Request::process_message(&m, Context(m.ctxt.clone()), unique_id).encode()
+    }
+
+    /// The full path's local delivery of a cast.
+    fn full_local(message: &CellsMessage, hop: &Hop, unique_id: &str) -> Vec<u8> {
+        let mut context = message.ctxt.clone();
+        context.insert("cell_routing_path".into(), json!(hop.routing_path));
+        context.insert("cell_message_uuid".into(), json!(message.uuid));
+        Request::cast(
+            &message.method_name,
+            message.method_kwargs.clone(),
+            Context(context),
+            unique_id,
+        )
+        .encode()
+    }
+
+    #[test]
+    fn the_sample_relays_byte_for_byte_as_the_full_path() {
+        let skim = Skim::read(CAST.as_bytes(), DEFAULT_BODY_LIMIT).expect("the sample skims");
+        let (_, message) = meaning(CAST.as_bytes());
+        assert_eq!(skim.uuid, message.uuid);
+        assert_eq!(skim.path, "api-cell");
+        assert_eq!(skim.target_cell.as_deref(), Some("api-cell!child-cell2"));
+        let hop = hop_of(&message, "child-cell2", 5);
+        // Python-formatted text in Nova's key order: splicing changes nothing else.
+        let id = "0123456789abcdef0123456789abcdef";
+        assert_eq!(skim.relay_body(&hop, id), full_relay(&message, &hop, id));
+        assert_eq!(skim.local_body(&hop, id), full_local(&message, &hop, id));
+    }
+
+    #[test]
+    fn what_needs_an_answer_or_is_malformed_takes_the_full_path() {
+        let (_, message) = meaning(CAST.as_bytes());
+        let body = |change: &dyn Fn(&mut Map<String, Value>)| {
+            let mut cells = serde_json::to_value(&message).expect("a message");
+            if let Value::Object(map) = &mut cells {
+                change(map);
+            }
+            let mut args = Map::new();
+            args.insert("message".into(), Value::String(cells.to_string()));
+            Request::cast("process_message", args, Context::default(), "u").encode()
+        };
+        let skims = |change: &dyn Fn(&mut Map<String, Value>)| {
+            Skim::read(&body(change), DEFAULT_BODY_LIMIT).is_some()
+        };
+        assert!(skims(&|_| {}));
+        assert!(!skims(&|m| {
+            m.insert("need_response".into(), json!(true));
+        }));
+        assert!(!skims(&|m| {
+            m.insert("message_type".into(), json!("response"));
+            m.insert("response_uuid".into(), json!("r"));
+        }));
+        assert!(!skims(&|m| {
+            m.insert("hop_count".into(), json!(1.0));
+        }));
+        assert!(!skims(&|m| {
+            m.insert("hop_count".into(), json!(-1));
+        }));
+        assert!(!skims(&|m| {
+            m.insert("ctxt".into(), json!([]));
+        }));
+        assert!(!skims(&|m| {
+            m.remove("target_cell");
+        }));
+        assert!(!skims(&|m| {
+            m.insert("direction".into(), json!("sideways"));
+        }));
+        // A call goes the full way, as does a body over the limit.
+        let mut call = decode_request(&body(&|_| {}), DEFAULT_BODY_LIMIT).expect("a request");
+        call.call = Some(crate::wire::CallInfo {
+            msg_id: "m".into(),
+            reply_q: "q".into(),
+            timeout: None,
+        });
+        assert!(Skim::read(&call.encode(), DEFAULT_BODY_LIMIT).is_none());
+        assert!(Skim::read(&body(&|_| {}), 100).is_none());
+        // A repeated key is left to the full path, which keeps the last.
+        let text =
+            String::from_utf8(Request::process_message(&message, Context::default(), "u").encode())
+                .expect("ascii");
+        let fanout = "\\\\\\\"fanout\\\\\\\": false";
+        let repeated = text.replacen(
+            fanout,
+            &format!("{fanout}, {}", fanout.replace("false", "true")),
+            1,
+        );
+        assert_ne!(repeated, text);
+        assert!(Skim::read(repeated.as_bytes(), DEFAULT_BODY_LIMIT).is_none());
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 48, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::vec((any::<String>(), inner), 0..8)
+                    .prop_map(|entries| Value::Object(entries.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn json_object(size: std::ops::Range<usize>) -> impl Strategy<Value = Map<String, Value>> {
+        prop::collection::vec((any::<String>(), json_value()), size)
+            .prop_map(|entries| entries.into_iter().collect())
+    }
+
+    prop_compose! {
+        fn cells_message()(
+            broadcast in any::<bool>(),
+            ctxt in json_object(0..6),
+            method_name in any::<String>(),
+            method_kwargs in json_object(0..24),
+            down in any::<bool>(),
+            fanout in any::<bool>(),
+            uuid in any::<String>(),
+            path in prop::collection::vec("[a-z0-9-]{1,12}|\\PC{1,6}", 0..4),
+            hop_count in 0u32..20,
+            max_hop_count in any::<u32>(),
+            target in "\\PC{0,20}",
+            extra in json_object(0..4),
+        ) -> CellsMessage {
+            let message_type = if broadcast { MessageType::Broadcast } else { MessageType::Targeted };
+            CellsMessage {
+                message_type,
+                ctxt,
+                method_name,
+                method_kwargs,
+                direction: if down { Direction::Down } else { Direction::Up },
+                need_response: false,
+                fanout,
+                uuid,
+                routing_path: path.join("!"),
+                hop_count,
+                max_hop_count,
+                target_cell: (!broadcast).then_some(target),
+                response_uuid: None,
+                extra: extra
+                    .into_iter()
+                    .filter(|(k, _)| !CELLS_KEYS.contains(&k.as_str()))
+                    .collect(),
+            }
+        }
+    }
+
+    /// The message as Nova writes it, or as compact JSON with raw UTF-8 in
+    /// every layer (what another JSON library might write).
+    fn encoded(message: &CellsMessage, compact: bool) -> Vec<u8> {
+        let context = Context(message.ctxt.clone());
+        let request = Request::process_message(message, context.clone(), "id0");
+        if !compact {
+            return request.encode();
+        }
+        let mut args = Map::new();
+        args.insert(
+            "message".into(),
+            Value::String(serde_json::to_string(message).expect("a message")),
+        );
+        let request = Request::cast("process_message", args, context, "id0");
+        let inner = serde_json::to_string(&request).expect("a request");
+        json!({"oslo.version": "2.0", "oslo.message": inner})
+            .to_string()
+            .into_bytes()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn spliced_bodies_mean_what_the_full_path_writes(
+            message in cells_message(),
+            compact in any::<bool>(),
+            cell in "[a-z0-9-]{1,12}",
+            max in 1u32..30,
+        ) {
+            let body = encoded(&message, compact);
+            let skim = Skim::read(&body, DEFAULT_BODY_LIMIT);
+            prop_assert!(skim.is_some(), "a plain cast must skim");
+            let skim = skim.expect("checked");
+            let (_, decoded) = meaning(&body);
+            prop_assert_eq!(&decoded, &message);
+            prop_assert_eq!(skim.ctxt().parse::<Value>().ok(), Some(Value::Object(message.ctxt.clone())));
+            let hop = hop_of(&message, &cell, max);
+            let id = "fedcba9876543210fedcba9876543210";
+            let spliced = skim.relay_body(&hop, id);
+            prop_assert_eq!(meaning(&spliced), meaning(&full_relay(&message, &hop, id)));
+            let spliced = skim.local_body(&hop, id);
+            let full = full_local(&message, &hop, id);
+            prop_assert_eq!(
+                decode_request(&spliced, DEFAULT_BODY_LIMIT).ok(),
+                decode_request(&full, DEFAULT_BODY_LIMIT).ok()
+            );
+        }
+
+        #[test]
+        fn strings_are_escaped_as_the_python_formatter_does(text in any::<String>()) {
+            let mut out = String::new();
+            write_python_str(&mut out, &text);
+            prop_assert_eq!(out, super::super::to_python_json(&text).expect("a string"));
+        }
+    }
+}
