@@ -11,7 +11,6 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
-use crate::router::relay_body;
 use crate::transport::{Broker, Publication};
 use crate::wire::{
     CallInfo, CellsMessage, Context, Direction, MessageType, Reply, ReplyOutcome, Request,
@@ -86,7 +85,11 @@ impl Outgoing {
 /// at the cell whose broker receives it.
 pub fn entry_cast(control_exchange: &str, queue_base: &str, message: &CellsMessage) -> Publication {
     let topic = format!("{queue_base}.{}", message.message_type.as_str());
-    Publication::new(control_exchange, topic, relay_body(message))
+    Publication::new(
+        control_exchange,
+        topic,
+        crate::wire::relay_cast(message, &crate::new_unique_id()),
+    )
 }
 
 /// Calls `process_message` on a cell, as an application waiting for the
@@ -188,7 +191,7 @@ impl Caller {
     /// Declares a reply queue of its own on `broker`, as an oslo caller does
     /// under the broker's options, and starts consuming it.
     pub async fn start(broker: Broker) -> anyhow::Result<Caller> {
-        let reply_queue = format!("reply_{}", crate::router::new_unique_id());
+        let reply_queue = format!("reply_{}", crate::new_unique_id());
         let spec = broker.oslo().reply_queue(&reply_queue);
         broker.declare_queue(&spec, "", "").await?;
         let mut inbox = broker
@@ -234,9 +237,9 @@ impl Caller {
     /// The request of an oslo call, with a fresh `_msg_id`, without call
     /// monitoring (its deadline goes in the `expiration` when it is sent).
     pub fn request(&self, method: &str, args: Map<String, Value>, context: Context) -> Request {
-        let mut request = Request::cast(method, args, context, crate::router::new_unique_id());
+        let mut request = Request::cast(method, args, context, crate::new_unique_id());
         request.call = Some(CallInfo {
-            msg_id: crate::router::new_unique_id(),
+            msg_id: crate::new_unique_id(),
             reply_q: self.reply_queue.clone(),
             timeout: None,
         });

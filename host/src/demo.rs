@@ -17,59 +17,12 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use crate::client::{call_into, entry_cast, Caller, Outgoing};
-use crate::config::{Config, NeighbourConfig, TransportUrl};
+use crate::config::{Config, TransportUrl};
 use crate::policy::{LoadedPolicy, PolicyEngine};
+use crate::topology::{tree_configs, NOVA_TOPOLOGY};
 use crate::transport::{Broker, Outcome, Publication};
 use crate::wire::{self, Direction, RemoteFailure, Reply, ReplyOutcome};
 use crate::CellHost;
-
-/// Nova's test topology: each cell and its parent.
-pub const NOVA_TOPOLOGY: [(&str, Option<&str>); 8] = [
-    ("api-cell", None),
-    ("child-cell1", Some("api-cell")),
-    ("child-cell2", Some("api-cell")),
-    ("child-cell3", Some("api-cell")),
-    ("child-cell4", Some("api-cell")),
-    ("grandchild-cell1", Some("child-cell2")),
-    ("grandchild-cell2", Some("child-cell3")),
-    ("grandchild-cell3", Some("child-cell3")),
-];
-
-/// Configs for a tree of cells, given each cell's broker URL.
-pub fn tree_configs(
-    topology: &[(&str, Option<&str>)],
-    url_of: impl Fn(&str) -> TransportUrl,
-) -> Vec<Config> {
-    topology
-        .iter()
-        .map(|(name, parent)| {
-            let mut config = Config::for_cell(name, url_of(name));
-            if let Some(parent) = parent {
-                config
-                    .neighbours
-                    .push(neighbour(parent, true, url_of(parent)));
-            }
-            for (child, _) in topology.iter().filter(|(_, p)| p == &Some(*name)) {
-                config
-                    .neighbours
-                    .push(neighbour(child, false, url_of(child)));
-            }
-            config
-        })
-        .collect()
-}
-
-fn neighbour(name: &str, is_parent: bool, transport_url: TransportUrl) -> NeighbourConfig {
-    NeighbourConfig {
-        name: name.to_string(),
-        is_parent,
-        transport_url,
-        weight_offset: 0.0,
-        weight_scale: 1.0,
-        capabilities: BTreeMap::new(),
-        oslo_messaging_rabbit: None,
-    }
-}
 
 /// One message a cell's local application was given.
 #[derive(Debug, Clone)]
@@ -227,7 +180,7 @@ pub async fn start_local_worker(broker: &Broker, config: &Config) -> Result<Loca
 pub async fn run() -> Result<String> {
     let engine = PolicyEngine::new()?;
     let policy = crate::plugins::load(&engine, &Default::default())?;
-    let run_id = crate::router::new_unique_id();
+    let run_id = crate::new_unique_id();
     let configs = tree_configs(&NOVA_TOPOLOGY, |cell| TransportUrl::Memory {
         name: format!("demo-{}-{cell}", &run_id[..8]),
     });

@@ -78,8 +78,7 @@ impl CellHost {
             own.declare_exchange(&oslo.fanout_exchange(&fanout)).await?;
             // Named for this process alone; as oslo's, it outlives a lost
             // connection and expires once unused (x-expires).
-            let fanout_queue =
-                oslo.fanout_queue(&format!("{fanout}_{}", crate::router::new_unique_id()));
+            let fanout_queue = oslo.fanout_queue(&format!("{fanout}_{}", crate::new_unique_id()));
             own.declare_queue(&fanout_queue, &fanout, &topic).await?;
             queues_by_kind.push((kind, vec![topic, per_host, fanout_queue.name]));
         }

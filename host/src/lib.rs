@@ -39,6 +39,7 @@ pub mod policy_tools;
 pub mod reload;
 pub mod responses;
 pub mod router;
+pub mod topology;
 pub mod transport;
 pub mod wire;
 
@@ -49,4 +50,10 @@ pub use host::CellHost;
 /// so a poisoned lock still guards consistent data: recover it.
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A fresh oslo `_unique_id` (also used for reply queues and call ids): a
+/// uuid4 in hex, as oslo.messaging makes them.
+pub fn new_unique_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
 }

@@ -23,13 +23,13 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use serde_json::Value;
 
 use crate::config::{Config, OnFailure};
-use crate::lock;
-use crate::policy::{self, LoadedPolicy, PolicyError, PolicyInstance};
+use crate::policy::{self, view, LoadedPolicy, PolicyError, PolicyInstance};
 use crate::transport::{LinkState, Publication};
 use crate::wire::{
-    self, nova_failure, CallInfo, CellResponse, CellsMessage, Context, Direction, Hop, MessageType,
+    self, nova_failure, CallInfo, CellResponse, CellsMessage, Context, Hop, MessageType,
     RemoteFailure, Request, Skim,
 };
+use crate::{lock, new_unique_id};
 use tokio::sync::watch;
 
 pub mod dedupe;
@@ -239,7 +239,7 @@ impl NeighbourSet {
     fn new(config: &Config, neighbours: &[crate::config::NeighbourConfig]) -> NeighbourSet {
         NeighbourSet {
             names: neighbours.iter().map(|n| n.name.clone()).collect(),
-            wit_cell: wit_cell_of(&config.cell.name, neighbours),
+            wit_cell: view::cell_view_of(&config.cell.name, neighbours),
         }
     }
 }
@@ -549,7 +549,7 @@ impl RouteWorker {
             policy = tracing::field::Empty,
         );
         let _entered = span.enter();
-        let view = wit_skim(&skim, &hop, is_origin);
+        let view = view::skim_view(&skim, &hop, is_origin);
         let outcome = self.decide(&view, &span);
         let plain = match &outcome {
             Ok(actions) => self.plain_route(actions, &hop),
@@ -709,7 +709,7 @@ impl RouteWorker {
             received,
             budget,
         };
-        let view = wit_message(&message, is_origin);
+        let view = view::message_view(&message, is_origin);
         let outcome = self.decide(&view, &span);
         self.conclude(body, message, situation, outcome)
     }
@@ -845,7 +845,7 @@ impl RouteWorker {
         }
         let stats = &self.router.stats;
         stats.shadow_compared.fetch_add(1, Ordering::Relaxed);
-        let (active, candidate) = (decision_text(active), decision_text(&candidate));
+        let (active, candidate) = (view::decision_text(active), view::decision_text(&candidate));
         if active != candidate {
             let n = stats.shadow_differences.fetch_add(1, Ordering::Relaxed) + 1;
             // The first differences in full; after that, a sample.
@@ -1001,7 +1001,7 @@ impl RouteWorker {
             }
             let topic = router.intercell_topic(message.message_type);
             // One encoding serves every neighbour: the body does not depend on it.
-            let body = relay_body(&message);
+            let body = wire::relay_cast(&message, &new_unique_id());
             for to in &relays {
                 let fanout = message.fanout || self.last_hop_of_response(&message, to);
                 let exchange = if fanout {
@@ -1247,7 +1247,7 @@ impl RouteWorker {
             "message dead-lettered"
         );
         let body = match (body.is_empty(), message) {
-            (true, Some(m)) => relay_body(m),
+            (true, Some(m)) => wire::relay_cast(m, &new_unique_id()),
             _ => body.to_vec(),
         };
         let publication = Publication::new("", router.dead_letter_queue(), body)
@@ -1294,114 +1294,6 @@ impl Plan {
     }
 }
 
-/// A decision as text, the same for equal decisions: for logs and for
-/// comparing the shadow policy with the active one.
-pub fn decision_text(decision: &Result<Vec<policy::Action>, PolicyError>) -> String {
-    crate::policy_tools::decision_notation(decision).join(", ")
-}
-
-/// The oslo cast that carries `message` to a neighbour's intercell topic.
-pub fn relay_body(message: &CellsMessage) -> Vec<u8> {
-    let mut args = serde_json::Map::new();
-    args.insert("message".into(), Value::String(message.to_json()));
-    Request::cast(
-        "process_message",
-        args,
-        Context(message.ctxt.clone()),
-        new_unique_id(),
-    )
-    .encode()
-}
-
-/// A fresh oslo `_unique_id`: a uuid4 in hex, as oslo.messaging makes them.
-pub fn new_unique_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
-}
-
 fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
-}
-
-pub(crate) fn wit_message(m: &CellsMessage, is_origin: bool) -> policy::Message {
-    policy::Message {
-        uuid: m.uuid.clone(),
-        message_type: match m.message_type {
-            MessageType::Targeted => policy::MessageType::Targeted,
-            MessageType::Broadcast => policy::MessageType::Broadcast,
-            MessageType::Response => policy::MessageType::Response,
-        },
-        direction: match m.direction {
-            Direction::Up => policy::Direction::Up,
-            Direction::Down => policy::Direction::Down,
-        },
-        method_name: m.method_name.clone(),
-        routing_path: m.routing_path.clone(),
-        hop_count: m.hop_count,
-        max_hop_count: m.max_hop_count,
-        target_cell: m.target_cell.clone(),
-        need_response: m.need_response,
-        fanout: m.fanout,
-        is_origin,
-        run_locally: m.run_locally(),
-        ctxt: Value::Object(m.ctxt.clone()).to_string(),
-        method_kwargs: Value::Object(m.method_kwargs.clone()).to_string(),
-    }
-}
-
-/// The policy's view of a skimmed message, this cell's hop recorded.
-fn wit_skim(m: &Skim, hop: &Hop, is_origin: bool) -> policy::Message {
-    policy::Message {
-        uuid: m.uuid.clone(),
-        message_type: match m.message_type {
-            MessageType::Targeted => policy::MessageType::Targeted,
-            MessageType::Broadcast => policy::MessageType::Broadcast,
-            MessageType::Response => policy::MessageType::Response,
-        },
-        direction: match m.direction {
-            Direction::Up => policy::Direction::Up,
-            Direction::Down => policy::Direction::Down,
-        },
-        method_name: m.method_name.clone(),
-        routing_path: hop.routing_path.clone(),
-        hop_count: hop.hop_count,
-        max_hop_count: hop.max_hop_count,
-        target_cell: m.target_cell.clone(),
-        need_response: false,
-        fanout: m.fanout,
-        is_origin,
-        run_locally: m.run_locally,
-        ctxt: m.ctxt().to_string(),
-        method_kwargs: m.method_kwargs().to_string(),
-    }
-}
-
-pub(crate) fn wit_cell(config: &Config) -> policy::Cell {
-    wit_cell_of(&config.cell.name, &config.neighbours)
-}
-
-fn wit_cell_of(name: &str, neighbours: &[crate::config::NeighbourConfig]) -> policy::Cell {
-    let neighbour = |n: &crate::config::NeighbourConfig| policy::Neighbour {
-        name: n.name.clone(),
-        is_parent: n.is_parent,
-        weight_offset: n.weight_offset,
-        weight_scale: n.weight_scale,
-        capabilities: n
-            .capabilities
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    };
-    policy::Cell {
-        name: name.to_string(),
-        parents: neighbours
-            .iter()
-            .filter(|n| n.is_parent)
-            .map(neighbour)
-            .collect(),
-        children: neighbours
-            .iter()
-            .filter(|n| !n.is_parent)
-            .map(neighbour)
-            .collect(),
-    }
 }

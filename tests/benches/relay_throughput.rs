@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use cellhost::client::{declare_intercell, entry_cast, Outgoing};
 use cellhost::config::{Config, TransportUrl};
-use cellhost::demo::tree_configs;
+use cellhost::topology::tree_configs;
 use cellhost::policy::LoadedPolicy;
 use cellhost::router::{RouteWorker, Router, Stats};
 use cellhost::transport::Broker;

@@ -17,9 +17,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use cellhost::client::{call_into, entry_cast, Caller, Outgoing};
 use cellhost::config::{Config, TransportUrl};
-use cellhost::demo::{tree_configs, LocalWorker, Processed, NOVA_TOPOLOGY};
+use cellhost::demo::{LocalWorker, Processed};
 use cellhost::policy::{LoadedPolicy, PolicyEngine};
 use cellhost::router::{Stats, CELL_HEADER, REASON_CODE_HEADER, REASON_HEADER};
+use cellhost::topology::{tree_configs, NOVA_TOPOLOGY};
 use cellhost::transport::{Broker, Publication};
 use cellhost::wire::Reply;
 use cellhost::CellHost;
@@ -29,7 +30,7 @@ pub mod rabbit_node;
 pub mod stream;
 
 pub use cellhost::demo::Behaviour;
-pub use cellhost::demo::NOVA_TOPOLOGY as NOVA;
+pub use cellhost::topology::NOVA_TOPOLOGY as NOVA;
 pub use cellhost::wire::Direction;
 
 /// How long a test waits for something that should happen in milliseconds.

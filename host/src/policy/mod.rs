@@ -15,6 +15,7 @@
 
 mod bindings;
 pub mod cache;
+pub mod view;
 
 use crate::lock;
 use std::collections::HashMap;

@@ -17,8 +17,8 @@ use anyhow::{anyhow, Context, Result};
 
 use super::{decision_notation, policy_view, BenchArgs};
 use crate::config::TransportUrl;
-use crate::demo::{tree_configs, NOVA_TOPOLOGY};
 use crate::policy::{Cell, LoadedPolicy, Message, PolicyInstance};
+use crate::topology::{tree_configs, NOVA_TOPOLOGY};
 use crate::wire::CellsMessage;
 
 /// A sample: what it is, the cell receiving it, and the message as sent to

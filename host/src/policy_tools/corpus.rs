@@ -179,7 +179,7 @@ impl Topology {
             name: "policy-test".to_string(),
         };
         let mut configs = BTreeMap::new();
-        for mut config in crate::demo::tree_configs(&tree, |_| url.clone()) {
+        for mut config in crate::topology::tree_configs(&tree, |_| url.clone()) {
             if let Some(max) = file.max_hop_count {
                 config.cell.max_hop_count = max;
             }

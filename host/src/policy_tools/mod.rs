@@ -20,9 +20,7 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use crate::config::{Config, PolicySection};
-use crate::policy::{
-    Action, Cell, EngineOptions, LoadedPolicy, Message, PolicyEngine, PolicyError,
-};
+use crate::policy::{Cell, EngineOptions, LoadedPolicy, Message, PolicyEngine};
 use crate::wire::CellsMessage;
 
 /// `cellhost policy ...`.
@@ -153,58 +151,9 @@ pub fn policy_view(config: &Config, mut message: CellsMessage) -> (Message, Cell
     message.append_hop(&config.cell.name);
     message.max_hop_count = message.max_hop_count.min(config.cell.max_hop_count);
     (
-        crate::router::wit_message(&message, is_origin),
-        crate::router::wit_cell(config),
+        crate::policy::view::message_view(&message, is_origin),
+        crate::policy::view::cell_view(config),
     )
 }
 
-/// One action in the notation `policy test` prints and `--expect` holds.
-pub fn action_notation(action: &Action) -> String {
-    match action {
-        Action::ProcessHere => "process-here".to_string(),
-        Action::Relay(to) => format!("relay:{to}"),
-        Action::ReplyError(f) => format!("reply-error:{}: {}", f.class, f.message),
-        Action::Drop(reason) => format!("drop:{reason}"),
-    }
-}
-
-/// A whole decision in that notation: its actions in order, or for a call
-/// that failed a single `error:<reason code>: <reason>`.
-pub fn decision_notation(result: &Result<Vec<Action>, PolicyError>) -> Vec<String> {
-    match result {
-        Ok(actions) => actions.iter().map(action_notation).collect(),
-        Err(e) => vec![format!("error:{}: {e}", e.reason_code())],
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::policy::Failure;
-
-    #[test]
-    fn notation_names_every_action_kind() {
-        let actions = vec![
-            Action::ProcessHere,
-            Action::Relay("child-cell2".into()),
-            Action::ReplyError(Failure {
-                class: "CellRoutingInconsistency".into(),
-                message: "no route".into(),
-            }),
-            Action::Drop("stale".into()),
-        ];
-        assert_eq!(
-            decision_notation(&Ok(actions)),
-            [
-                "process-here",
-                "relay:child-cell2",
-                "reply-error:CellRoutingInconsistency: no route",
-                "drop:stale"
-            ]
-        );
-        assert_eq!(
-            decision_notation(&Err(PolicyError::Refused("no".into()))),
-            ["error:policy-error: policy returned an error: no"]
-        );
-    }
-}
+pub use crate::policy::view::{action_notation, decision_notation};

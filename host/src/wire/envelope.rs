@@ -222,6 +222,12 @@ impl Request {
     }
 }
 
+/// The oslo cast that carries `message` to a cell's intercell topic: `process_message` with
+/// the message's own context, under `unique_id`.
+pub fn relay_cast(message: &CellsMessage, unique_id: &str) -> Vec<u8> {
+    Request::process_message(message, Context(message.ctxt.clone()), unique_id).encode()
+}
+
 /// The inner message in oslo.messaging's order: `_make_message` writes method, args,
 /// namespace, version; the driver then adds the call keys, `_unique_id` and finally the
 /// context.

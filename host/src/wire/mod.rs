@@ -16,7 +16,8 @@ mod skim;
 
 pub use cells::{CellsMessage, Direction, MessageType};
 pub use envelope::{
-    decode_reply, decode_request, CallInfo, Context, RemoteFailure, Reply, ReplyOutcome, Request,
+    decode_reply, decode_request, relay_cast, CallInfo, Context, RemoteFailure, Reply,
+    ReplyOutcome, Request,
 };
 pub use json::{
     to_python_json, value_to_python_json, write_python_json, write_python_str, PythonFormatter,
