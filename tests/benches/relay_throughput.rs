@@ -1,59 +1,76 @@
 //! One-hop relay throughput: how fast one cellhost moves a backlog of cells
-//! messages from its cell's broker to a neighbour's, against RabbitMQ's own
-//! Shovel moving the same bodies between two vhosts in `on-confirm` mode (the
-//! same guarantee: a source message is acked only after the destination
-//! broker confirmed its copy).
+//! messages from its cell's broker to a neighbour's, against a bare relay
+//! written with lapin alone and against RabbitMQ's own Shovel moving the same
+//! bodies between two vhosts in `on-confirm` mode. All three give the same
+//! guarantee: a source message is acked only after the destination broker
+//! confirmed its copy.
 //!
 //! Every run starts from fresh vhosts and a source queue pre-filled with
 //! `MESSAGES` (default 50 000) oslo casts of `process_message` carrying a
 //! cells message targeted from `top` to `top!leaf`, nothing consuming yet.
+//! The bodies are padded to each size in `BODY_BYTES` (default `1024,4096`;
+//! see `cellhost_tests::bench`), and every size gets its own rounds and table.
 //! - cellhost: one host for `top` (pair topology `top` ← `leaf`, nova-cells
 //!   policy). No host serves `leaf`, so what `top` relays piles up in leaf's
 //!   `cells.intercell.targeted`.
+//! - bare lapin (`bare_lapin.rs`): in this process, from the same queue to
+//!   the exchange and routing key cellhost's router picks, with cellhost's
+//!   prefetch and publish properties, bodies forwarded unchanged: what a
+//!   relay costs with no policy, no decoding and no re-encoding.
 //! - Shovel: a dynamic shovel from `q` in one vhost to `q` in another, with
 //!   `src-prefetch-count` 256 (cellhost's prefetch) and, so Shovel is not
 //!   held to cellhost's window, 1000 (Shovel's own default).
 //!
-//! The sides alternate for `ROUNDS` rounds (default 3). A run ends when the
-//! destination holds every message and the source has none left (passive
-//! declares every 10 ms); the source's unacked count is then checked to be 0
-//! with `rabbitmqctl` (too slow to poll inside the timing). Two durations are
-//! reported: from just before the relay is started (`CellHost::start`,
-//! `rabbitmqctl set_parameter`), which charges Shovel the CLI's start-up, and
-//! from the first sight of the relay's consumer on the source queue, which
-//! compares the relaying alone. Each run also reports the CPU time per
-//! message of this process (the host, in a cellhost run) and of the broker's
-//! `beam.smp` (where Shovel runs): when the relay and the broker share a few
-//! cores, throughput follows their sum, and CPU per message stays readable
-//! when other work on the machine makes throughput noisy. The router's
-//! planning alone (no broker) is timed first, as the ceiling of one consumer.
+//! The sides alternate for `ROUNDS` rounds (default 3) per body size. A run
+//! ends when the destination holds every message and the source has none left
+//! (passive declares every 10 ms); the source's unacked count is then checked
+//! to be 0 with `rabbitmqctl` (too slow to poll inside the timing). Two
+//! durations are reported: from just before the relay is started
+//! (`CellHost::start`, the bare relay's connecting, `rabbitmqctl
+//! set_parameter`), which charges Shovel the CLI's start-up, and from the
+//! first sight of the relay's consumer on the source queue, which compares
+//! the relaying alone. Each run also reports the CPU time per message of this
+//! process (the host or the bare relay; only the probes in a Shovel run) and
+//! of the broker's `beam.smp` (where Shovel runs): when the relay and the
+//! broker share a few cores, throughput follows their sum, and CPU per
+//! message stays readable when other work on the machine makes throughput
+//! noisy. The router's planning alone (no broker) is timed first, as the
+//! ceiling of one consumer.
+//!
+//! Each size ends with a markdown table of medians, and all tables are
+//! printed again together at the end when there are several sizes.
 //!
 //!     cargo bench -p cellhost-tests --bench relay_throughput
-//!     MESSAGES=100000 ROUNDS=5 cargo bench -p cellhost-tests --bench relay_throughput
+//!     MESSAGES=100000 ROUNDS=5 BODY_BYTES=2048 cargo bench -p cellhost-tests --bench relay_throughput
 
+#[path = "relay_throughput/bare_lapin.rs"]
+mod bare_lapin;
+
+use std::fmt;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use cellhost::client::{declare_intercell, entry_cast, Outgoing};
+use bare_lapin::{BareRelay, Destination};
+use cellhost::client::declare_intercell;
 use cellhost::config::{Config, TransportUrl};
 use cellhost::topology::tree_configs;
 use cellhost::policy::LoadedPolicy;
-use cellhost::router::{RouteWorker, Router, Stats};
+use cellhost::router::{Stats, Target};
 use cellhost::transport::Broker;
 use cellhost::CellHost;
-use cellhost_tests::{local_amqp_uri, queue_state, Direction, QueueState, Vhosts};
+use cellhost_tests::bench::{bodies, body_sizes_from_env, top_route_worker, PAIR, TARGET};
+use cellhost_tests::{local_amqp_uri, queue_state, QueueState, Vhosts};
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
-use serde_json::{json, Map, Value};
+use serde_json::json;
 
-const PAIR: [(&str, Option<&str>); 2] = [("top", None), ("leaf", Some("top"))];
-const TARGET: &str = "top!leaf";
-/// cellhost's default `prefetch`; the first Shovel variant uses the same.
+/// cellhost's default `prefetch`; the bare relay and the first Shovel
+/// variant use the same.
 const CELLHOST_PREFETCH: u16 = 256;
 /// Shovel's default `src-prefetch-count`.
 const SHOVEL_DEFAULT_PREFETCH: u16 = 1000;
@@ -64,12 +81,14 @@ const FILL_BATCH: usize = 1000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
     Cellhost,
+    BareLapin,
     Shovel { prefetch: u16 },
 }
 
 impl Side {
-    const ALL: [Side; 3] = [
+    const ALL: [Side; 4] = [
         Side::Cellhost,
+        Side::BareLapin,
         Side::Shovel {
             prefetch: CELLHOST_PREFETCH,
         },
@@ -81,6 +100,7 @@ impl Side {
     fn label(self) -> String {
         match self {
             Side::Cellhost => "cellhost".into(),
+            Side::BareLapin => "bare lapin".into(),
             Side::Shovel { prefetch } => format!("shovel (prefetch {prefetch})"),
         }
     }
@@ -226,6 +246,7 @@ impl Probe {
 async fn main() -> Result<()> {
     let messages: u32 = env_or("MESSAGES", 50_000)?;
     let rounds: usize = env_or("ROUNDS", 3)?;
+    let sizes = body_sizes_from_env()?;
     ensure!(
         messages > 0 && rounds > 0,
         "MESSAGES and ROUNDS must be positive"
@@ -237,99 +258,214 @@ async fn main() -> Result<()> {
     if meter.broker_pid.is_none() {
         println!("no local beam.smp found: the broker's CPU is not reported");
     }
-    let bodies = bodies(messages);
-    let mean = bodies.iter().map(Vec::len).sum::<usize>() / bodies.len();
     let config = Config::for_cell("top", TransportUrl::Memory { name: "top".into() });
+    ensure!(
+        config.cell.prefetch == CELLHOST_PREFETCH,
+        "cellhost's default prefetch is now {}: update CELLHOST_PREFETCH ({CELLHOST_PREFETCH}) \
+         so the bare relay and Shovel keep its window",
+        config.cell.prefetch
+    );
     println!(
-        "{messages} messages of {mean} bytes ({} bytes of cells message), {rounds} rounds; \
+        "{messages} messages per run, {rounds} rounds per body size, body sizes {sizes:?}; \
          cellhost prefetch {}, confirm_window {}",
-        cells_message_len(&bodies[0])?,
-        config.cell.prefetch,
-        config.cell.confirm_window,
-    );
-    let planning = plan_alone(&bodies, &policy)?;
-    println!(
-        "router plan alone (decode, policy, encode; no broker): {:.1} µs/message, \
-         so one consumer tops out near {:.0} msg/s",
-        planning.as_secs_f64() * 1e6,
-        1.0 / planning.as_secs_f64(),
+        config.cell.prefetch, config.cell.confirm_window,
     );
 
-    let mut results: Vec<(Side, Vec<Timing>)> = Side::ALL.iter().map(|s| (*s, vec![])).collect();
-    for round in 1..=rounds {
-        for (side, timings) in &mut results {
-            let timing = match *side {
-                Side::Cellhost => run_cellhost(&bodies, &policy, &meter).await,
-                Side::Shovel { prefetch } => run_shovel(&bodies, prefetch, &meter).await,
-            }
-            .with_context(|| format!("round {round}, {}", side.label()))?;
-            println!(
-                "round {round} {:<26} total {:>7.3} s {:>7.0} msg/s | from consumer {:>7.3} s {:>7.0} msg/s \
-                 | CPU µs/msg: process {:>5.1}, broker {}",
-                side.label(),
-                timing.total.as_secs_f64(),
-                rate(messages, timing.total),
-                timing.relaying.as_secs_f64(),
-                rate(messages, timing.relaying),
-                per_message_us(messages, timing.cpu.own),
-                timing
-                    .cpu
-                    .broker
-                    .map(|b| format!("{:>5.1}", per_message_us(messages, b)))
-                    .unwrap_or_else(|| "n/a".into()),
-            );
-            timings.push(timing);
-        }
-    }
-
-    println!("\nmedians over {rounds} runs (msg/s; CPU µs per message, process + broker):");
-    let medians: Vec<(Side, f64, f64)> = results
-        .iter()
-        .map(|(side, timings)| {
-            let total = median(timings.iter().map(|t| rate(messages, t.total)).collect());
-            let relaying = median(timings.iter().map(|t| rate(messages, t.relaying)).collect());
-            let cpu = median(
-                timings
-                    .iter()
-                    .map(|t| per_message_us(messages, t.cpu.own + t.cpu.broker.unwrap_or(0.0)))
-                    .collect(),
-            );
-            println!(
-                "  {:<26} total {total:>7.0} | from consumer {relaying:>7.0} | CPU {cpu:>5.1}",
-                side.label()
-            );
-            (*side, total, relaying)
-        })
-        .collect();
-    let (_, host_total, host_relaying) = medians[0];
-    for (side, total, relaying) in &medians[1..] {
+    let mut reports = Vec::new();
+    for &body_bytes in &sizes {
+        let bodies = bodies(messages as usize, body_bytes)?;
+        let mean = bodies.iter().map(Vec::len).sum::<usize>() / bodies.len();
         println!(
-            "  cellhost / {:<26} total {:>5.2} | from consumer {:>5.2}",
-            side.label(),
-            host_total / total,
-            host_relaying / relaying,
+            "\n## BODY_BYTES={body_bytes}: bodies of {mean} bytes on average \
+             ({} bytes of cells message)",
+            cells_message_len(&bodies[0])?,
         );
+        let planned = plan_alone(&bodies, &policy)?;
+        println!(
+            "router plan alone (decode, policy, encode; no broker): {:.1} µs/message, \
+             so one consumer tops out near {:.0} msg/s",
+            planned.per_message.as_secs_f64() * 1e6,
+            1.0 / planned.per_message.as_secs_f64(),
+        );
+        let mut report = SizeReport {
+            body_bytes,
+            mean_bytes: mean,
+            planning: planned.per_message,
+            messages,
+            runs: Side::ALL.iter().map(|s| (*s, vec![])).collect(),
+        };
+        for round in 1..=rounds {
+            for (side, timings) in &mut report.runs {
+                let timing = match *side {
+                    Side::Cellhost => run_cellhost(&bodies, &policy, &meter).await,
+                    Side::BareLapin => run_bare_lapin(&bodies, &planned.destination, &meter).await,
+                    Side::Shovel { prefetch } => run_shovel(&bodies, prefetch, &meter).await,
+                }
+                .with_context(|| {
+                    format!("BODY_BYTES={body_bytes}, round {round}, {}", side.label())
+                })?;
+                println!(
+                    "round {round} {:<26} total {:>7.3} s {:>7.0} msg/s | from consumer {:>7.3} s {:>7.0} msg/s \
+                     | CPU µs/msg: process {:>5.1}, broker {}",
+                    side.label(),
+                    timing.total.as_secs_f64(),
+                    rate(messages, timing.total),
+                    timing.relaying.as_secs_f64(),
+                    rate(messages, timing.relaying),
+                    per_message_us(messages, timing.cpu.own),
+                    timing
+                        .cpu
+                        .broker
+                        .map(|b| format!("{:>5.1}", per_message_us(messages, b)))
+                        .unwrap_or_else(|| "n/a".into()),
+                );
+                timings.push(timing);
+            }
+        }
+        println!("\n{report}");
+        reports.push(report);
+    }
+    if reports.len() > 1 {
+        println!("\n# All body sizes\n");
+        for report in &reports {
+            println!("{report}");
+        }
     }
     Ok(())
 }
 
+/// Every run of one body size, printed as a markdown table of medians.
+struct SizeReport {
+    body_bytes: usize,
+    mean_bytes: usize,
+    planning: Duration,
+    messages: u32,
+    runs: Vec<(Side, Vec<Timing>)>,
+}
+
+/// The medians of one side's runs.
+struct Medians {
+    total_rate: f64,
+    relaying_rate: f64,
+    process_us: f64,
+    broker_us: Option<f64>,
+}
+
+impl Medians {
+    fn cpu_us(&self) -> f64 {
+        self.process_us + self.broker_us.unwrap_or(0.0)
+    }
+}
+
+impl SizeReport {
+    fn medians(&self, timings: &[Timing]) -> Medians {
+        let messages = self.messages;
+        let of = |value: fn(&Timing, u32) -> f64| {
+            median(timings.iter().map(|t| value(t, messages)).collect())
+        };
+        Medians {
+            total_rate: of(|t, n| rate(n, t.total)),
+            relaying_rate: of(|t, n| rate(n, t.relaying)),
+            process_us: of(|t, n| per_message_us(n, t.cpu.own)),
+            broker_us: timings
+                .iter()
+                .all(|t| t.cpu.broker.is_some())
+                .then(|| of(|t, n| per_message_us(n, t.cpu.broker.unwrap_or(0.0)))),
+        }
+    }
+}
+
+impl fmt::Display for SizeReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rounds = self.runs.first().map_or(0, |(_, t)| t.len());
+        writeln!(
+            f,
+            "### BODY_BYTES={}: {} messages of {} bytes, medians of {rounds} round(s)",
+            self.body_bytes, self.messages, self.mean_bytes,
+        )?;
+        writeln!(
+            f,
+            "router plan alone: {:.1} µs/msg\n",
+            self.planning.as_secs_f64() * 1e6
+        )?;
+        writeln!(
+            f,
+            "| side | msg/s total | msg/s from consumer | process CPU µs/msg \
+             | broker CPU µs/msg | CPU µs/msg, both |"
+        )?;
+        writeln!(f, "|---|---:|---:|---:|---:|---:|")?;
+        let medians: Vec<(Side, Medians)> = self
+            .runs
+            .iter()
+            .map(|(side, timings)| (*side, self.medians(timings)))
+            .collect();
+        for (side, m) in &medians {
+            writeln!(
+                f,
+                "| {} | {:.0} | {:.0} | {:.1} | {} | {:.1} |",
+                side.label(),
+                m.total_rate,
+                m.relaying_rate,
+                m.process_us,
+                m.broker_us.map_or("n/a".into(), |b| format!("{b:.1}")),
+                m.cpu_us(),
+            )?;
+        }
+        let Some((_, host)) = medians.iter().find(|(side, _)| *side == Side::Cellhost) else {
+            return Ok(());
+        };
+        writeln!(
+            f,
+            "\n| cellhost / | msg/s total | msg/s from consumer | CPU µs/msg, both |"
+        )?;
+        writeln!(f, "|---|---:|---:|---:|")?;
+        for (side, m) in medians.iter().filter(|(side, _)| *side != Side::Cellhost) {
+            writeln!(
+                f,
+                "| {} | {:.2} | {:.2} | {:.2} |",
+                side.label(),
+                host.total_rate / m.total_rate,
+                host.relaying_rate / m.relaying_rate,
+                host.cpu_us() / m.cpu_us(),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// What [`plan_alone`] learns.
+struct Planned {
+    /// The time the router takes to plan one relay.
+    per_message: Duration,
+    /// Where the router sends these messages on leaf's broker.
+    destination: Destination,
+}
+
 /// The time the router takes to plan one relay, measured in process on up
 /// to 20 000 of the bodies: the serial part of a consumer's work, done by
-/// its one task whatever the window.
-fn plan_alone(bodies: &[Vec<u8>], policy: &Arc<LoadedPolicy>) -> Result<Duration> {
-    let configs = tree_configs(&PAIR, |cell| TransportUrl::Memory {
-        name: format!("plan-{cell}"),
-    });
-    let top = configs
-        .into_iter()
-        .find(|c| c.cell.name == "top")
-        .expect("top is in PAIR");
-    let mut worker = RouteWorker::new(Router::new(top, policy.clone(), "reply_plan".into()));
+/// its one task whatever the window. Also where it sends them, for the bare
+/// relay to publish to the same place.
+fn plan_alone(bodies: &[Vec<u8>], policy: &Arc<LoadedPolicy>) -> Result<Planned> {
+    let mut worker = top_route_worker(policy);
     let sample = &bodies[..bodies.len().min(20_000)];
     // The first plans instantiate the policy and warm the caches.
     for body in sample.iter().take(500) {
         worker.plan(body, None);
     }
+    let destination = {
+        let plan = worker.plan(&sample[0], None);
+        match plan.sends.as_slice() {
+            [(Target::Neighbour(cell), publication)] if cell == "leaf" => Destination {
+                exchange: publication.exchange.clone(),
+                routing_key: publication.routing_key.clone(),
+            },
+            sends => bail!(
+                "the router did not plan one relay to leaf: {:?} ({:?})",
+                sends.iter().map(|(target, _)| target).collect::<Vec<_>>(),
+                plan.disposition
+            ),
+        }
+    };
     let started = Instant::now();
     for body in sample {
         let plan = worker.plan(body, None);
@@ -340,7 +476,83 @@ fn plan_alone(bodies: &[Vec<u8>], policy: &Arc<LoadedPolicy>) -> Result<Duration
             plan.disposition
         );
     }
-    Ok(started.elapsed() / sample.len() as u32)
+    Ok(Planned {
+        per_message: started.elapsed() / sample.len() as u32,
+        destination,
+    })
+}
+
+/// What a cellhost run and a bare lapin run start from: fresh vhosts for
+/// `top` and `leaf` with their intercell queues declared, top's targeted
+/// queue holding the backlog, and probes on it and on leaf's.
+struct CellPair {
+    vhosts: Vhosts,
+    top: Config,
+    /// The targeted queue's name, the same on both brokers.
+    queue: String,
+    ends: Ends,
+}
+
+impl CellPair {
+    async fn prepare(bodies: &[Vec<u8>]) -> Result<CellPair> {
+        let prefix = fresh_prefix();
+        let vhosts = Vhosts::create(PAIR.iter().map(|(c, _)| format!("{prefix}-{c}")).collect())?;
+        let configs = tree_configs(&PAIR, |cell| {
+            format!("rabbit://guest:guest@127.0.0.1:5672/{prefix}-{cell}")
+                .parse()
+                .expect("a well-formed bench URL")
+        });
+        let top = configs
+            .iter()
+            .find(|c| c.cell.name == "top")
+            .expect("top is in PAIR")
+            .clone();
+        let (exchange, queue_base) = (&top.cell.control_exchange, &top.cell.queue_base);
+        // The queues exist before any relay: the backlog waits in top's, and
+        // leaf's can be watched from the start (a host declares it again,
+        // unchanged).
+        for config in &configs {
+            let broker = Broker::connect(
+                &config.cell.transport_url,
+                &config.oslo_messaging_rabbit,
+                "bench-setup",
+            )
+            .await?;
+            declare_intercell(&broker, exchange, queue_base).await?;
+            broker.close().await;
+        }
+        let queue = format!("{queue_base}.targeted");
+        let (top_vhost, leaf_vhost) = (&vhosts.names()[0], &vhosts.names()[1]);
+        fill(top_vhost, exchange, &queue, bodies).await?;
+        let ends = Ends {
+            src: Probe::open(top_vhost, &queue).await?,
+            dst: Probe::open(leaf_vhost, &queue).await?,
+        };
+        ensure!(
+            ends.src.state().await?.ready == bodies.len() as u32,
+            "top's backlog is incomplete"
+        );
+        Ok(CellPair {
+            vhosts,
+            top,
+            queue,
+            ends,
+        })
+    }
+
+    fn top_vhost(&self) -> &str {
+        &self.vhosts.names()[0]
+    }
+
+    fn leaf_vhost(&self) -> &str {
+        &self.vhosts.names()[1]
+    }
+
+    async fn remove(self) -> Result<()> {
+        self.ends.src.close().await;
+        self.ends.dst.close().await;
+        self.vhosts.remove()
+    }
 }
 
 /// One cellhost for `top` relays the backlog of top's targeted queue to leaf.
@@ -349,49 +561,13 @@ async fn run_cellhost(
     policy: &Arc<LoadedPolicy>,
     meter: &CpuMeter,
 ) -> Result<Timing> {
-    let prefix = fresh_prefix();
-    let vhosts = Vhosts::create(PAIR.iter().map(|(c, _)| format!("{prefix}-{c}")).collect())?;
-    let configs = tree_configs(&PAIR, |cell| {
-        format!("rabbit://guest:guest@127.0.0.1:5672/{prefix}-{cell}")
-            .parse()
-            .expect("a well-formed bench URL")
-    });
-    let top = configs
-        .iter()
-        .find(|c| c.cell.name == "top")
-        .expect("top is in PAIR")
-        .clone();
-    let (exchange, queue_base) = (&top.cell.control_exchange, &top.cell.queue_base);
-    // The queues exist before any host: the backlog waits in top's, and leaf's
-    // can be watched from the start (the host declares it again, unchanged).
-    for config in &configs {
-        let broker = Broker::connect(
-            &config.cell.transport_url,
-            &config.oslo_messaging_rabbit,
-            "bench-setup",
-        )
-        .await?;
-        declare_intercell(&broker, exchange, queue_base).await?;
-        broker.close().await;
-    }
-    let queue = format!("{queue_base}.targeted");
-    let (top_vhost, leaf_vhost) = (&vhosts.names()[0], &vhosts.names()[1]);
-    fill(top_vhost, exchange, &queue, bodies).await?;
-    let ends = Ends {
-        src: Probe::open(top_vhost, &queue).await?,
-        dst: Probe::open(leaf_vhost, &queue).await?,
-    };
+    let pair = CellPair::prepare(bodies).await?;
     let count = bodies.len() as u32;
-    ensure!(
-        ends.src.state().await?.ready == count,
-        "top's backlog is incomplete"
-    );
-
     let before = meter.read();
     let started = Instant::now();
     let (host, finish) = tokio::try_join!(
-        CellHost::start(top.clone(), policy.clone()),
-        watch(&ends, count, started)
+        CellHost::start(pair.top.clone(), policy.clone()),
+        watch(&pair.ends, count, started)
     )?;
     let timing = Timing::new(started, before, finish, meter.read());
     // A message the policy refused or the host failed to relay would also
@@ -406,16 +582,56 @@ async fn run_cellhost(
         Stats::get(&stats.dead_lettered),
         Stats::get(&stats.publish_failures),
     );
-    await_no_unacked(top_vhost, &queue).await?;
-    check_relayed(&ends.dst, "top", 1).await?;
+    await_no_unacked(pair.top_vhost(), &pair.queue).await?;
+    check_relayed(&pair.ends.dst, "top", 1).await?;
     host.shutdown().await;
-    ends.src.close().await;
-    ends.dst.close().await;
-    vhosts.remove()?;
+    pair.remove().await?;
     Ok(timing)
 }
 
-/// A dynamic shovel relays the same bodies from `q` in one vhost to `q` in another.
+/// The bare lapin relay moves the same backlog to where cellhost would.
+async fn run_bare_lapin(
+    bodies: &[Vec<u8>],
+    destination: &Destination,
+    meter: &CpuMeter,
+) -> Result<Timing> {
+    let pair = CellPair::prepare(bodies).await?;
+    let count = bodies.len() as u32;
+    let (source_uri, destination_uri) = (
+        local_amqp_uri(pair.top_vhost()),
+        local_amqp_uri(pair.leaf_vhost()),
+    );
+    let before = meter.read();
+    let started = Instant::now();
+    let (relay, finish) = tokio::try_join!(
+        BareRelay::start(
+            &source_uri,
+            &pair.queue,
+            &destination_uri,
+            destination.clone(),
+            pair.top.cell.prefetch,
+        ),
+        watch(&pair.ends, count, started)
+    )?;
+    let timing = Timing::new(started, before, finish, meter.read());
+    // Still running, so the last acks can go out.
+    await_no_unacked(pair.top_vhost(), &pair.queue).await?;
+    let relayed = relay.stop().await?;
+    ensure!(
+        relayed.messages == u64::from(count),
+        "the bare relay acked {} messages, sent {count}",
+        relayed.messages
+    );
+    println!(
+        "  (bare lapin acked its {} messages with {} multiple acks)",
+        relayed.messages, relayed.acks
+    );
+    // Forwarded unchanged: the message carries no hop.
+    check_relayed(&pair.ends.dst, "", 0).await?;
+    pair.remove().await?;
+    Ok(timing)
+}
+
 async fn run_shovel(bodies: &[Vec<u8>], prefetch: u16, meter: &CpuMeter) -> Result<Timing> {
     let prefix = fresh_prefix();
     let vhosts = Vhosts::create(vec![format!("{prefix}-src"), format!("{prefix}-dst")])?;
@@ -508,50 +724,6 @@ async fn watch(ends: &Ends, count: u32, started: Instant) -> Result<Finish> {
             );
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// The bodies every run relays: oslo casts of `process_message` as an
-/// application on `top` sends them, with a Nova-sized context and arguments.
-fn bodies(count: u32) -> Vec<Vec<u8>> {
-    (0..count)
-        .map(|i| {
-            let mut outgoing = Outgoing::targeted(TARGET, Direction::Down, "reboot_instance");
-            outgoing.method_kwargs = object(json!({
-                "instance": {
-                    "uuid": uuid::Uuid::new_v4().to_string(),
-                    "host": format!("compute-{}", i % 64),
-                    "node": format!("compute-{}.leaf.example.org", i % 64),
-                    "vm_state": "active",
-                    "task_state": "rebooting",
-                    "power_state": 1,
-                    "flavor": "m1.small",
-                    "cell_name": TARGET,
-                },
-                "reboot_type": "SOFT",
-            }));
-            outgoing.ctxt = object(json!({
-                "request_id": format!("req-{}", uuid::Uuid::new_v4()),
-                "user_id": "5f2f4d8a1c3e4b6f9a7d2e1c0b9a8f7e",
-                "project_id": "0c7e3a9b5d1f4e2a8c6b4d2f0e8a6c4b",
-                "user_name": "demo",
-                "project_name": "demo",
-                "roles": ["member", "reader"],
-                "is_admin": false,
-                "read_deleted": "no",
-                "remote_address": "10.0.4.12",
-                "timestamp": "2024-05-02T10:12:33.123456",
-                "instance_lock_checked": false,
-            }));
-            entry_cast("nova", "cells.intercell", &outgoing.to_message()).body
-        })
-        .collect()
-}
-
-fn object(value: Value) -> Map<String, Value> {
-    match value {
-        Value::Object(map) => map,
-        _ => unreachable!("object() is given JSON object literals"),
     }
 }
 

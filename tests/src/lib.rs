@@ -7,6 +7,7 @@
 //! reached the dead-letter queues (read with lapin directly, not through the
 //! host's own transport).
 
+pub mod bench;
 pub mod fault_proxy;
 
 use std::collections::BTreeMap;
