@@ -15,7 +15,7 @@ use std::sync::Arc;
 use anyhow::{ensure, Context, Result};
 use cellhost::client::{entry_cast, Outgoing};
 use cellhost::config::TransportUrl;
-use cellhost::demo::tree_configs;
+use cellhost::topology::tree_configs;
 use cellhost::policy::LoadedPolicy;
 use cellhost::router::{RouteWorker, Router};
 use cellhost::wire::Direction;
