@@ -105,6 +105,9 @@ enum Dir {
     Down,
 }
 
+#[global_allocator]
+static ALLOCATOR: cellhost::Allocator = cellhost::Allocator;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {

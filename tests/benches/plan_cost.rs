@@ -29,6 +29,9 @@ use cellhost_tests::bench::{bodies, body_sizes_from_env, top_route_worker};
 /// warm the caches.
 const WARM_UP: usize = 500;
 
+#[global_allocator]
+static ALLOCATOR: cellhost::Allocator = cellhost::Allocator;
+
 fn main() -> Result<()> {
     let plans = match std::env::var("PLANS") {
         Ok(value) => value

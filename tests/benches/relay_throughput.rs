@@ -55,9 +55,9 @@ use anyhow::{bail, ensure, Context, Result};
 use bare_lapin::{BareRelay, Destination};
 use cellhost::client::declare_intercell;
 use cellhost::config::{Config, TransportUrl};
-use cellhost::topology::tree_configs;
 use cellhost::policy::LoadedPolicy;
 use cellhost::router::{Stats, Target};
+use cellhost::topology::tree_configs;
 use cellhost::transport::Broker;
 use cellhost::CellHost;
 use cellhost_tests::bench::{bodies, body_sizes_from_env, top_route_worker, PAIR, TARGET};
@@ -241,6 +241,9 @@ impl Probe {
         let _ = self.connection.close(200, "done".into()).await;
     }
 }
+
+#[global_allocator]
+static ALLOCATOR: cellhost::Allocator = cellhost::Allocator;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {

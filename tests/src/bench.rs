@@ -15,9 +15,9 @@ use std::sync::Arc;
 use anyhow::{ensure, Context, Result};
 use cellhost::client::{entry_cast, Outgoing};
 use cellhost::config::TransportUrl;
-use cellhost::topology::tree_configs;
 use cellhost::policy::LoadedPolicy;
 use cellhost::router::{RouteWorker, Router};
+use cellhost::topology::tree_configs;
 use cellhost::wire::Direction;
 use serde_json::{json, Map, Value};
 

@@ -155,60 +155,133 @@ fn python_float_repr(value: f64) -> String {
 /// ASCII. The same bytes as serializing the string with [`PythonFormatter`], written without
 /// going through serde, for the relay's fast path.
 pub fn write_python_str(out: &mut String, text: &str) {
-    out.reserve(text.len() + 2);
-    out.push('"');
-    let bytes = text.as_bytes();
-    let mut clean_from = 0;
+    let mut bytes = std::mem::take(out).into_bytes();
+    bytes.reserve(text.len() + text.len() / 4 + 2);
+    bytes.push(b'"');
     let mut at = 0;
-    while at < bytes.len() {
-        let byte = bytes[at];
-        if (b' '..=b'~').contains(&byte) && byte != b'"' && byte != b'\\' {
+    let input = text.as_bytes();
+    while let Some(&byte) = input.get(at) {
+        match ESCAPE[usize::from(byte)] {
+            0 => {
+                bytes.push(byte);
+                at += 1;
+            }
+            b'u' if byte >= 0x80 => {
+                // A character outside ASCII: `at` is on its first byte.
+                let ch = text.get(at..).and_then(|rest| rest.chars().next());
+                let ch = ch.unwrap_or('\u{fffd}');
+                let mut units = [0u16; 2];
+                for unit in ch.encode_utf16(&mut units) {
+                    push_unit(&mut bytes, *unit);
+                }
+                at += ch.len_utf8();
+            }
+            b'u' => {
+                push_unit(&mut bytes, u16::from(byte));
+                at += 1;
+            }
+            short => {
+                bytes.extend_from_slice(&[b'\\', short]);
+                at += 1;
+            }
+        }
+    }
+    bytes.push(b'"');
+    // Only ASCII was added to what was a String.
+    *out = String::from_utf8(bytes)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+}
+
+/// For each byte, how Python escapes it: 0 for not at all, the letter after the
+/// backslash for a short escape, `u` for a `\uXXXX` escape.
+const ESCAPE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        table[byte] = match byte as u8 {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            0x08 => b'b',
+            0x0c => b'f',
+            0x00..=0x1f | 0x7f..=0xff => b'u',
+            _ => 0,
+        };
+        byte += 1;
+    }
+    table
+};
+
+/// `\uXXXX` in lowercase hex, as Python writes it.
+fn push_unit(out: &mut Vec<u8>, unit: u16) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.extend_from_slice(&[
+        b'\\',
+        b'u',
+        HEX[usize::from(unit >> 12)],
+        HEX[usize::from((unit >> 8) & 0xf)],
+        HEX[usize::from((unit >> 4) & 0xf)],
+        HEX[usize::from(unit & 0xf)],
+    ]);
+}
+
+/// The value of a JSON string literal (`raw` with its quotes), for long strings full of
+/// escapes such as an oslo envelope's inner message. `None` when `raw` is not one well-formed
+/// string literal or holds an unpaired surrogate; the caller then parses it the usual way.
+pub(crate) fn unescape_json_str(raw: &str) -> Option<String> {
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?.as_bytes();
+    let mut out = Vec::with_capacity(inner.len());
+    let mut at = 0;
+    while let Some(&byte) = inner.get(at) {
+        if byte != b'\\' {
+            if byte == b'"' || byte < 0x20 {
+                return None;
+            }
+            out.push(byte);
             at += 1;
             continue;
         }
-        out.push_str(&text[clean_from..at]);
-        let step = match byte {
-            b'"' => push_escape(out, "\\\""),
-            b'\\' => push_escape(out, "\\\\"),
-            b'\n' => push_escape(out, "\\n"),
-            b'\r' => push_escape(out, "\\r"),
-            b'\t' => push_escape(out, "\\t"),
-            0x08 => push_escape(out, "\\b"),
-            0x0c => push_escape(out, "\\f"),
-            0x00..=0x7f => {
-                push_unit(out, u16::from(byte));
-                1
+        let escaped = *inner.get(at + 1)?;
+        at += 2;
+        let short = match escaped {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            b'/' => b'/',
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'u' => {
+                let first = hex_unit(inner.get(at..at + 4)?)?;
+                at += 4;
+                let ch = if (0xd800..0xdc00).contains(&first) {
+                    // A high surrogate must be followed by `\u` and a low one.
+                    if inner.get(at..at + 2)? != b"\\u" {
+                        return None;
+                    }
+                    let second = hex_unit(inner.get(at + 2..at + 6)?)?;
+                    at += 6;
+                    char::decode_utf16([first, second]).next()?.ok()?
+                } else {
+                    char::from_u32(u32::from(first))?
+                };
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                continue;
             }
-            _ => {
-                // `at` is on a character boundary: every byte before it was ASCII or the
-                // whole of an earlier character.
-                let ch = text[at..].chars().next().unwrap_or('\u{fffd}');
-                let mut units = [0u16; 2];
-                for unit in ch.encode_utf16(&mut units) {
-                    push_unit(out, *unit);
-                }
-                ch.len_utf8()
-            }
+            _ => return None,
         };
-        at += step;
-        clean_from = at;
+        out.push(short);
     }
-    out.push_str(&text[clean_from..]);
-    out.push('"');
+    String::from_utf8(out).ok()
 }
 
-fn push_escape(out: &mut String, escape: &str) -> usize {
-    out.push_str(escape);
-    1
-}
-
-/// `\uXXXX` in lowercase hex, as Python writes it.
-fn push_unit(out: &mut String, unit: u16) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push_str("\\u");
-    for shift in [12, 8, 4, 0] {
-        out.push(HEX[usize::from((unit >> shift) & 0xf)] as char);
-    }
+fn hex_unit(digits: &[u8]) -> Option<u16> {
+    let text = std::str::from_utf8(digits).ok()?;
+    u16::from_str_radix(text, 16).ok()
 }
 
 /// Writes `value` as Python's `json.dumps` would into `writer`.

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::cells::{Direction, MessageType};
-use super::json::write_python_str;
+use super::json::{unescape_json_str, write_python_str};
 
 /// Cells message keys whose repetition sends a message down the full path.
 const CELLS_KEYS: [&str; 15] = [
@@ -95,7 +95,7 @@ impl Skim {
         if parse_str(version?)? != "2.0" {
             return None;
         }
-        let inner = parse_str(outer.single("oslo.message")??)?;
+        let inner = unescape_json_str(outer.single("oslo.message")??.get())?;
         let request: Entries<'_> = serde_json::from_str(&inner).ok()?;
         if REQUEST_KEYS.iter().any(|k| request.count(k) > 1) {
             return None;
@@ -116,7 +116,7 @@ impl Skim {
             }
         }
         let args: Entries<'_> = serde_json::from_str(request.single("args")??.get()).ok()?;
-        let cells = parse_str(args.single("message")??)?.into_owned();
+        let cells = unescape_json_str(args.single("message")??.get())?;
         Skim::read_cells(cells)
     }
 
@@ -630,6 +630,16 @@ mod tests {
                 decode_request(&spliced, DEFAULT_BODY_LIMIT).ok(),
                 decode_request(&full, DEFAULT_BODY_LIMIT).ok()
             );
+        }
+
+        #[test]
+        fn long_strings_are_unescaped_as_serde_json_does(text in any::<String>(), python in any::<bool>()) {
+            let raw = if python {
+                super::super::to_python_json(&text).expect("a string")
+            } else {
+                serde_json::to_string(&text).expect("a string")
+            };
+            prop_assert_eq!(unescape_json_str(&raw), Some(text));
         }
 
         #[test]
