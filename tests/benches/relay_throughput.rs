@@ -97,6 +97,14 @@ impl Side {
         },
     ];
 
+    fn short_name(self) -> String {
+        match self {
+            Side::Cellhost => "cellhost".into(),
+            Side::BareLapin => "bare".into(),
+            Side::Shovel { prefetch } => format!("shovel{prefetch}"),
+        }
+    }
+
     fn label(self) -> String {
         match self {
             Side::Cellhost => "cellhost".into(),
@@ -245,11 +253,31 @@ impl Probe {
 #[global_allocator]
 static ALLOCATOR: cellhost::Allocator = cellhost::Allocator;
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // Two workers by default, as many as this machine has cores; WORKERS=1
+    // measures a relay kept to one thread.
+    let workers: usize = env_or("WORKERS", 2)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
+        .enable_all()
+        .build()?
+        .block_on(bench())
+}
+
+async fn bench() -> Result<()> {
     let messages: u32 = env_or("MESSAGES", 50_000)?;
     let rounds: usize = env_or("ROUNDS", 3)?;
     let sizes = body_sizes_from_env()?;
+    // SIDES=cellhost,bare (any of cellhost, bare, shovel256, shovel1000)
+    // runs only those, for a quick comparison.
+    let sides: Vec<Side> = match std::env::var("SIDES") {
+        Ok(list) => Side::ALL
+            .into_iter()
+            .filter(|side| list.split(',').any(|name| name.trim() == side.short_name()))
+            .collect(),
+        Err(_) => Side::ALL.to_vec(),
+    };
+    ensure!(!sides.is_empty(), "SIDES names none of cellhost, bare, shovel256, shovel1000");
     ensure!(
         messages > 0 && rounds > 0,
         "MESSAGES and ROUNDS must be positive"
@@ -295,7 +323,7 @@ async fn main() -> Result<()> {
             mean_bytes: mean,
             planning: planned.per_message,
             messages,
-            runs: Side::ALL.iter().map(|s| (*s, vec![])).collect(),
+            runs: sides.iter().map(|s| (*s, vec![])).collect(),
         };
         for round in 1..=rounds {
             for (side, timings) in &mut report.runs {
