@@ -277,7 +277,10 @@ async fn bench() -> Result<()> {
             .collect(),
         Err(_) => Side::ALL.to_vec(),
     };
-    ensure!(!sides.is_empty(), "SIDES names none of cellhost, bare, shovel256, shovel1000");
+    ensure!(
+        !sides.is_empty(),
+        "SIDES names none of cellhost, bare, shovel256, shovel1000"
+    );
     ensure!(
         messages > 0 && rounds > 0,
         "MESSAGES and ROUNDS must be positive"

@@ -163,8 +163,21 @@ pub fn write_python_str(out: &mut String, text: &str) {
     while let Some(&byte) = input.get(at) {
         match ESCAPE[usize::from(byte)] {
             0 => {
-                bytes.push(byte);
-                at += 1;
+                // Copy the whole run that needs no escape, found eight bytes at a time.
+                let mut end = at + 1;
+                while let Some(chunk) = input.get(end..end + 8) {
+                    let mut word = [0u8; 8];
+                    word.copy_from_slice(chunk);
+                    if needs_escape(u64::from_le_bytes(word)) {
+                        break;
+                    }
+                    end += 8;
+                }
+                while input.get(end).is_some_and(|b| ESCAPE[usize::from(*b)] == 0) {
+                    end += 1;
+                }
+                bytes.extend_from_slice(&input[at..end]);
+                at = end;
             }
             b'u' if byte >= 0x80 => {
                 // A character outside ASCII: `at` is on its first byte.
@@ -214,6 +227,28 @@ const ESCAPE: [u8; 256] = {
     table
 };
 
+/// Whether any of the eight bytes of `word` needs an escape: below `' '`, DEL or above
+/// (non-ASCII), `"` or `\\`. A byte-parallel test, exact for "any": a lane's high bit is
+/// set where its condition holds (a borrow can only mark lanes above one that holds).
+fn needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGH;
+    let control = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+    let quote = has_zero(word ^ (ONES * u64::from(b'"')));
+    let backslash = has_zero(word ^ (ONES * u64::from(b'\\')));
+    let del = has_zero(word ^ (ONES * 0x7f));
+    (control | quote | backslash | del | (word & HIGH)) != 0
+}
+
+/// Whether any of the eight bytes of `word` is a control character (below `' '`).
+fn has_control(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Bytes at or above 0x80 never borrow into a false positive: `!word` clears them.
+    (word.wrapping_sub(ONES * 0x20) & !word & HIGH) != 0
+}
+
 /// `\uXXXX` in lowercase hex, as Python writes it.
 fn push_unit(out: &mut Vec<u8>, unit: u16) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -231,17 +266,41 @@ fn push_unit(out: &mut Vec<u8>, unit: u16) {
 /// escapes such as an oslo envelope's inner message. `None` when `raw` is not one well-formed
 /// string literal or holds an unpaired surrogate; the caller then parses it the usual way.
 pub(crate) fn unescape_json_str(raw: &str) -> Option<String> {
-    let inner = raw.strip_prefix('"')?.strip_suffix('"')?.as_bytes();
+    match unescape_json_str_prefix(raw)? {
+        (value, used) if used == raw.len() => Some(value),
+        _ => None,
+    }
+}
+
+/// The value of the JSON string literal `raw` starts with, and the length of that literal
+/// (quotes included): [`unescape_json_str`] for a literal followed by more text.
+pub(crate) fn unescape_json_str_prefix(raw: &str) -> Option<(String, usize)> {
+    let inner = raw.strip_prefix('"')?.as_bytes();
     let mut out = Vec::with_capacity(inner.len());
     let mut at = 0;
-    while let Some(&byte) = inner.get(at) {
-        if byte != b'\\' {
-            if byte == b'"' || byte < 0x20 {
+    loop {
+        // The run up to the next escape, checked for what a string may not hold raw.
+        let rest = inner.get(at..)?;
+        let run = memchr::memchr2(b'\\', b'"', rest).unwrap_or(rest.len());
+        let (clean, _) = rest.split_at(run);
+        let mut words = clean.chunks_exact(8);
+        for chunk in &mut words {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            if has_control(u64::from_le_bytes(word)) {
                 return None;
             }
-            out.push(byte);
-            at += 1;
-            continue;
+        }
+        if words.remainder().iter().any(|b| *b < 0x20) {
+            return None;
+        }
+        out.extend_from_slice(clean);
+        at += run;
+        // An unterminated literal has neither.
+        let byte = *inner.get(at)?;
+        if byte == b'"' {
+            let value = String::from_utf8(out).ok()?;
+            return Some((value, at + 2));
         }
         let escaped = *inner.get(at + 1)?;
         at += 2;
@@ -276,7 +335,6 @@ pub(crate) fn unescape_json_str(raw: &str) -> Option<String> {
         };
         out.push(short);
     }
-    String::from_utf8(out).ok()
 }
 
 fn hex_unit(digits: &[u8]) -> Option<u16> {

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::cells::{Direction, MessageType};
-use super::json::{unescape_json_str, write_python_str};
+use super::json::{unescape_json_str, unescape_json_str_prefix, write_python_str};
 
 /// Cells message keys whose repetition sends a message down the full path.
 const CELLS_KEYS: [&str; 15] = [
@@ -90,31 +90,42 @@ impl Skim {
             return None;
         }
         let text = std::str::from_utf8(body).ok()?;
-        let outer: Entries<'_> = serde_json::from_str(text).ok()?;
-        let version = outer.single("oslo.version")?;
-        if parse_str(version?)? != "2.0" {
-            return None;
-        }
-        let inner = unescape_json_str(outer.single("oslo.message")??.get())?;
-        let request: Entries<'_> = serde_json::from_str(&inner).ok()?;
-        if REQUEST_KEYS.iter().any(|k| request.count(k) > 1) {
-            return None;
-        }
-        // A call, or a cast whose `_msg_id` is neither null nor absent.
-        if request
-            .single("_msg_id")?
-            .is_some_and(|raw| raw.get() != "null")
+        // What oslo.messaging writes is read without a parse of the whole
+        // envelope: its one string literal is unescaped (and checked) directly.
+        let inner = match text
+            .strip_prefix(ENVELOPE_HEAD)
+            .and_then(|rest| rest.strip_suffix('}'))
         {
-            return None;
+            Some(literal) => unescape_json_str(literal)?,
+            None => {
+                let outer: Entries<'_> = serde_json::from_str(text).ok()?;
+                if parse_str(outer.single("oslo.version")??)? != "2.0" {
+                    return None;
+                }
+                unescape_json_str(outer.single("oslo.message")??.get())?
+            }
+        };
+        // Likewise the request oslo.messaging writes for `process_message`:
+        // the cells message is unescaped where it starts, and only the keys
+        // after `args` are parsed.
+        if let Some(rest) = inner.strip_prefix(REQUEST_HEAD) {
+            let (cells, used) = unescape_json_str_prefix(rest)?;
+            let others = match rest.get(used..)?.strip_prefix('}')? {
+                "}" => "{}".to_string(),
+                tail => format!("{{{}", tail.strip_prefix(", ")?),
+            };
+            let request: Entries<'_> = serde_json::from_str(&others).ok()?;
+            if request.count("method") + request.count("args") > 0 {
+                return None;
+            }
+            check_cast(&request)?;
+            return Skim::read_cells(cells);
         }
+        let request: Entries<'_> = serde_json::from_str(&inner).ok()?;
         if parse_str(request.single("method")??)? != "process_message" {
             return None;
         }
-        for key in ["version", "_unique_id", "namespace"] {
-            if let Some(raw) = request.single(key)? {
-                parse_opt_str(raw)?;
-            }
-        }
+        check_cast(&request)?;
         let args: Entries<'_> = serde_json::from_str(request.single("args")??.get()).ok()?;
         let cells = unescape_json_str(args.single("message")??.get())?;
         Skim::read_cells(cells)
@@ -270,6 +281,32 @@ impl Skim {
             write_python_str(out, value);
         }
     }
+}
+
+/// How oslo.messaging's envelope starts.
+const ENVELOPE_HEAD: &str = "{\"oslo.version\": \"2.0\", \"oslo.message\": ";
+/// How oslo.messaging's request of `process_message` starts, up to the cells message.
+const REQUEST_HEAD: &str = "{\"method\": \"process_message\", \"args\": {\"message\": ";
+
+/// Checks a request's keys as the full decoder does, and that it is a cast:
+/// `None` for a call, a repeated key or a key of the wrong type.
+fn check_cast(request: &Entries<'_>) -> Option<()> {
+    if REQUEST_KEYS.iter().any(|k| request.count(k) > 1) {
+        return None;
+    }
+    // A call, or a cast whose `_msg_id` is neither null nor absent.
+    if request
+        .single("_msg_id")?
+        .is_some_and(|raw| raw.get() != "null")
+    {
+        return None;
+    }
+    for key in ["version", "_unique_id", "namespace"] {
+        if let Some(raw) = request.single(key)? {
+            parse_opt_str(raw)?;
+        }
+    }
+    Some(())
 }
 
 /// This cell's hop, as a relay records it.
@@ -518,6 +555,35 @@ mod tests {
         );
         assert_ne!(repeated, text);
         assert!(Skim::read(repeated.as_bytes(), DEFAULT_BODY_LIMIT).is_none());
+    }
+
+    #[test]
+    fn broken_string_literals_are_left_to_the_full_path() {
+        for raw in [
+            "\"a\tb\"",
+            "\"a\"b\"",
+            "\"abc",
+            "\"a\\",
+            "\"\\x\"",
+            "\"\\ud800\"",
+            "abc",
+        ] {
+            assert_eq!(unescape_json_str(raw), None, "{raw}");
+        }
+        assert_eq!(
+            unescape_json_str_prefix("\"a\\\"b\", \"c\""),
+            Some(("a\"b".to_string(), 6))
+        );
+        // A raw control character inside the envelope's literal is invalid JSON:
+        // the skim must not accept what the full decoder refuses.
+        let body = CAST.replace("\"oslo.message\": \"{", "\"oslo.message\": \"\t{");
+        assert!(decode_request(body.as_bytes(), DEFAULT_BODY_LIMIT).is_err());
+        let compact: Value = serde_json::from_str(CAST).expect("the sample");
+        let python = super::super::to_python_json(&compact).expect("json");
+        let broken = python.replacen("{\\\"method", "\t{\\\"method", 1);
+        assert_ne!(broken, python);
+        assert!(Skim::read(python.as_bytes(), DEFAULT_BODY_LIMIT).is_some());
+        assert!(Skim::read(broken.as_bytes(), DEFAULT_BODY_LIMIT).is_none());
     }
 
     fn json_value() -> impl Strategy<Value = Value> {
