@@ -124,7 +124,7 @@ pub struct CellsMessage {
 
 /// Keys the codec writes itself; an `extra` entry with one of these names is never written,
 /// since Python keeps the last of duplicate keys and it would override the typed field.
-const KNOWN_KEYS: [&str; 13] = [
+pub(super) const KNOWN_KEYS: [&str; 13] = [
     "message_type",
     "ctxt",
     "method_name",

@@ -26,27 +26,13 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::cells::{Direction, MessageType};
+use super::cells::{Direction, MessageType, KNOWN_KEYS};
 use super::json::{unescape_json_str, unescape_json_str_prefix, write_python_str};
 
-/// Cells message keys whose repetition sends a message down the full path.
-const CELLS_KEYS: [&str; 15] = [
-    "message_type",
-    "ctxt",
-    "method_name",
-    "method_kwargs",
-    "direction",
-    "need_response",
-    "fanout",
-    "uuid",
-    "routing_path",
-    "hop_count",
-    "max_hop_count",
-    "target_cell",
-    "response_uuid",
-    "run_locally",
-    "cellhost_timeout_ms",
-];
+/// Keys of `extra` the skim reads besides the cells message's own
+/// ([`KNOWN_KEYS`]); a repetition of any of them sends a message down the
+/// full path.
+const EXTRA_KEYS: [&str; 2] = ["run_locally", "cellhost_timeout_ms"];
 
 /// Request keys whose repetition sends a message down the full path.
 const REQUEST_KEYS: [&str; 8] = [
@@ -133,7 +119,11 @@ impl Skim {
 
     fn read_cells(cells: String) -> Option<Skim> {
         let entries: Entries<'_> = serde_json::from_str(&cells).ok()?;
-        if CELLS_KEYS.iter().any(|k| entries.count(k) > 1) {
+        if KNOWN_KEYS
+            .iter()
+            .chain(&EXTRA_KEYS)
+            .any(|k| entries.count(k) > 1)
+        {
             return None;
         }
         let field = |key: &str| entries.single(key).flatten();
@@ -262,22 +252,20 @@ impl Skim {
         // context is left out rather than written broken.
         let entries: Entries<'_> = serde_json::from_str(self.ctxt()).unwrap_or_default();
         let mut key = String::new();
-        for (name, value) in &entries.0 {
+        let mut write_key = |out: &mut String, name: &str| {
             key.clear();
             key.push_str("_context_");
             key.push_str(name);
             out.push_str(", ");
             write_python_str(out, &key);
             out.push_str(": ");
+        };
+        for (name, value) in &entries.0 {
+            write_key(out, name);
             out.push_str(value.get());
         }
         for (name, value) in more {
-            key.clear();
-            key.push_str("_context_");
-            key.push_str(name);
-            out.push_str(", ");
-            write_python_str(out, &key);
-            out.push_str(": ");
+            write_key(out, name);
             write_python_str(out, value);
         }
     }
@@ -643,7 +631,7 @@ mod tests {
                 response_uuid: None,
                 extra: extra
                     .into_iter()
-                    .filter(|(k, _)| !CELLS_KEYS.contains(&k.as_str()))
+                    .filter(|(k, _)| !KNOWN_KEYS.contains(&k.as_str()) && !EXTRA_KEYS.contains(&k.as_str()))
                     .collect(),
             }
         }
