@@ -205,6 +205,26 @@ impl RouteWorker {
         (bytes <= policy_limits.max_action_bytes).then_some((local, relays))
     }
 
+    /// The publication of one relay to neighbour `to`, on `topic` through
+    /// the control exchange, or its fanout exchange when `fanout`.
+    fn relay_to(
+        &self,
+        to: &str,
+        topic: &str,
+        fanout: bool,
+        body: Vec<u8>,
+    ) -> (Target, Publication) {
+        let exchange = if fanout {
+            format!("{topic}_fanout")
+        } else {
+            self.router.config.cell.control_exchange.clone()
+        };
+        (
+            Target::Neighbour(to.to_string()),
+            Publication::new(exchange, topic, body).mandatory(),
+        )
+    }
+
     /// The plan of a plain route, its bodies spliced from the skimmed text.
     fn splice(&self, skim: &Skim, hop: Hop, local: bool, relays: Vec<String>) -> Plan {
         let router = &self.router;
@@ -215,15 +235,7 @@ impl RouteWorker {
             // One encoding serves every neighbour: the body does not depend on it.
             let body = skim.relay_body(&hop, &new_unique_id());
             for to in &relays {
-                let exchange = if skim.fanout {
-                    format!("{topic}_fanout")
-                } else {
-                    cfg.cell.control_exchange.clone()
-                };
-                sends.push((
-                    Target::Neighbour(to.clone()),
-                    Publication::new(exchange, topic.clone(), body.clone()).mandatory(),
-                ));
+                sends.push(self.relay_to(to, &topic, skim.fanout, body.clone()));
             }
         }
         if local {
@@ -613,15 +625,7 @@ impl RouteWorker {
             let body = wire::relay_cast(&message, &new_unique_id());
             for to in &relays {
                 let fanout = message.fanout || self.last_hop_of_response(&message, to);
-                let exchange = if fanout {
-                    format!("{topic}_fanout")
-                } else {
-                    cfg.cell.control_exchange.clone()
-                };
-                sends.push((
-                    Target::Neighbour(to.clone()),
-                    Publication::new(exchange, topic.clone(), body.clone()).mandatory(),
-                ));
+                sends.push(self.relay_to(to, &topic, fanout, body.clone()));
             }
         }
         let mut local_call = None;
