@@ -50,12 +50,18 @@
 //! Build it with `cargo build --release --target wasm32-wasip2`; the `.wasm`
 //! file cargo writes is already a component the host can load.
 
+mod builders;
+#[cfg(all(feature = "harness", not(target_arch = "wasm32")))]
+pub mod harness;
 pub mod log;
 mod path;
 #[doc(hidden)]
 pub mod rt;
 
+pub use builders::{Tree, DEFAULT_MAX_HOP_COUNT};
 pub use path::{path_parts, PATH_SEPARATOR};
+/// JSON values for [`Message::ctxt`] and [`Message::kwargs`] in tests.
+pub use serde_json::{json, Value};
 
 /// The generated bindings of world `policy`.
 ///
@@ -65,11 +71,13 @@ pub use path::{path_parts, PATH_SEPARATOR};
 pub mod bindings {
     wit_bindgen::generate!({
         world: "policy",
-        path: "../wit",
+        path: "wit",
         // The export macro is expanded in plugin crates, which reach the
         // bindings through this crate rather than generating their own.
         pub_export_macro: true,
         default_bindings_module: "cellhost_guest::bindings",
+        // So that tests can compare decisions with `assert_eq!`.
+        additional_derives: [PartialEq],
     });
 }
 

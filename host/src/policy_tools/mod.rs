@@ -1,16 +1,17 @@
-//! `cellhost policy check | test | bench`: what a policy author or an operator
+//! `cellhost policy check | test | bench | new`: what a policy author or an operator
 //! runs on a `.wasm` before any cell loads it, with no broker anywhere.
 //!
 //! This module owns those commands' arguments, how they load a policy (the
 //! host's own [`PolicyEngine`] and loader, so a policy that passes here loads
 //! in a cell) and the notation decisions are printed and compared in. The
-//! commands themselves live in [`check`], [`corpus`] (`policy test`) and
-//! [`bench`]. Messages are turned into the policy's view by the router's own
+//! commands themselves live in [`check`], [`corpus`] (`policy test`),
+//! [`bench`] and [`new`] (which writes a policy crate). Messages are turned into the policy's view by the router's own
 //! functions, never by a copy of them, so what is tested is what runs.
 
 mod bench;
 mod check;
 mod corpus;
+pub mod new;
 
 pub use corpus::gate;
 
@@ -36,6 +37,9 @@ pub enum PolicyCommand {
     /// Measure `route` calls per second and per-call latency on Nova's
     /// eight-cell topology.
     Bench(BenchArgs),
+    /// Start a policy: write a crate that builds, tests (natively and as the
+    /// compiled component) and deploys with this binary alone.
+    New(new::NewArgs),
 }
 
 /// What every `policy` subcommand needs to load a policy.
@@ -111,6 +115,7 @@ pub fn run(command: PolicyCommand) -> Result<()> {
         PolicyCommand::Check(args) => check::run(&args),
         PolicyCommand::Test(args) => corpus::run(&args),
         PolicyCommand::Bench(args) => bench::run(&args),
+        PolicyCommand::New(args) => new::run(&args),
     }
 }
 
