@@ -60,7 +60,14 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
     watch_sources(&root.join("guest-sdk"));
-    watch_sources(&plugins);
+    // Only what the components are built from: the plugins folder also holds
+    // the corpus and the Python policy, which would otherwise rebuild the host.
+    for file in ["Cargo.toml", "Cargo.lock"] {
+        println!("cargo:rerun-if-changed={}", plugins.join(file).display());
+    }
+    for (package, _) in PLUGINS {
+        println!("cargo:rerun-if-changed={}", plugins.join(package).display());
+    }
 
     ensure_wasm_target(&rustc);
 

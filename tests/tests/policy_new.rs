@@ -157,3 +157,106 @@ async fn a_new_policy_builds_tests_checks_and_routes_in_a_cell() {
     assert_eq!(topo.counts().relayed, before.relayed, "nothing was relayed");
     topo.stop().await;
 }
+
+/// The componentize-py venv scripts/build-python-policy makes (or reuses).
+fn componentize_venv() -> PathBuf {
+    let root = target_root().join("..");
+    let built = Command::new("bash")
+        .arg(root.join("scripts/build-python-policy"))
+        .output()
+        .expect("bash runs");
+    assert!(
+        built.status.success(),
+        "scripts/build-python-policy failed:\n{}",
+        text(&built)
+    );
+    target_root().join("componentize-venv")
+}
+
+/// Runs `program` in `dir` and fails the test, with its output, unless it
+/// succeeds.
+fn run_in(dir: &Path, program: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let output = Command::new(program)
+        .current_dir(dir)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("{} does not run: {e}", program.display()));
+    assert!(
+        output.status.success(),
+        "{} {args:?} failed:\n{}",
+        program.display(),
+        text(&output)
+    );
+    text(&output)
+}
+
+#[test]
+fn a_new_python_policy_tests_builds_and_decides_its_corpus() {
+    let venv = componentize_venv();
+    let dir = target_root().join("policy-new-crate").join("py-policy");
+    let _ = std::fs::remove_dir_all(&dir);
+    let new = Command::new(cellhost_bin())
+        .args(["policy", "new", "--python"])
+        .arg(&dir)
+        .output()
+        .expect("cellhost runs");
+    assert!(
+        new.status.success(),
+        "policy new --python failed:\n{}",
+        text(&new)
+    );
+
+    // The README's commands, in its order: bindings, the native unit tests,
+    // the component, its corpus and its check.
+    let componentize = venv.join("bin/componentize-py");
+    let wit = ["--wit-path", "wit/policy.wit", "--world", "policy"];
+    run_in(
+        &dir,
+        &componentize,
+        &[&wit[..], &["bindings", "bindings"]].concat(),
+        &[],
+    );
+    let unit = run_in(
+        &dir,
+        &venv.join("bin/python"),
+        &["-m", "unittest", "-v"],
+        &[("PYTHONPATH", "bindings")],
+    );
+    assert!(unit.contains("OK"), "{unit}");
+    run_in(
+        &dir,
+        &componentize,
+        &[&wit[..], &["componentize", "app", "-o", "policy.wasm"]].concat(),
+        &[],
+    );
+    let limits = ["--config", "debug_ping", "--memory-mib", "64"];
+    let corpus = run_in(
+        &dir,
+        &cellhost_bin(),
+        &[
+            &[
+                "policy",
+                "test",
+                "policy.wasm",
+                "--topology",
+                "topology.toml",
+            ][..],
+            &["--messages", "messages.jsonl", "--expect", "expect.jsonl"],
+            &limits,
+        ]
+        .concat(),
+        &[],
+    );
+    assert!(
+        corpus.contains("drop:"),
+        "the config's drop is in the corpus:\n{corpus}"
+    );
+    let check = run_in(
+        &dir,
+        &cellhost_bin(),
+        &[&["policy", "check", "policy.wasm"][..], &limits].concat(),
+        &[],
+    );
+    assert!(check.contains("init      ok"), "{check}");
+}

@@ -17,9 +17,13 @@ use anyhow::{bail, Context, Result};
 pub struct NewArgs {
     /// The folder to create; it must not exist, or be empty.
     pub dir: PathBuf,
-    /// The crate's name [default: the folder's name].
+    /// The policy's name [default: the folder's name].
     #[arg(long)]
     pub name: Option<String>,
+    /// Write a policy in Python, built into a component with componentize-py,
+    /// instead of a Rust crate.
+    #[arg(long)]
+    pub python: bool,
 }
 
 /// One file written into the new crate: its path there, its text with
@@ -56,6 +60,37 @@ const RUST_POLICY: &[Template] = &[
     ),
 ];
 
+/// A policy in Python: the same WIT, built with componentize-py. Its
+/// README names the componentize-py version the host was tested with.
+const PYTHON_POLICY: &[Template] = &[
+    (
+        "README.md",
+        include_str!("../../templates/python/README.md"),
+    ),
+    ("app.py", include_str!("../../templates/python/app.py")),
+    (
+        "test_app.py",
+        include_str!("../../templates/python/test_app.py"),
+    ),
+    (
+        "topology.toml",
+        include_str!("../../templates/python/topology.toml"),
+    ),
+    (
+        "messages.jsonl",
+        include_str!("../../templates/python/messages.jsonl"),
+    ),
+    (
+        "expect.jsonl",
+        include_str!("../../templates/python/expect.jsonl"),
+    ),
+    (
+        ".gitignore",
+        include_str!("../../templates/python/gitignore"),
+    ),
+    ("wit/policy.wit", include_str!("../../../wit/policy.wit")),
+];
+
 /// Where the SDK goes in the new crate.
 const SDK_DIR: &str = "cellhost-guest";
 
@@ -87,7 +122,11 @@ const SDK_LOCK: &str = include_str!("../../../guest-sdk/Cargo.lock");
 
 /// Writes the crate and prints what was written and what to run next.
 pub fn run(args: &NewArgs) -> Result<()> {
-    let written = write_rust_policy(args)?;
+    let written = if args.python {
+        write_python_policy(args)?
+    } else {
+        write_rust_policy(args)?
+    };
     print!("{written}");
     Ok(())
 }
@@ -195,6 +234,32 @@ fn write_rust_policy(args: &NewArgs) -> Result<String> {
     Ok(out)
 }
 
+fn write_python_policy(args: &NewArgs) -> Result<String> {
+    let names = Names::new(args)?;
+    let dir = &args.dir;
+    prepare_dir(dir)?;
+    for (path, text) in PYTHON_POLICY {
+        write_file(&dir.join(path), &names.fill(text))?;
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "wrote the Python policy {} in {}",
+        names.name,
+        dir.display()
+    );
+    for (path, _) in PYTHON_POLICY {
+        let _ = writeln!(out, "  {path}");
+    }
+    let _ = writeln!(
+        out,
+        "\nnext, in {}: README.md has the commands to set up componentize-py, \
+         test, build, check and deploy it",
+        dir.display()
+    );
+    Ok(out)
+}
+
 /// `.cargo/config.toml`: the harness runs the component with the binary
 /// that wrote the crate, unless `CELLHOST` says otherwise.
 fn cargo_config() -> Result<String> {
@@ -246,6 +311,7 @@ mod tests {
         Names::new(&NewArgs {
             dir: PathBuf::from("/tmp/x"),
             name: Some(name.to_string()),
+            python: false,
         })
     }
 
@@ -295,6 +361,7 @@ mod tests {
         let err = write_rust_policy(&NewArgs {
             dir: dir.clone(),
             name: Some("p".into()),
+            python: false,
         })
         .err()
         .map(|e| e.to_string());
