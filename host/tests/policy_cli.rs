@@ -1,7 +1,8 @@
 //! `cellhost policy check | test | bench`, run as an operator runs them: on
 //! the nova-cells policy, and on inputs that must be refused with a reason
-//! (not WebAssembly, a core module, a component of another world, an init
-//! that fails), and a corpus whose expected decisions are wrong.
+//! (not WebAssembly, a core module, a component of another world, one over
+//! the sandbox's memory cap, an init that fails), and a corpus whose expected
+//! decisions are wrong.
 //!
 //! Every test gets its own cache folder through `XDG_CACHE_HOME`, so none
 //! writes to the user's cache or depends on what another test cached.
@@ -140,6 +141,39 @@ fn check_refuses_what_is_not_a_policy_and_says_why() {
     let missing = dir.join("nowhere.wasm");
     let err = check_refuses(&dir, missing.to_str().expect("utf-8"), &[]);
     assert!(err.contains("cannot read policy"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A hand-written policy of this host's world (see the file); the cases
+/// below are edits of it.
+const GREEDY: &str = include_str!("components/greedy.wat");
+
+#[test]
+fn check_shows_how_much_of_the_budget_a_policy_uses() {
+    let dir = workdir("budget");
+    let greedy = write(&dir, "greedy.wat", GREEDY);
+    let out = cellhost(&dir, &["policy", "check", &greedy]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}{stdout}", text(&out.stderr));
+    for expected in [
+        "memory            16 MiB per instance, all its linear memories together (12",
+        "table elements    262144 per instance, all its tables together (1 after init)",
+        "counts            at most 100 core instances, 8 memories and 64 tables per instance",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in:\n{stdout}");
+    }
+
+    // Both memories at 12 MiB: each under the cap, together over it.
+    let heavier = GREEDY.replace(
+        r#"(memory $main (export "memory") 1)"#,
+        r#"(memory $main (export "memory") 192)"#,
+    );
+    let file = write(&dir, "heavier.wat", heavier);
+    let err = check_refuses(&dir, &file, &[]);
+    assert!(
+        err.contains("memory limit: the instance's linear memories would hold 24 MiB in all, over its cap of 16 MiB"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
