@@ -18,6 +18,7 @@ mod bindings;
 pub mod budget;
 pub mod cache;
 pub mod view;
+pub mod world;
 
 use crate::lock;
 use std::collections::HashMap;
@@ -239,13 +240,21 @@ impl PolicyEngine {
         let started = Instant::now();
         let (component, compiled_from) = self.compile(source, &hash, wasm)?;
         let compile_time = started.elapsed();
-        let pre = self.linker.instantiate_pre(&component).with_context(|| {
-            format!("policy {source}: imports something the host does not grant")
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            self.misfit(
+                source,
+                &component,
+                e,
+                "imports something the host does not grant",
+            )
         })?;
-        let pre = PolicyPre::new(pre).with_context(|| {
-            format!(
-                "policy {source}: not a cellhost:policy component \
-                 (world `cellhost:policy/policy@0.1.0` exports `init` and `route`)"
+        let pre = PolicyPre::new(pre).map_err(|e| {
+            let world = world::package();
+            self.misfit(
+                source,
+                &component,
+                e,
+                &format!("not a {world} component (its world `policy` exports `init` and `route`)"),
             )
         })?;
         let policy = Arc::new(LoadedPolicy {
@@ -266,6 +275,23 @@ impl PolicyEngine {
             .map_err(|e| e.context(format!("policy {source}: trial instance failed")))?;
         let _ = policy.trial_usage.set(trial.usage());
         Ok(policy)
+    }
+
+    /// The error for a component that does not fit the host's world: what
+    /// differs, in the author's terms, or else wasmtime's `error` under
+    /// `fallback`.
+    fn misfit(
+        &self,
+        source: &str,
+        component: &Component,
+        error: wasmtime::Error,
+        fallback: &str,
+    ) -> anyhow::Error {
+        match world::differences(&self.engine, component, Some(&error)).as_slice() {
+            [] => anyhow::Error::from(error).context(format!("policy {source}: {fallback}")),
+            [one] => anyhow::anyhow!("policy {source}: {one}"),
+            many => anyhow::anyhow!("policy {source}:\n  {}", many.join("\n  ")),
+        }
     }
 
     /// The compiled component for `wasm`: from memory, else from the disk

@@ -14,7 +14,7 @@ use anyhow::Result;
 use super::CheckArgs;
 use crate::config::PolicySection;
 use crate::policy::budget::{self, mib};
-use crate::policy::LoadedPolicy;
+use crate::policy::{world, LoadedPolicy};
 
 pub fn run(args: &CheckArgs) -> Result<()> {
     let (section, policy) = args.policy.load(false)?;
@@ -39,7 +39,7 @@ fn report(section: &PolicySection, policy: &LoadedPolicy) -> String {
         policy.compiled_from().describe(),
         policy.compile_time()
     );
-    let _ = writeln!(out, "world     cellhost:policy@0.1.0 `policy`: ok");
+    let _ = writeln!(out, "world     {} `policy`: ok", world::package());
     let _ = writeln!(out, "init      ok with config {:?}", section.config);
 
     let _ = writeln!(out, "imports");
