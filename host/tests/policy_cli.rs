@@ -1,7 +1,8 @@
 //! `cellhost policy check | test | bench`, run as an operator runs them: on
 //! the nova-cells policy, and on inputs that must be refused with a reason
-//! (not WebAssembly, a core module, a component of another world, an init
-//! that fails), and a corpus whose expected decisions are wrong.
+//! (not WebAssembly, a core module, a component of another world or another
+//! version of the WIT, one over the sandbox's memory cap, an init that
+//! fails), and a corpus whose expected decisions are wrong.
 //!
 //! Every test gets its own cache folder through `XDG_CACHE_HOME`, so none
 //! writes to the user's cache or depends on what another test cached.
@@ -119,7 +120,11 @@ fn check_refuses_what_is_not_a_policy_and_says_why() {
              (func (export "route") (result u32) (canon lift (core func $i "f"))))"#,
     );
     let err = check_refuses(&dir, &other_world, &[]);
-    assert!(err.contains("not a cellhost:policy component"), "{err}");
+    assert!(err.contains("export init: missing"), "{err}");
+    assert!(
+        err.contains("export route: expects (message, cell) -> result<list<action>, string>, the component's takes 0 parameters"),
+        "{err}"
+    );
 
     let greedy = write(
         &dir,
@@ -128,8 +133,7 @@ fn check_refuses_what_is_not_a_policy_and_says_why() {
     );
     let err = check_refuses(&dir, &greedy, &[]);
     assert!(
-        err.contains("imports something the host does not grant")
-            && err.contains("wasi:sockets/tcp"),
+        err.contains("import wasi:sockets/tcp@0.2.6: not granted"),
         "{err}"
     );
 
@@ -140,6 +144,101 @@ fn check_refuses_what_is_not_a_policy_and_says_why() {
     let missing = dir.join("nowhere.wasm");
     let err = check_refuses(&dir, missing.to_str().expect("utf-8"), &[]);
     assert!(err.contains("cannot read policy"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A hand-written policy of this host's world (see the file); the cases
+/// below are edits of it.
+const GREEDY: &str = include_str!("components/greedy.wat");
+
+#[test]
+fn check_names_the_version_a_component_was_built_for() {
+    let dir = workdir("version");
+    // The same policy, built against an older cellhost:policy.
+    let older = GREEDY.replace("cellhost:policy/types@0.1.0", "cellhost:policy/types@0.0.9");
+    let older = older.replacen(
+        "  (alias export $types",
+        "  (import \"cellhost:policy/host@0.0.9\" (instance (export \"now-ms\" (func (result u64)))))\n  (alias export $types",
+        1,
+    );
+    let file = write(&dir, "older.wat", older);
+    let err = check_refuses(&dir, &file, &[]);
+    assert!(
+        err.contains(
+            "targets cellhost:policy@0.0.9 (imports cellhost:policy/types@0.0.9, cellhost:policy/host@0.0.9); \
+             this host implements cellhost:policy@0.1.0"
+        ),
+        "{err}"
+    );
+
+    // `route` without its `cell` parameter.
+    let narrower = GREEDY.replace(
+        r#"(param "message" $message) (param "cell" $cell)"#,
+        r#"(param "message" $message)"#,
+    );
+    assert_ne!(narrower, GREEDY);
+    let file = write(&dir, "narrower.wat", narrower);
+    let err = check_refuses(&dir, &file, &[]);
+    assert!(
+        err.contains(
+            "export route: expects (message, cell) -> result<list<action>, string>, \
+             the component's takes 1 parameter (message: record)"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("export init"), "init is as expected: {err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn check_says_when_a_component_is_of_another_world() {
+    let dir = workdir("world");
+    let command = write(
+        &dir,
+        "command.wat",
+        r#"(component
+             (core module $m (func (export "run")))
+             (core instance $i (instantiate $m))
+             (func (export "run") (canon lift (core func $i "run"))))"#,
+    );
+    let err = check_refuses(&dir, &command, &[]);
+    for expected in [
+        "was not built for cellhost:policy: it imports no cellhost:policy interface and exports run; \
+         this host implements cellhost:policy@0.1.0",
+        "export init: missing",
+        "export route: missing",
+    ] {
+        assert!(err.contains(expected), "{expected:?} in {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn check_shows_how_much_of_the_budget_a_policy_uses() {
+    let dir = workdir("budget");
+    let greedy = write(&dir, "greedy.wat", GREEDY);
+    let out = cellhost(&dir, &["policy", "check", &greedy]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}{stdout}", text(&out.stderr));
+    for expected in [
+        "memory            16 MiB per instance, all its linear memories together (12",
+        "table elements    262144 per instance, all its tables together (1 after init)",
+        "counts            at most 100 core instances, 8 memories and 64 tables per instance",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in:\n{stdout}");
+    }
+
+    // Both memories at 12 MiB: each under the cap, together over it.
+    let heavier = GREEDY.replace(
+        r#"(memory $main (export "memory") 1)"#,
+        r#"(memory $main (export "memory") 192)"#,
+    );
+    let file = write(&dir, "heavier.wat", heavier);
+    let err = check_refuses(&dir, &file, &[]);
+    assert!(
+        err.contains("memory limit: the instance's linear memories would hold 24 MiB in all, over its cap of 16 MiB"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -1,5 +1,6 @@
 //! What must not take a cell down: policies that trap, loop or eat memory,
-//! and input that is not a cells message. Each bad message is dead-lettered
+//! components whose memories or tables outgrow the sandbox, and input that
+//! is not a cells message. Each bad message is dead-lettered
 //! with its reason, and the next good one is routed as usual.
 
 use cellhost::client::Outgoing;
@@ -330,5 +331,96 @@ async fn an_answer_too_large_in_bytes_is_refused() {
         dead.reason
     );
     still_routes(&mut topo, "after_bloat").await;
+    topo.stop().await;
+}
+
+/// A hand-written component policy (text form) that routes every message to
+/// its own cell, except `grow-memory` (a second core module already holds
+/// 12 MiB; it grows its own memory to 12 MiB more) and `grow-table` (grows
+/// a table without end).
+const GREEDY: &str = include_str!("../../host/tests/components/greedy.wat");
+
+const SOLO: [(&str, Option<&str>); 1] = [("solo", None)];
+
+async fn greedy_cell(t: Transport) -> Topology {
+    // A deadline long enough that only the sandbox's limits can stop it.
+    let section = cellhost::config::PolicySection {
+        deadline_ms: 2_000,
+        ..Default::default()
+    };
+    let policy = cellhost_tests::engine()
+        .load(
+            "greedy.wat",
+            GREEDY.as_bytes(),
+            "",
+            cellhost::plugins::limits(&section),
+        )
+        .expect("the greedy policy loads");
+    Topology::start(t, &SOLO, policy)
+        .await
+        .expect("topology starts")
+}
+
+/// Sends a message the greedy policy routes to `solo` itself, and checks
+/// it arrives.
+async fn solo_still_routes(topo: &mut Topology, method: &str) {
+    let uuid = topo
+        .send("solo", Outgoing::targeted("solo", Direction::Down, method))
+        .await
+        .expect("sent");
+    let got = topo
+        .processed(&uuid, 1)
+        .await
+        .expect("the next message is routed");
+    assert_eq!(got[0].cell, "solo");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memories_that_together_pass_the_cap_are_contained() {
+    let mut topo = greedy_cell(Transport::Rabbit).await;
+    solo_still_routes(&mut topo, "before").await;
+    topo.send(
+        "solo",
+        Outgoing::targeted("solo", Direction::Down, "grow-memory"),
+    )
+    .await
+    .expect("sent");
+    let dead = topo.dead_letter("solo").await.expect("dead-lettered");
+    assert_eq!(dead.code, "policy-trap", "{dead:?}");
+    assert!(
+        dead.reason.contains("memory limit") && dead.reason.contains("24 MiB"),
+        "{}",
+        dead.reason
+    );
+    solo_still_routes(&mut topo, "after_grow_memory").await;
+    topo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_grown_without_end_is_contained() {
+    let mut topo = greedy_cell(Transport::Rabbit).await;
+    topo.send(
+        "solo",
+        Outgoing::targeted("solo", Direction::Down, "grow-table"),
+    )
+    .await
+    .expect("sent");
+    let dead = topo.dead_letter("solo").await.expect("dead-lettered");
+    assert_eq!(dead.code, "policy-trap", "{dead:?}");
+    assert!(dead.reason.contains("table limit"), "{}", dead.reason);
+    solo_still_routes(&mut topo, "after_grow_table").await;
+    topo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_components_are_contained_on_memory_too() {
+    let mut topo = greedy_cell(Transport::Memory).await;
+    for (i, method) in ["grow-memory", "grow-table"].into_iter().enumerate() {
+        topo.send("solo", Outgoing::targeted("solo", Direction::Down, method))
+            .await
+            .expect("sent");
+        solo_still_routes(&mut topo, &format!("after_{method}")).await;
+        assert_eq!(topo.counts().dead_lettered, i as u64 + 1);
+    }
     topo.stop().await;
 }

@@ -6,7 +6,8 @@
 //! [`cache`]), a [`LoadedPolicy`] is one validated version, and a
 //! [`PolicyInstance`] is one live instance of it that a consumer reuses call
 //! after call. Every call runs under a wall-clock deadline (epoch
-//! interruption) and a memory cap.
+//! interruption) and within one budget of memory, tables and instances for
+//! the whole instance (see [`budget`]).
 //! An instance that traps or times out is unusable; the caller drops it and
 //! takes a fresh one. Policies see no files, sockets, environment or arguments:
 //! the WASI context they get grants nothing but a clock and randomness.
@@ -14,8 +15,10 @@
 //! It knows nothing of brokers or of the wire format.
 
 mod bindings;
+pub mod budget;
 pub mod cache;
 pub mod view;
+pub mod world;
 
 use crate::lock;
 use std::collections::HashMap;
@@ -28,12 +31,13 @@ use anyhow::Result;
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::error::Context as _;
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{Engine, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 pub use bindings::types::{Action, Cell, Direction, Failure, Message, MessageType, Neighbour};
 use bindings::{host::Level, Policy, PolicyPre};
+pub use budget::Usage;
 pub use cache::{default_cache_dir, DiskCache};
 
 /// One epoch tick; deadlines are counted in ticks.
@@ -43,6 +47,7 @@ const TICK: Duration = Duration::from_millis(1);
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub deadline: Duration,
+    /// Bytes of linear memory an instance may hold, all its memories together.
     pub memory_bytes: usize,
     /// The one grant a policy may have: a folder it can read, as `/data`.
     pub data_dir: Option<std::path::PathBuf>,
@@ -235,13 +240,21 @@ impl PolicyEngine {
         let started = Instant::now();
         let (component, compiled_from) = self.compile(source, &hash, wasm)?;
         let compile_time = started.elapsed();
-        let pre = self.linker.instantiate_pre(&component).with_context(|| {
-            format!("policy {source}: imports something the host does not grant")
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            self.misfit(
+                source,
+                &component,
+                e,
+                "imports something the host does not grant",
+            )
         })?;
-        let pre = PolicyPre::new(pre).with_context(|| {
-            format!(
-                "policy {source}: not a cellhost:policy component \
-                 (world `cellhost:policy/policy@0.1.0` exports `init` and `route`)"
+        let pre = PolicyPre::new(pre).map_err(|e| {
+            let world = world::package();
+            self.misfit(
+                source,
+                &component,
+                e,
+                &format!("not a {world} component (its world `policy` exports `init` and `route`)"),
             )
         })?;
         let policy = Arc::new(LoadedPolicy {
@@ -255,11 +268,30 @@ impl PolicyEngine {
             config: config.to_string(),
             limits,
             loaded_at: std::time::SystemTime::now(),
+            trial_usage: std::sync::OnceLock::new(),
         });
-        policy
+        let trial = policy
             .instantiate()
             .map_err(|e| e.context(format!("policy {source}: trial instance failed")))?;
+        let _ = policy.trial_usage.set(trial.usage());
         Ok(policy)
+    }
+
+    /// The error for a component that does not fit the host's world: what
+    /// differs, in the author's terms, or else wasmtime's `error` under
+    /// `fallback`.
+    fn misfit(
+        &self,
+        source: &str,
+        component: &Component,
+        error: wasmtime::Error,
+        fallback: &str,
+    ) -> anyhow::Error {
+        match world::differences(&self.engine, component, Some(&error)).as_slice() {
+            [] => anyhow::Error::from(error).context(format!("policy {source}: {fallback}")),
+            [one] => anyhow::anyhow!("policy {source}: {one}"),
+            many => anyhow::anyhow!("policy {source}:\n  {}", many.join("\n  ")),
+        }
     }
 
     /// The compiled component for `wasm`: from memory, else from the disk
@@ -317,6 +349,8 @@ pub struct LoadedPolicy {
     config: String,
     limits: Limits,
     loaded_at: std::time::SystemTime,
+    /// What the trial instance held once `init` returned.
+    trial_usage: std::sync::OnceLock<Usage>,
 }
 
 impl LoadedPolicy {
@@ -343,6 +377,12 @@ impl LoadedPolicy {
     /// The engine this version was compiled by.
     pub fn engine(&self) -> &Arc<PolicyEngine> {
         &self.engine
+    }
+
+    /// The memory and table elements an instance holds after `init`, as
+    /// measured on the trial instance `load` made.
+    pub fn usage_after_init(&self) -> Option<Usage> {
+        self.trial_usage.get().copied()
     }
 
     /// Where the compiled code came from when this version was loaded.
@@ -384,10 +424,16 @@ impl LoadedPolicy {
     pub fn instantiate(self: &Arc<Self>) -> Result<PolicyInstance> {
         let state = GuestState::new(&self.source, &self.limits)?;
         let mut store = Store::new(&self.engine.engine, state);
-        store.limiter(|s| &mut s.limits);
+        store.limiter(|s| &mut s.budget);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.limits.init_ticks());
-        let bindings = self.pre.instantiate(&mut store).context("instantiating")?;
+        let bindings = self.pre.instantiate(&mut store).map_err(|e| {
+            match budget::explain_count_limit(&e) {
+                Some(limit) => e.context(limit),
+                None => e,
+            }
+            .context("instantiating")
+        })?;
         match bindings.call_init(&mut store, &self.config) {
             Ok(Ok(())) => {}
             Ok(Err(refusal)) => anyhow::bail!("init refused the configuration: {refusal}"),
@@ -415,6 +461,11 @@ impl PolicyInstance {
     /// The version this instance runs.
     pub fn policy(&self) -> &Arc<LoadedPolicy> {
         &self.policy
+    }
+
+    /// The memory and table elements this instance holds now.
+    pub fn usage(&self) -> Usage {
+        self.store.data().budget.usage()
     }
 
     /// Asks the policy what to do with `message`. After an error for which
@@ -530,7 +581,7 @@ fn describe_trap(trap: &wasmtime::Error, limits: &Limits, state: &GuestState) ->
         Some(Trap::Interrupt) => format!("deadline of {:?} exceeded", limits.deadline),
         Some(Trap::StackOverflow) => "stack overflow".to_string(),
         Some(t) => t.to_string(),
-        None => format!("{trap:#}"),
+        None => budget::exceeded(trap).unwrap_or_else(|| format!("{trap:#}")),
     };
     if let Some(panic) = state.last_error_log() {
         reason.push_str(": ");
@@ -551,7 +602,7 @@ fn describe_trap(trap: &wasmtime::Error, limits: &Limits, state: &GuestState) ->
 pub struct GuestState {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    budget: budget::InstanceBudget,
     source: Arc<str>,
     stderr: MemoryOutputPipe,
     last_error: Option<String>,
@@ -579,10 +630,7 @@ impl GuestState {
         Ok(GuestState {
             wasi,
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(limits.memory_bytes)
-                .trap_on_grow_failure(true)
-                .build(),
+            budget: budget::InstanceBudget::new(limits.memory_bytes),
             source: source.into(),
             stderr,
             last_error: None,
@@ -763,6 +811,151 @@ mod tests {
         assert!(engine.cache_dir().is_none());
         routes(&load(&engine));
         let _ = std::fs::remove_file(&root);
+    }
+
+    /// A hand-written policy that misbehaves on request; see the file.
+    const GREEDY: &str = include_str!("../../tests/components/greedy.wat");
+    const GREEDY_MAIN_MEMORY: &str = r#"(memory $main (export "memory") 1)"#;
+
+    fn greedy(text: &str) -> Result<Arc<LoadedPolicy>> {
+        let limits = Limits {
+            deadline: Duration::from_secs(2),
+            ..Limits::default()
+        };
+        PolicyEngine::new()?.load("greedy.wat", text.as_bytes(), "", limits)
+    }
+
+    fn message(method: &str) -> Message {
+        Message {
+            uuid: "u".into(),
+            message_type: MessageType::Targeted,
+            direction: Direction::Down,
+            method_name: method.into(),
+            routing_path: "solo".into(),
+            hop_count: 1,
+            max_hop_count: 10,
+            target_cell: Some("solo".into()),
+            need_response: false,
+            fanout: false,
+            is_origin: true,
+            run_locally: false,
+            ctxt: "{}".into(),
+            method_kwargs: "{}".into(),
+        }
+    }
+
+    fn solo() -> Cell {
+        Cell {
+            name: "solo".into(),
+            parents: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn two_memories_that_together_pass_the_cap_fail_to_instantiate() {
+        assert!(GREEDY.contains(GREEDY_MAIN_MEMORY));
+        let twelve_mib = GREEDY.replace(
+            GREEDY_MAIN_MEMORY,
+            r#"(memory $main (export "memory") 192)"#,
+        );
+        let refused = greedy(&twelve_mib)
+            .err()
+            .expect("24 MiB in two memories is refused");
+        let reason = format!("{refused:#}");
+        assert!(reason.contains("trial instance failed"), "{reason}");
+        assert!(reason.contains("memory limit"), "{reason}");
+        assert!(
+            reason.contains("24 MiB") && reason.contains("16 MiB"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn growing_past_the_cap_in_a_second_memory_traps_and_a_fresh_instance_routes() {
+        let policy = greedy(GREEDY).expect("loads: 12 MiB and one page");
+        let after_init = policy.usage_after_init().expect("measured");
+        assert!(after_init.memory_bytes >= 12 << 20, "{after_init:?}");
+
+        let mut instance = policy.instantiate().expect("instance");
+        let failed = instance
+            .route(&message("grow-memory"), &solo())
+            .expect_err("contained");
+        assert!(failed.poisons_instance());
+        let PolicyError::Trap(reason) = failed else {
+            panic!("a trap, not {failed:?}")
+        };
+        assert!(reason.starts_with("memory limit"), "{reason}");
+
+        let mut fresh = policy.instantiate().expect("instance");
+        let actions = fresh.route(&message("after"), &solo()).expect("routes");
+        assert!(matches!(actions.as_slice(), [Action::ProcessHere]));
+    }
+
+    #[test]
+    fn a_table_grown_without_end_traps_at_the_element_limit() {
+        let policy = greedy(GREEDY).expect("loads");
+        let mut instance = policy.instantiate().expect("instance");
+        let failed = instance
+            .route(&message("grow-table"), &solo())
+            .expect_err("contained");
+        let PolicyError::Trap(reason) = failed else {
+            panic!("a trap, not {failed:?}")
+        };
+        assert!(reason.starts_with("table limit"), "{reason}");
+        assert!(
+            reason.contains(&budget::MAX_TABLE_ELEMENTS.to_string()),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn too_many_memories_are_refused_by_count() {
+        // Empty memories cost nothing in bytes; only the count stops them.
+        let spares: String = (0..budget::MAX_MEMORIES)
+            .map(|i| {
+                format!(
+                    "(core module $spare{i} (memory 0)) (core instance (instantiate $spare{i}))\n"
+                )
+            })
+            .collect();
+        let crowded = GREEDY.replacen(
+            "  (core module $ballast",
+            &format!("{spares}  (core module $ballast"),
+            1,
+        );
+        let refused = greedy(&crowded).err().expect("refused");
+        let reason = format!("{refused:#}");
+        assert!(
+            reason.contains(&format!("at most {} linear memories", budget::MAX_MEMORIES)),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn real_policies_stay_well_within_the_budget() {
+        let engine = PolicyEngine::new().expect("engine");
+        for (name, wasm) in [
+            ("nova-cells", crate::plugins::NOVA_CELLS),
+            (
+                "adversary",
+                &std::fs::read(crate::plugins::built_path("adversary")).expect("built")[..],
+            ),
+        ] {
+            let policy = engine
+                .load(name, wasm, "", Limits::default())
+                .expect("loads");
+            let used = policy.usage_after_init().expect("measured");
+            eprintln!("{name}: {used:?}");
+            assert!(
+                used.memory_bytes <= Limits::default().memory_bytes / 4,
+                "{name}: {used:?}"
+            );
+            assert!(
+                used.table_elements <= budget::MAX_TABLE_ELEMENTS / 100,
+                "{name}: {used:?}"
+            );
+        }
     }
 
     #[test]

@@ -13,7 +13,8 @@ use anyhow::Result;
 
 use super::CheckArgs;
 use crate::config::PolicySection;
-use crate::policy::LoadedPolicy;
+use crate::policy::budget::{self, mib};
+use crate::policy::{world, LoadedPolicy};
 
 pub fn run(args: &CheckArgs) -> Result<()> {
     let (section, policy) = args.policy.load(false)?;
@@ -38,7 +39,7 @@ fn report(section: &PolicySection, policy: &LoadedPolicy) -> String {
         policy.compiled_from().describe(),
         policy.compile_time()
     );
-    let _ = writeln!(out, "world     cellhost:policy@0.1.0 `policy`: ok");
+    let _ = writeln!(out, "world     {} `policy`: ok", world::package());
     let _ = writeln!(out, "init      ok with config {:?}", section.config);
 
     let _ = writeln!(out, "imports");
@@ -50,10 +51,25 @@ fn report(section: &PolicySection, policy: &LoadedPolicy) -> String {
     let _ = writeln!(out, "sandbox");
     let _ = writeln!(out, "  route deadline    {:?} per call", limits.deadline);
     let _ = writeln!(out, "  init deadline     {:?}", limits.init_deadline());
+    let used = policy.usage_after_init().unwrap_or_default();
     let _ = writeln!(
         out,
-        "  memory            {} MiB per instance",
-        limits.memory_bytes >> 20
+        "  memory            {} per instance, all its linear memories together ({} after init)",
+        mib(limits.memory_bytes),
+        mib(used.memory_bytes)
+    );
+    let _ = writeln!(
+        out,
+        "  table elements    {} per instance, all its tables together ({} after init)",
+        budget::MAX_TABLE_ELEMENTS,
+        used.table_elements
+    );
+    let _ = writeln!(
+        out,
+        "  counts            at most {} core instances, {} memories and {} tables per instance",
+        budget::MAX_CORE_INSTANCES,
+        budget::MAX_MEMORIES,
+        budget::MAX_TABLES
     );
     let _ = writeln!(
         out,
