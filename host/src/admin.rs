@@ -124,6 +124,7 @@ async fn policy(State(cells): State<Cells>) -> Json<Value> {
                 "reloads": c.reloader.as_ref().map(|r| r.swaps()),
                 "last_reload_error": c.reloader.as_ref().and_then(|r| r.last_error()),
                 "fallbacks": Stats::get(&s.fallbacks),
+                "instances_renewed": Stats::get(&s.instances_renewed),
                 "neighbours": sorted(&c.router.neighbours().names),
                 "last_neighbours_error": c.router.neighbours_error(),
             })
@@ -160,7 +161,7 @@ async fn reload(State(cells): State<Cells>) -> Response {
 async fn metrics(State(cells): State<Cells>) -> Response {
     // The counters already live in each router; the text format is a few
     // lines per family, so they are written out directly.
-    let counters: [Counter; 15] = [
+    let counters: [Counter; 16] = [
         (
             "received",
             "Messages received on the intercell topics",
@@ -204,6 +205,11 @@ async fn metrics(State(cells): State<Cells>) -> Response {
             "policy_fallbacks",
             "Failing policy versions unloaded for the previous one",
             |s| Stats::get(&s.fallbacks),
+        ),
+        (
+            "policy_instances_renewed",
+            "Policy instances replaced between calls before their memory ran out",
+            |s| Stats::get(&s.instances_renewed),
         ),
         (
             "shadow_compared",

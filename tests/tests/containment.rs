@@ -424,3 +424,37 @@ async fn greedy_components_are_contained_on_memory_too() {
     }
     topo.stop().await;
 }
+
+/// A policy whose memory grows a MiB with every message (as a runtime that
+/// keeps a little per call does, only faster): without renewal its instance
+/// would trap at the 16 MiB cap about every fifteenth message and cost it.
+/// The host renews the instance at its mark instead, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_whose_memory_creeps_up_is_renewed_and_loses_nothing() {
+    let mut topo = adversary_pair(Transport::Memory).await;
+    let mut uuids = Vec::new();
+    for _ in 0..40 {
+        let uuid = topo
+            .send(
+                "top",
+                Outgoing::targeted("top!leaf", Direction::Down, "leak"),
+            )
+            .await
+            .expect("sent");
+        uuids.push(uuid);
+    }
+    for uuid in &uuids {
+        let got = topo.processed(uuid, 1).await.expect("processed");
+        assert_eq!(got[0].cell, "leaf");
+    }
+    assert_eq!(topo.counts().dead_lettered, 0, "no message was lost");
+    let renewed: u64 = ["top", "leaf"]
+        .iter()
+        .map(|cell| {
+            let host = topo.host_mut(cell);
+            cellhost::router::Stats::get(&host.router().stats.instances_renewed)
+        })
+        .sum();
+    assert!(renewed >= 4, "instances renewed: {renewed}");
+    topo.stop().await;
+}

@@ -442,12 +442,23 @@ impl LoadedPolicy {
                 anyhow::bail!("init failed: {reason}")
             }
         }
+        let renew_above = renewal_mark(store.data().budget.usage().memory_bytes, &self.limits);
         Ok(PolicyInstance {
             store,
             bindings,
             policy: self.clone(),
+            renew_above,
         })
     }
+}
+
+/// The memory above which an instance is renewed between calls: halfway from
+/// what it held after `init` to its cap. An instance whose memory creeps up
+/// (a runtime that keeps a little per call, as componentize-py's does) is
+/// then replaced while it still has room, instead of trapping on some later
+/// message when it reaches the cap, which would cost that message.
+fn renewal_mark(after_init: usize, limits: &Limits) -> usize {
+    after_init + limits.memory_bytes.saturating_sub(after_init) / 2
 }
 
 /// A live instance of a policy, reused for call after call.
@@ -455,6 +466,8 @@ pub struct PolicyInstance {
     store: Store<GuestState>,
     bindings: Policy,
     policy: Arc<LoadedPolicy>,
+    /// See [`renewal_mark`].
+    renew_above: usize,
 }
 
 impl PolicyInstance {
@@ -466,6 +479,14 @@ impl PolicyInstance {
     /// The memory and table elements this instance holds now.
     pub fn usage(&self) -> Usage {
         self.store.data().budget.usage()
+    }
+
+    /// Whether the instance has grown past its renewal mark: halfway from
+    /// what it held after `init` to the memory cap. A caller that keeps
+    /// instances drops such a one after the call, as after a trap, but
+    /// without losing anything: the call succeeded.
+    pub fn worn_out(&self) -> bool {
+        self.usage().memory_bytes > self.renew_above
     }
 
     /// Asks the policy what to do with `message`. After an error for which
@@ -930,6 +951,59 @@ mod tests {
             reason.contains(&format!("at most {} linear memories", budget::MAX_MEMORIES)),
             "{reason}"
         );
+    }
+
+    /// A policy whose memory creeps up a MiB per call: kept, it traps at
+    /// its cap and costs that call; renewed at its mark, as the router
+    /// renews it, no call fails.
+    #[test]
+    fn an_instance_whose_memory_creeps_up_is_renewed_before_its_cap() {
+        let engine = PolicyEngine::new().expect("engine");
+        let wasm = std::fs::read(crate::plugins::built_path("adversary")).expect("built");
+        let policy = engine
+            .load("adversary", &wasm, "", Limits::default())
+            .expect("loads");
+        let message = Message {
+            uuid: "u".into(),
+            message_type: MessageType::Broadcast,
+            direction: Direction::Down,
+            method_name: "leak".into(),
+            routing_path: "solo".into(),
+            hop_count: 1,
+            max_hop_count: 10,
+            target_cell: None,
+            need_response: false,
+            fanout: false,
+            is_origin: true,
+            run_locally: true,
+            ctxt: "{}".into(),
+            method_kwargs: "{}".into(),
+        };
+        let cell = Cell {
+            name: "solo".into(),
+            parents: Vec::new(),
+            children: Vec::new(),
+        };
+        let calls = 40;
+
+        let mut kept = policy.instantiate().expect("instance");
+        let first_failure = (1..=calls).find(|_| kept.route(&message, &cell).is_err());
+        assert!(
+            first_failure.is_some_and(|n| n < 20),
+            "a kept instance reaches its 16 MiB cap within 20 calls: {first_failure:?}"
+        );
+
+        let mut instance = policy.instantiate().expect("instance");
+        let mut renewals = 0;
+        for call in 1..=calls {
+            let result = instance.route(&message, &cell);
+            assert!(result.is_ok(), "call {call} failed: {result:?}");
+            if instance.worn_out() {
+                renewals += 1;
+                instance = policy.instantiate().expect("a fresh instance");
+            }
+        }
+        assert!(renewals >= 4, "renewed {renewals} times in {calls} calls");
     }
 
     #[test]

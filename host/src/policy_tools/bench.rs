@@ -104,6 +104,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // should not throw away the measurement. Their time is kept in the
     // figures; it was spent.
     let mut failures: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut renewals = 0u64;
     for i in 0..args.iterations {
         let sample = &mut samples[(i % count) as usize];
         let started = Instant::now();
@@ -119,6 +120,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 // As the router does: a poisoned instance is replaced.
                 instance = fresh_instance(&policy)?;
             }
+        } else if instance.worn_out() {
+            // As the router does: renewed before its memory runs out.
+            renewals += 1;
+            instance = fresh_instance(&policy)?;
         }
     }
 
@@ -143,6 +148,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "calls        {} timed after {warm_up} warm-up calls, one reused instance, Nova's eight cells",
         args.iterations
     );
+    if renewals > 0 {
+        let _ = writeln!(
+            out,
+            "renewals     {renewals} (instances replaced between calls, their memory past the renewal mark)"
+        );
+    }
     if !failures.is_empty() {
         let counts: Vec<String> = failures
             .iter()

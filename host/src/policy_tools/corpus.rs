@@ -309,7 +309,7 @@ fn route_at(
     };
     let (view, cell) = policy_view(config, message);
     let result = instance.route(&view, &cell);
-    if result.as_ref().is_err_and(PolicyError::poisons_instance) {
+    if instance.worn_out() || result.as_ref().is_err_and(PolicyError::poisons_instance) {
         instances.remove(name);
     }
     result

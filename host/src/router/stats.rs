@@ -18,6 +18,9 @@ pub struct Stats {
     pub late_responses: AtomicU64,
     /// Times a failing policy version was unloaded for the previous one.
     pub fallbacks: AtomicU64,
+    /// Policy instances replaced between calls because their memory had
+    /// grown past their renewal mark (see `PolicyInstance::worn_out`).
+    pub instances_renewed: AtomicU64,
     /// Messages the shadow policy was asked about, and how many it decided
     /// differently from the active one.
     pub shadow_compared: AtomicU64,

@@ -457,11 +457,8 @@ impl RouteWorker {
                 "the shadow policy cannot be instantiated".into(),
             )),
         };
-        if candidate
-            .as_ref()
-            .err()
-            .is_some_and(PolicyError::poisons_instance)
-        {
+        let worn_out = self.shadow.as_ref().is_some_and(|i| i.worn_out());
+        if worn_out || candidate.as_ref().is_err_and(PolicyError::poisons_instance) {
             self.shadow = None;
         }
         let stats = &self.router.stats;
@@ -500,11 +497,17 @@ impl RouteWorker {
             return Err(PolicyError::Trap("no policy instance".into()));
         };
         let result = instance.route(view, &self.router.neighbours.load().wit_cell);
-        if let Err(e) = &result {
-            if e.poisons_instance() {
-                // A trapped instance is unusable; the next call gets a fresh one.
-                self.instance = None;
-            }
+        let worn_out = instance.worn_out();
+        if result.as_ref().is_err_and(PolicyError::poisons_instance) {
+            // A trapped instance is unusable; the next call gets a fresh one.
+            self.instance = None;
+        } else if worn_out {
+            // Renewed before its memory runs out, while nothing is lost.
+            self.instance = None;
+            self.router
+                .stats
+                .instances_renewed
+                .fetch_add(1, Ordering::Relaxed);
         }
         result
     }

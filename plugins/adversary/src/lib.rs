@@ -2,7 +2,7 @@
 //!
 //! This crate owns the misbehaviours: each is chosen by the message's
 //! `method_name` and attacks one invariant the host must enforce whatever a
-//! policy does: traps, runaway CPU, memory and stack, oversized or illegal
+//! policy does: traps, runaway CPU, memory and stack, memory that creeps up, oversized or illegal
 //! action lists, policy errors, and attempts to reach the filesystem and
 //! environment the host does not grant. Any other method is routed as Nova
 //! would, so the adversary can stand in for the default policy in a working
@@ -42,6 +42,10 @@ impl Policy for Adversary {
             "trap" => panic!("adversary: trap requested"),
             "spin" => spin(),
             "hog" => hog(),
+            "leak" => {
+                leak();
+                nova_cells::route(message, cell)
+            }
             "recurse" => Ok(vec![Action::Drop(format!("depth {}", recurse(0)))]),
             "flood" => Ok(flood(cell)),
             "stray" => Ok(vec![Action::Relay("no-such-cell".to_owned())]),
@@ -83,6 +87,17 @@ fn hog() -> ! {
             // happens anyway, leaking is just as good as hoarding.
             Err(_) => std::mem::forget(chunk),
         }
+    }
+}
+
+/// Keeps one more [`HOG_CHUNK`] for good on every call, then routes as
+/// Nova would: a runtime whose memory creeps up call after call, which the
+/// host renews before it reaches its cap.
+fn leak() {
+    let chunk = black_box(vec![0x5A_u8; HOG_CHUNK]);
+    match HOARD.lock() {
+        Ok(mut hoard) => hoard.push(chunk),
+        Err(_) => std::mem::forget(chunk),
     }
 }
 
