@@ -190,7 +190,7 @@ async fn a_version_that_fails_to_load_leaves_the_current_one_serving() {
         (
             "a component of another world",
             b"(component)".to_vec(),
-            "not a cellhost:policy component",
+            "was not built for cellhost:policy",
         ),
         (
             "a half-written file",

@@ -729,13 +729,14 @@ mod tests {
             .expect("nova-cells loads")
     }
 
-    /// Proves a policy loaded from any source actually runs.
-    fn routes(policy: &Arc<LoadedPolicy>) {
+    /// A broadcast calling `method` that starts at a cell with no
+    /// neighbours, and that cell.
+    fn solo_broadcast(method: &str) -> (Message, Cell) {
         let message = Message {
             uuid: "u".into(),
             message_type: MessageType::Broadcast,
             direction: Direction::Down,
-            method_name: "m".into(),
+            method_name: method.into(),
             routing_path: "solo".into(),
             hop_count: 1,
             max_hop_count: 10,
@@ -752,6 +753,12 @@ mod tests {
             parents: Vec::new(),
             children: Vec::new(),
         };
+        (message, cell)
+    }
+
+    /// Proves a policy loaded from any source actually runs.
+    fn routes(policy: &Arc<LoadedPolicy>) {
+        let (message, cell) = solo_broadcast("m");
         let mut instance = policy.instantiate().expect("instance");
         let actions = instance.route(&message, &cell).expect("routes");
         assert!(matches!(actions.as_slice(), [Action::ProcessHere]));
@@ -963,27 +970,7 @@ mod tests {
         let policy = engine
             .load("adversary", &wasm, "", Limits::default())
             .expect("loads");
-        let message = Message {
-            uuid: "u".into(),
-            message_type: MessageType::Broadcast,
-            direction: Direction::Down,
-            method_name: "leak".into(),
-            routing_path: "solo".into(),
-            hop_count: 1,
-            max_hop_count: 10,
-            target_cell: None,
-            need_response: false,
-            fanout: false,
-            is_origin: true,
-            run_locally: true,
-            ctxt: "{}".into(),
-            method_kwargs: "{}".into(),
-        };
-        let cell = Cell {
-            name: "solo".into(),
-            parents: Vec::new(),
-            children: Vec::new(),
-        };
+        let (message, cell) = solo_broadcast("leak");
         let calls = 40;
 
         let mut kept = policy.instantiate().expect("instance");
