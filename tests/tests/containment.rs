@@ -322,7 +322,12 @@ async fn a_policy_that_sleeps_is_refused_not_waited_for() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_too_large_in_bytes_is_refused() {
-    let mut topo = adversary_pair(Transport::Rabbit).await;
+    // Building a MiB of text can pass the 5 ms deadline on a loaded CI
+    // machine; this test is about the size of the answer, not its time.
+    let policy = plugin_with("adversary", "", |p| p.deadline_ms = 2_000).expect("loads");
+    let mut topo = Topology::start(Transport::Rabbit, &PAIR, policy)
+        .await
+        .expect("topology starts");
     let dead = provoke(&topo, "bloat").await;
     assert_eq!(dead.code, "policy-actions-too-large", "{dead:?}");
     assert!(
