@@ -653,3 +653,34 @@ macro_rules! on_both_transports {
         }
     };
 }
+
+/// Builds the Python nova-cells component with `scripts/build-python-policy`
+/// if its inputs changed (the script skips the build otherwise; it also makes
+/// the componentize-py venv in target/componentize-venv) and returns the
+/// component's fixed path under target/.
+pub fn python_policy_wasm() -> &'static std::path::Path {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("tests/ sits in the repository");
+        let script = root.join("scripts/build-python-policy");
+        let out = std::process::Command::new(&script)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} failed; run it by hand to see why:\n{}{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let wasm = root.join("target/plugins-py/nova_cells_py.wasm");
+        assert!(
+            wasm.is_file(),
+            "{} is missing after scripts/build-python-policy",
+            wasm.display()
+        );
+        wasm
+    })
+}

@@ -160,16 +160,7 @@ async fn a_new_policy_builds_tests_checks_and_routes_in_a_cell() {
 
 /// The componentize-py venv scripts/build-python-policy makes (or reuses).
 fn componentize_venv() -> PathBuf {
-    let root = target_root().join("..");
-    let built = Command::new("bash")
-        .arg(root.join("scripts/build-python-policy"))
-        .output()
-        .expect("bash runs");
-    assert!(
-        built.status.success(),
-        "scripts/build-python-policy failed:\n{}",
-        text(&built)
-    );
+    cellhost_tests::python_policy_wasm();
     target_root().join("componentize-venv")
 }
 

@@ -6,14 +6,12 @@
 //! puts them. (Its decisions, message by message, are compared with the
 //! Rust nova-cells' in host/tests/policy_corpus.rs.)
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
 use cellhost::client::Outgoing;
 use cellhost::config::PolicySection;
 use cellhost::policy::LoadedPolicy;
-use cellhost_tests::{Direction, Topology, Transport};
+use cellhost_tests::{python_policy_wasm, Direction, Topology, Transport};
 
 /// The limits plugins/nova-cells-py/README.md gives for the Python policy.
 const MEMORY_MIB: u64 = 64;
@@ -26,35 +24,6 @@ const TREE: [(&str, Option<&str>); 4] = [
     ("child-cell2", Some("api-cell")),
     ("grandchild-cell1", Some("child-cell2")),
 ];
-
-/// Builds the component if its inputs changed (the script skips the build
-/// otherwise) and returns its fixed path under target/.
-fn python_policy_wasm() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("tests/ sits in the repository");
-        let script = root.join("scripts/build-python-policy");
-        let out = Command::new(&script)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed; run it by hand to see why:\n{}{}",
-            script.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let wasm = root.join("target/plugins-py/nova_cells_py.wasm");
-        assert!(
-            wasm.is_file(),
-            "{} is missing after scripts/build-python-policy",
-            wasm.display()
-        );
-        wasm
-    })
-}
 
 /// The `[policy]` section of every cell in these tests.
 fn policy_section() -> PolicySection {
