@@ -21,7 +21,9 @@ use crate::client::Caller;
 use crate::config::Config;
 use crate::file_watch::FileWatch;
 use crate::links::Links;
-use crate::neighbours::{connect_neighbour, declare_park_queue, NeighbourLinks, NeighboursChanged};
+use crate::neighbours::{
+    connect_neighbour, declare_park_queue, first_attempts, NeighbourLinks, NeighboursChanged,
+};
 use crate::policy::{LoadedPolicy, PolicyEngine};
 use crate::reload::{PolicyReloader, Reloaded};
 use crate::responses::{Answering, Waiters};
@@ -101,6 +103,7 @@ impl CellHost {
             })?;
             neighbours.insert(n.name.clone(), broker);
         }
+        first_attempts(neighbours.values()).await;
         let caller = Caller::start(own.clone()).await?;
 
         let prefetch = config.cell.prefetch;

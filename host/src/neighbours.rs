@@ -36,6 +36,11 @@ use crate::transport::Broker;
 /// were in flight when it was removed.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// The longest a cell waits for new neighbour links to come up before it
+/// routes to them: a neighbour that says nothing (a stalled host) does not
+/// hold the cell for longer; its relays are parked meanwhile.
+pub const FIRST_ATTEMPT_GRACE: Duration = Duration::from_secs(3);
+
 /// A burst of file events (write, chmod, rename) is read as one change.
 const SETTLE: Duration = Duration::from_millis(50);
 
@@ -165,6 +170,7 @@ impl NeighbourLinks {
             })?;
             opened.push((n.clone(), Arc::new(broker)));
         }
+        first_attempts(opened.iter().map(|(_, broker)| &**broker)).await;
         // 2. The swap.
         let mut closing = Vec::new();
         for name in changed.removed.iter().chain(&changed.reconnected) {
@@ -293,6 +299,15 @@ pub async fn connect_neighbour(config: &Config, n: &NeighbourConfig) -> Result<B
     )
     .await?;
     Ok(broker)
+}
+
+/// Waits, for at most [`FIRST_ATTEMPT_GRACE`], until each link just opened
+/// in the background is up or has failed once. A healthy neighbour's link
+/// opens in milliseconds; without this wait, the relays of the first
+/// messages would find it still down and be parked for nothing.
+pub async fn first_attempts<'a>(brokers: impl Iterator<Item = &'a Broker>) {
+    let attempts = futures::future::join_all(brokers.map(Broker::first_attempt));
+    let _ = tokio::time::timeout(FIRST_ATTEMPT_GRACE, attempts).await;
 }
 
 /// Closes a removed neighbour's link once no publication holds it, or after

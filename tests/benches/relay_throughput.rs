@@ -616,6 +616,13 @@ async fn run_cellhost(
         Stats::get(&stats.dead_lettered),
         Stats::get(&stats.publish_failures),
     );
+    let parked = Stats::get(&stats.parked);
+    if parked > 0 {
+        println!(
+            "  (cellhost parked {parked} relays, moved on {} of them)",
+            Stats::get(&stats.unparked)
+        );
+    }
     await_no_unacked(pair.top_vhost(), &pair.queue).await?;
     check_relayed(&pair.ends.dst, "top", 1).await?;
     host.shutdown().await;

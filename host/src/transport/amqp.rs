@@ -299,9 +299,15 @@ impl AmqpBroker {
                 }
                 failures = 0;
             }
+            // A link opened in the background tries at once; a lost one
+            // waits first, so a broker that just failed is not hammered.
+            let mut wait = !connect_now;
             connect_now = false;
             loop {
-                tokio::time::sleep(backoff(failures)).await;
+                if wait {
+                    tokio::time::sleep(backoff(failures)).await;
+                }
+                wait = true;
                 if self.inner.closing.load(Ordering::Relaxed) {
                     return;
                 }

@@ -259,6 +259,13 @@ impl Broker {
         let _ = state.wait_for(|s| s.up).await;
     }
 
+    /// Waits until the link is up or its first attempt to connect failed:
+    /// a link opened in the background has then had its chance.
+    pub async fn first_attempt(&self) {
+        let mut state = self.state();
+        let _ = state.wait_for(|s| s.up || s.last_error.is_some()).await;
+    }
+
     /// The `[oslo_messaging_rabbit]` options this broker was connected with;
     /// the memory broker has oslo's defaults (it ignores them anyway).
     pub fn options(&self) -> &RabbitOptions {
