@@ -133,6 +133,8 @@ impl Timing {
             cpu: Cpu {
                 own: after.own - before.own,
                 broker: after.broker.zip(before.broker).map(|(a, b)| a - b),
+                own_switches: after.own_switches.saturating_sub(before.own_switches),
+                broker_switches: after.broker_switches.saturating_sub(before.broker_switches),
             },
         }
     }
@@ -152,6 +154,10 @@ struct Finish {
 struct Cpu {
     own: f64,
     broker: Option<f64>,
+    /// Context switches of this process's threads and of the broker's:
+    /// each is a thread put to sleep and woken again, which costs both.
+    own_switches: u64,
+    broker_switches: u64,
 }
 
 /// Reads [`Cpu`] from /proc; the broker's share is unknown when no local
@@ -199,6 +205,8 @@ impl CpuMeter {
         Cpu {
             own: self.seconds("self").unwrap_or(0.0),
             broker: self.broker_pid.as_deref().and_then(|pid| self.seconds(pid)),
+            own_switches: context_switches("self"),
+            broker_switches: self.broker_pid.as_deref().map_or(0, context_switches),
         }
     }
 
@@ -212,6 +220,25 @@ impl CpuMeter {
         let stime: f64 = fields.get(12)?.parse().ok()?;
         Some((utime + stime) / self.ticks_per_second)
     }
+}
+
+/// Context switches, voluntary and not, summed over the live threads of
+/// `pid` (threads that ended are not counted).
+fn context_switches(pid: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .map(|status| {
+            status
+                .lines()
+                .filter(|line| line.contains("ctxt_switches:"))
+                .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
 }
 
 /// The queues a run watches: the source, its relay's destination.
@@ -340,7 +367,7 @@ async fn bench() -> Result<()> {
                 })?;
                 println!(
                     "round {round} {:<26} total {:>7.3} s {:>7.0} msg/s | from consumer {:>7.3} s {:>7.0} msg/s \
-                     | CPU µs/msg: process {:>5.1}, broker {}",
+                     | CPU µs/msg: process {:>5.1}, broker {} | switches/msg: process {:.2}, broker {:.2}",
                     side.label(),
                     timing.total.as_secs_f64(),
                     rate(messages, timing.total),
@@ -352,6 +379,8 @@ async fn bench() -> Result<()> {
                         .broker
                         .map(|b| format!("{:>5.1}", per_message_us(messages, b)))
                         .unwrap_or_else(|| "n/a".into()),
+                    timing.cpu.own_switches as f64 / f64::from(messages),
+                    timing.cpu.broker_switches as f64 / f64::from(messages),
                 );
                 timings.push(timing);
             }

@@ -165,7 +165,7 @@ impl RouteWorker {
             Err(_) => None,
         };
         let mut plan = match plain {
-            Some((local, relays)) => self.splice(&skim, hop, local, relays),
+            Some((local, relays)) => self.splice(body, &skim, hop, local, relays),
             None => self.conclude_decoded(body, received, expiration_ms, is_origin, outcome),
         };
         if let Some(claim) = claim.as_mut() {
@@ -226,16 +226,19 @@ impl RouteWorker {
     }
 
     /// The plan of a plain route, its bodies spliced from the skimmed text.
-    fn splice(&self, skim: &Skim, hop: Hop, local: bool, relays: Vec<String>) -> Plan {
+    fn splice(&self, body: &[u8], skim: &Skim, hop: Hop, local: bool, relays: Vec<String>) -> Plan {
         let router = &self.router;
         let cfg = &router.config;
         let mut sends = Vec::with_capacity(relays.len() + usize::from(local));
         if !relays.is_empty() {
             let topic = router.intercell_topic(skim.message_type);
             // One encoding serves every neighbour: the body does not depend on it.
-            let body = skim.relay_body(&hop, &new_unique_id());
-            for to in &relays {
-                sends.push(self.relay_to(to, &topic, skim.fanout, body.clone()));
+            let relay = skim.relay_body(body, &hop, &new_unique_id());
+            if let Some((last, others)) = relays.split_last() {
+                for to in others {
+                    sends.push(self.relay_to(to, &topic, skim.fanout, relay.clone()));
+                }
+                sends.push(self.relay_to(last, &topic, skim.fanout, relay));
             }
         }
         if local {

@@ -158,6 +158,16 @@ pub fn write_python_str(out: &mut String, text: &str) {
     let mut bytes = std::mem::take(out).into_bytes();
     bytes.reserve(text.len() + text.len() / 4 + 2);
     bytes.push(b'"');
+    write_python_str_content(&mut bytes, text);
+    bytes.push(b'"');
+    // Only ASCII was added to what was a String.
+    *out = String::from_utf8(bytes)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+}
+
+/// [`write_python_str`] without the quotes: `text` escaped for the inside of a
+/// string literal, appended to `bytes` (ASCII only).
+pub(crate) fn write_python_str_content(bytes: &mut Vec<u8>, text: &str) {
     let mut at = 0;
     let input = text.as_bytes();
     while let Some(&byte) = input.get(at) {
@@ -185,12 +195,12 @@ pub fn write_python_str(out: &mut String, text: &str) {
                 let ch = ch.unwrap_or('\u{fffd}');
                 let mut units = [0u16; 2];
                 for unit in ch.encode_utf16(&mut units) {
-                    push_unit(&mut bytes, *unit);
+                    push_unit(bytes, *unit);
                 }
                 at += ch.len_utf8();
             }
             b'u' => {
-                push_unit(&mut bytes, u16::from(byte));
+                push_unit(bytes, u16::from(byte));
                 at += 1;
             }
             short => {
@@ -199,10 +209,6 @@ pub fn write_python_str(out: &mut String, text: &str) {
             }
         }
     }
-    bytes.push(b'"');
-    // Only ASCII was added to what was a String.
-    *out = String::from_utf8(bytes)
-        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
 }
 
 /// For each byte, how Python escapes it: 0 for not at all, the letter after the
@@ -281,7 +287,7 @@ pub(crate) fn unescape_json_str_prefix(raw: &str) -> Option<(String, usize)> {
     loop {
         // The run up to the next escape, checked for what a string may not hold raw.
         let rest = inner.get(at..)?;
-        let run = memchr::memchr2(b'\\', b'"', rest).unwrap_or(rest.len());
+        let run = plain_run(rest).unwrap_or(rest.len());
         let (clean, _) = rest.split_at(run);
         let mut words = clean.chunks_exact(8);
         for chunk in &mut words {
@@ -335,6 +341,129 @@ pub(crate) fn unescape_json_str_prefix(raw: &str) -> Option<(String, usize)> {
         };
         out.push(short);
     }
+}
+
+/// Where the characters at byte offsets `targets` (ascending) of a string
+/// literal's value begin in its escaped text (`escaped`: the literal without
+/// its opening quote, and whatever follows it), appended to `out`. An offset
+/// equal to the value's length maps to the closing quote. `None` when a
+/// target falls inside a character or past the value, or the escapes are
+/// not well formed: the caller then writes the text out itself.
+///
+/// This is what lets a relay copy a message's escaped text as received and
+/// splice only the values it changes, instead of unescaping and escaping the
+/// whole of it again.
+pub(crate) fn escaped_offsets(
+    escaped: &[u8],
+    targets: &[usize],
+    out: &mut Vec<usize>,
+) -> Option<()> {
+    let mut targets = targets.iter().copied().peekable();
+    // `e` walks the escaped text, `u` the value it stands for.
+    let (mut e, mut u) = (0, 0);
+    loop {
+        let rest = escaped.get(e..)?;
+        // Doubly escaped text is dense with escapes: a run of length zero
+        // is common and found without a search.
+        let run = plain_run(rest)?;
+        while let Some(target) = targets.next_if(|t| *t <= u + run) {
+            out.push(e + (target - u));
+        }
+        if targets.peek().is_none() {
+            return Some(());
+        }
+        e += run;
+        u += run;
+        if rest.get(run)? == &b'"' {
+            return None;
+        }
+        let (escape_len, value_len) = match escaped.get(e + 1)? {
+            b'u' => {
+                let unit = hex_unit(escaped.get(e + 2..e + 6)?)?;
+                match unit {
+                    0xd800..=0xdbff => (12, 4),
+                    0..=0x7f => (6, 1),
+                    0x80..=0x7ff => (6, 2),
+                    _ => (6, 3),
+                }
+            }
+            _ => (2, 1),
+        };
+        if targets.peek().is_some_and(|t| *t < u + value_len) {
+            return None;
+        }
+        e += escape_len;
+        u += value_len;
+    }
+}
+
+/// [`escaped_offsets`] for a literal whose only escapes are `\\"` and `\\\\`
+/// (what Python writes for ASCII text without control characters), found
+/// by counting instead of walking the escapes: `escaped_len` is the length
+/// of the literal's text between its quotes. `None` when the literal has
+/// other escapes (its length says so) or a target is past the value.
+pub(crate) fn plain_escaped_offsets(
+    value: &[u8],
+    escaped_len: usize,
+    targets: &[usize],
+    out: &mut Vec<usize>,
+) -> Option<()> {
+    let (mut from, mut escapes) = (0, 0);
+    for &target in targets {
+        escapes += quotes_and_backslashes(value.get(from..target)?);
+        out.push(target + escapes);
+        from = target;
+    }
+    escapes += quotes_and_backslashes(value.get(from..)?);
+    // Every `"` and `\\` takes one byte more; any other escape would take
+    // more still, so equal lengths mean there is none.
+    (escaped_len == value.len() + escapes).then_some(())
+}
+
+/// How many bytes of `bytes` are `"` or `\\`, eight at a time.
+fn quotes_and_backslashes(bytes: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    // The high bit of each lane that is zero, exactly (no borrow between lanes).
+    let zero_lanes = |w: u64| !(((w & LOW) + LOW) | w | LOW);
+    let mut words = bytes.chunks_exact(8);
+    let mut count = 0;
+    for chunk in &mut words {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word);
+        let found = zero_lanes(word ^ (ONES * u64::from(b'"')))
+            | zero_lanes(word ^ (ONES * u64::from(b'\\')));
+        count += found.count_ones() as usize;
+    }
+    count
+        + words
+            .remainder()
+            .iter()
+            .filter(|b| **b == b'"' || **b == b'\\')
+            .count()
+}
+
+/// The length of the run of `bytes` before its first `\\` or `"`, if it has
+/// one. Escaped JSON (and more so JSON escaped twice) has many short runs:
+/// the first eight bytes are tested together, and only a longer run is
+/// left to `memchr`.
+fn plain_run(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    if let Some(chunk) = bytes.first_chunk::<8>() {
+        let word = u64::from_le_bytes(*chunk);
+        let has_zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGH;
+        let found =
+            has_zero(word ^ (ONES * u64::from(b'"'))) | has_zero(word ^ (ONES * u64::from(b'\\')));
+        if found != 0 {
+            // The lowest marked lane is exact (a borrow only marks lanes
+            // above a lane that matched).
+            return Some(found.trailing_zeros() as usize / 8);
+        }
+        return memchr::memchr2(b'\\', b'"', &bytes[8..]).map(|at| at + 8);
+    }
+    bytes.iter().position(|b| *b == b'\\' || *b == b'"')
 }
 
 fn hex_unit(digits: &[u8]) -> Option<u16> {

@@ -27,7 +27,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::cells::{Direction, MessageType, KNOWN_KEYS};
-use super::json::{unescape_json_str, unescape_json_str_prefix, write_python_str};
+use super::json::{
+    escaped_offsets, plain_escaped_offsets, unescape_json_str, unescape_json_str_prefix,
+    write_python_str, write_python_str_content,
+};
 
 /// Keys of `extra` the skim reads besides the cells message's own
 /// ([`KNOWN_KEYS`]); a repetition of any of them sends a message down the
@@ -67,6 +70,20 @@ pub struct Skim {
     /// The path so far; empty when the message enters the tree here.
     pub path: String,
     pub target_cell: Option<String>,
+    /// The request's text as received, when the body is laid out as
+    /// oslo.messaging writes it: a relay then copies the escaped text.
+    received: Option<Received>,
+}
+
+/// The request text of a body laid out as oslo.messaging writes it (the
+/// envelope's head, then the request's head up to the cells message).
+#[derive(Debug, Clone)]
+struct Received {
+    /// The request, unescaped from the envelope.
+    request: String,
+    /// Where the cells message's escaped text lies in `request` (between
+    /// its quotes).
+    cells_at: Range<usize>,
 }
 
 impl Skim {
@@ -78,11 +95,15 @@ impl Skim {
         let text = std::str::from_utf8(body).ok()?;
         // What oslo.messaging writes is read without a parse of the whole
         // envelope: its one string literal is unescaped (and checked) directly.
+        let mut headed = false;
         let inner = match text
             .strip_prefix(ENVELOPE_HEAD)
             .and_then(|rest| rest.strip_suffix('}'))
         {
-            Some(literal) => unescape_json_str(literal)?,
+            Some(literal) => {
+                headed = true;
+                unescape_json_str(literal)?
+            }
             None => {
                 let outer: Entries<'_> = serde_json::from_str(text).ok()?;
                 if parse_str(outer.single("oslo.version")??)? != "2.0" {
@@ -105,7 +126,15 @@ impl Skim {
                 return None;
             }
             check_cast(&request)?;
-            return Skim::read_cells(cells);
+            drop(request);
+            let mut skim = Skim::read_cells(cells)?;
+            if headed {
+                skim.received = Some(Received {
+                    request: inner,
+                    cells_at: REQUEST_HEAD.len() + 1..REQUEST_HEAD.len() + used - 1,
+                });
+            }
+            return Some(skim);
         }
         let request: Entries<'_> = serde_json::from_str(&inner).ok()?;
         if parse_str(request.single("method")??)? != "process_message" {
@@ -176,6 +205,7 @@ impl Skim {
                 .unwrap_or_default(),
             target_cell: target_cell.map(Cow::into_owned),
             cells: String::new(),
+            received: None,
         };
         drop(entries);
         Some(Skim { cells, ..skim })
@@ -193,8 +223,82 @@ impl Skim {
 
     /// The oslo cast that carries the message on, with `hop` recorded: what
     /// [`super::Request::process_message`] of the updated message writes.
-    pub fn relay_body(&self, hop: &Hop, unique_id: &str) -> Vec<u8> {
-        let mut cells = String::with_capacity(self.cells.len() + hop.routing_path.len() + 16);
+    /// `body` is the body this skim was read from.
+    pub fn relay_body(&self, body: &[u8], hop: &Hop, unique_id: &str) -> Vec<u8> {
+        match self.relay_body_copied(body, hop, unique_id) {
+            Some(relay) => relay,
+            None => self.relay_body_written(hop, unique_id),
+        }
+    }
+
+    /// The relay body of a message laid out as oslo.messaging writes it: the
+    /// received body's text is copied as it is, still escaped twice, up to
+    /// and between the values a relay changes, and only those, the new
+    /// `_unique_id` and the context are escaped. `None` when the body is laid
+    /// out otherwise.
+    fn relay_body_copied(&self, body: &[u8], hop: &Hop, unique_id: &str) -> Option<Vec<u8>> {
+        let received = self.received.as_ref()?;
+        let edits = self.edits(hop);
+        // The edges of each edit in the cells text, and its end.
+        let mut edges = [0; 7];
+        for (i, (range, _)) in edits.iter().enumerate() {
+            edges[2 * i] = range.start;
+            edges[2 * i + 1] = range.end;
+        }
+        edges[6] = self.cells.len();
+        // Where they are in the request's text, then in the body's.
+        let request = received.request.as_bytes();
+        let cells_at = received.cells_at.clone();
+        let mut in_request = Vec::with_capacity(7);
+        let cells_text = request.get(cells_at.start..)?;
+        plain_escaped_offsets(
+            self.cells.as_bytes(),
+            cells_at.len(),
+            &edges,
+            &mut in_request,
+        )
+        .or_else(|| {
+            in_request.clear();
+            escaped_offsets(cells_text, &edges, &mut in_request)
+        })?;
+        in_request.iter_mut().for_each(|at| *at += cells_at.start);
+        // The envelope's literal runs from after its head to the `"}` that
+        // ends the body (the only layout `received` is kept for).
+        let request_at = ENVELOPE_HEAD.len() + 1;
+        let request_len = body.len().checked_sub(request_at + 2)?;
+        let mut in_body = Vec::with_capacity(7);
+        plain_escaped_offsets(request, request_len, &in_request, &mut in_body).or_else(|| {
+            in_body.clear();
+            escaped_offsets(body.get(request_at..)?, &in_request, &mut in_body)
+        })?;
+        in_body.iter_mut().for_each(|at| *at += request_at);
+
+        let mut out = Vec::with_capacity(body.len() + hop.routing_path.len() * 4 + 64);
+        out.extend_from_slice(body.get(..in_body[0])?);
+        let (mut once, mut twice) = (String::new(), Vec::new());
+        for (i, (_, edit)) in edits.iter().enumerate() {
+            // The new value's JSON text, escaped for the request, then for the body.
+            once.clear();
+            edit.write(&mut once);
+            twice.clear();
+            write_python_str_content(&mut twice, &once);
+            let once = std::str::from_utf8(&twice).ok()?;
+            write_python_str_content(&mut out, once);
+            out.extend_from_slice(body.get(in_body[2 * i + 1]..in_body[2 * i + 2])?);
+        }
+        // The request after the cells message, escaped for the body.
+        let mut tail = String::with_capacity(self.ctxt.len() + 128);
+        tail.push_str("\"}, \"version\": \"1.0\", \"_unique_id\": ");
+        write_python_str(&mut tail, unique_id);
+        self.write_context(&mut tail, &[]);
+        tail.push('}');
+        write_python_str_content(&mut out, &tail);
+        out.extend_from_slice(b"\"}");
+        Some(out)
+    }
+
+    /// What a relay changes in the cells text, in text order.
+    fn edits<'a>(&self, hop: &'a Hop) -> [(Range<usize>, Edit<'a>); 3] {
         let mut edits = [
             (self.routing_path.clone(), Edit::Str(&hop.routing_path)),
             (self.hop_count_at.clone(), Edit::Count(hop.hop_count)),
@@ -204,8 +308,15 @@ impl Skim {
             ),
         ];
         edits.sort_by_key(|(range, _)| range.start);
+        edits
+    }
+
+    /// The relay body written out: the cells text with its edits, escaped
+    /// for the request, and the request escaped for the envelope.
+    fn relay_body_written(&self, hop: &Hop, unique_id: &str) -> Vec<u8> {
+        let mut cells = String::with_capacity(self.cells.len() + hop.routing_path.len() + 16);
         let mut from = 0;
-        for (range, edit) in &edits {
+        for (range, edit) in &self.edits(hop) {
             cells.push_str(&self.cells[from..range.start]);
             edit.write(&mut cells);
             from = range.end;
@@ -480,8 +591,63 @@ mod tests {
         let hop = hop_of(&message, "child-cell2", 5);
         // Python-formatted text in Nova's key order: splicing changes nothing else.
         let id = "0123456789abcdef0123456789abcdef";
-        assert_eq!(skim.relay_body(&hop, id), full_relay(&message, &hop, id));
+        assert_eq!(
+            skim.relay_body(CAST.as_bytes(), &hop, id),
+            full_relay(&message, &hop, id)
+        );
         assert_eq!(skim.local_body(&hop, id), full_local(&message, &hop, id));
+        // The sample file is indented; on the wire it is one line, which a
+        // relay copies rather than writes, to the same bytes.
+        let sample: Value = serde_json::from_str(CAST).expect("the sample");
+        let wire = super::super::to_python_json(&sample).expect("json");
+        let skim = Skim::read(wire.as_bytes(), DEFAULT_BODY_LIMIT).expect("the sample skims");
+        assert!(
+            skim.received.is_some(),
+            "laid out as oslo.messaging writes it"
+        );
+        let relay = skim.relay_body(wire.as_bytes(), &hop, id);
+        assert_eq!(relay, full_relay(&message, &hop, id));
+        assert_eq!(skim.relay_body_written(&hop, id), relay);
+    }
+
+    #[test]
+    fn offsets_are_found_in_escaped_text() {
+        // The value `a"é😀b`, escaped as Python does, and what follows it.
+        let escaped = br#"a\"\u00e9\ud83d\ude00b", 1"#;
+        let mut out = Vec::new();
+        assert_eq!(
+            escaped_offsets(escaped, &[0, 1, 2, 4, 8, 9], &mut out),
+            Some(())
+        );
+        assert_eq!(out, [0, 1, 3, 9, 21, 22]);
+        // Inside é, or past the value's end: not found.
+        assert_eq!(escaped_offsets(escaped, &[3], &mut Vec::new()), None);
+        assert_eq!(escaped_offsets(escaped, &[10], &mut Vec::new()), None);
+
+        // Only `\"` and `\\` escaped: offsets are counted, for any length.
+        let value = br#"a"b\c, "a long run of text with "quotes" and \ inside""#;
+        let mut escaped = String::new();
+        write_python_str(&mut escaped, std::str::from_utf8(value).expect("ascii"));
+        let escaped = &escaped[1..escaped.len() - 1];
+        let targets = [0, 1, 2, 5, 20, value.len()];
+        let (mut counted, mut walked) = (Vec::new(), Vec::new());
+        assert_eq!(
+            plain_escaped_offsets(value, escaped.len(), &targets, &mut counted),
+            Some(())
+        );
+        let literal = format!("{escaped}\"");
+        assert_eq!(
+            escaped_offsets(literal.as_bytes(), &targets, &mut walked),
+            Some(())
+        );
+        assert_eq!(counted, walked);
+        assert_eq!(&counted[..4], [0, 1, 3, 7]);
+        // A literal with any other escape is longer: not counted.
+        let other = br#"a\u0062"#;
+        assert_eq!(
+            plain_escaped_offsets(b"ab", other.len(), &[1], &mut Vec::new()),
+            None
+        );
     }
 
     #[test]
@@ -657,6 +823,38 @@ mod tests {
             .into_bytes()
     }
 
+    /// A Python-formatted body with some characters escaped although they
+    /// need not be (`\u0065` for `e` in the cells message, `\/` for `/`
+    /// and `\u00e9` written `\u00e9` again at the envelope's level): what
+    /// another sender may write, meaning the same.
+    fn escaped_otherwise(body: &[u8]) -> Vec<u8> {
+        let text = std::str::from_utf8(body).expect("ascii");
+        let literal = text
+            .strip_prefix(ENVELOPE_HEAD)
+            .and_then(|rest| rest.strip_suffix('}'))
+            .expect("oslo's layout");
+        let request = unescape_json_str(literal).expect("a literal");
+        let rest = request.strip_prefix(REQUEST_HEAD).expect("oslo's layout");
+        let (_, used) = unescape_json_str_prefix(rest).expect("a literal");
+        // Inside the cells message's literal only: `e` also spells `true`.
+        let cells_literal = &rest[1..used - 1];
+        let request = format!(
+            "{REQUEST_HEAD}\"{}\"{}",
+            cells_literal.replace('e', "\\u0065"),
+            &rest[used..]
+        );
+        let mut out = String::from(ENVELOPE_HEAD);
+        write_python_str(&mut out, &request);
+        out.push('}');
+        // The envelope's literal holds only string text after its head.
+        let (head, literal) = out.split_at(ENVELOPE_HEAD.len() + 1);
+        format!(
+            "{head}{}",
+            literal.replace('/', "\\/").replace('a', "\\u0061")
+        )
+        .into_bytes()
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -676,8 +874,23 @@ mod tests {
             prop_assert_eq!(skim.ctxt().parse::<Value>().ok(), Some(Value::Object(message.ctxt.clone())));
             let hop = hop_of(&message, &cell, max);
             let id = "fedcba9876543210fedcba9876543210";
-            let spliced = skim.relay_body(&hop, id);
-            prop_assert_eq!(meaning(&spliced), meaning(&full_relay(&message, &hop, id)));
+            let full = full_relay(&message, &hop, id);
+            let spliced = skim.relay_body(&body, &hop, id);
+            prop_assert_eq!(meaning(&spliced), meaning(&full));
+            // Python's layout is relayed by copying its escaped text, even
+            // where it escapes what it need not.
+            prop_assert_eq!(skim.received.is_some(), !compact);
+            if !compact {
+                let copied = skim.relay_body_copied(&body, &hop, id);
+                prop_assert_eq!(copied.as_deref(), Some(&spliced[..]));
+                let odd = escaped_otherwise(&body);
+                let skim = Skim::read(&odd, DEFAULT_BODY_LIMIT);
+                prop_assert!(skim.is_some(), "the same cast, escaped otherwise, must skim");
+                let skim = skim.expect("checked");
+                let copied = skim.relay_body_copied(&odd, &hop, id);
+                prop_assert!(copied.is_some(), "and be relayed by copying");
+                prop_assert_eq!(meaning(&copied.expect("checked")), meaning(&full));
+            }
             let spliced = skim.local_body(&hop, id);
             let full = full_local(&message, &hop, id);
             prop_assert_eq!(
