@@ -565,11 +565,17 @@ impl CellPair {
                 .parse()
                 .expect("a well-formed bench URL")
         });
-        let top = configs
+        let mut top = configs
             .iter()
             .find(|c| c.cell.name == "top")
             .expect("top is in PAIR")
             .clone();
+        // CONFIRM_WINDOW tries cellhost with another window than its default.
+        if let Ok(window) = std::env::var("CONFIRM_WINDOW") {
+            top.cell.confirm_window = window
+                .parse()
+                .with_context(|| format!("CONFIRM_WINDOW={window:?} is not a number"))?;
+        }
         let (exchange, queue_base) = (&top.cell.control_exchange, &top.cell.queue_base);
         // The queues exist before any relay: the backlog waits in top's, and
         // leaf's can be watched from the start (a host declares it again,
