@@ -24,6 +24,35 @@ use crate::wire::{
     RemoteFailure, Request, Skim,
 };
 
+/// A policy's answer that breaks no invariant, sorted.
+#[derive(Default)]
+struct Checked<'a> {
+    local: bool,
+    /// Each neighbour once, in the policy's order.
+    relays: Vec<String>,
+    refusals: Vec<&'a policy::Failure>,
+    drops: Vec<&'a str>,
+}
+
+/// A policy's answer that breaks an invariant: the reason code the message
+/// is dead-lettered with, and the Nova exception class and reason its caller
+/// hears.
+struct Broken {
+    code: &'static str,
+    class: &'static str,
+    reason: String,
+}
+
+impl Broken {
+    fn new(code: &'static str, class: &'static str, reason: String) -> Broken {
+        Broken {
+            code,
+            class,
+            reason,
+        }
+    }
+}
+
 /// One consumer's view of the router: it owns a policy instance, reused from
 /// message to message and replaced when it traps or a new version is active.
 pub struct RouteWorker {
@@ -179,30 +208,108 @@ impl RouteWorker {
     /// that and break no invariant; `None` sends the decision to
     /// [`RouteWorker::apply`], which refuses or drops as it must.
     fn plain_route(&self, actions: &[policy::Action], hop: &Hop) -> Option<(bool, Vec<String>)> {
-        let policy_limits = &self.router.config.policy;
-        if actions.is_empty() || actions.len() > policy_limits.max_actions {
-            return None;
+        match self.check(actions, hop.hop_count, hop.max_hop_count) {
+            Ok(Checked {
+                local,
+                relays,
+                refusals,
+                drops,
+            }) if refusals.is_empty() && drops.is_empty() && (local || !relays.is_empty()) => {
+                Some((local, relays))
+            }
+            _ => None,
         }
-        let neighbours = self.router.neighbours.load();
-        let mut local = false;
-        let mut relays: Vec<String> = Vec::new();
-        let mut bytes = 0;
+    }
+
+    /// Checks a policy's answer against the invariants no policy may break
+    /// (how many actions, how many bytes, relays only to neighbours and
+    /// within the hop limit), in that order, and sorts it. Both the fast
+    /// path and [`RouteWorker::apply`] go through here, so the fast path
+    /// can never carry out what `apply` would refuse.
+    fn check<'a>(
+        &self,
+        actions: &'a [policy::Action],
+        hop_count: u32,
+        max_hop_count: u32,
+    ) -> Result<Checked<'a>, Broken> {
+        let router = &self.router;
+        let limits = &router.config.policy;
+        if actions.len() > limits.max_actions {
+            let reason = format!(
+                "policy returned {} actions, more than the limit of {}",
+                actions.len(),
+                limits.max_actions
+            );
+            return Err(Broken::new(
+                "policy-too-many-actions",
+                "CellPolicyFailure",
+                reason,
+            ));
+        }
+        let bytes: usize = actions
+            .iter()
+            .map(|a| match a {
+                policy::Action::ProcessHere => 0,
+                policy::Action::Relay(s) | policy::Action::Drop(s) => s.len(),
+                policy::Action::ReplyError(f) => f.class.len() + f.message.len(),
+            })
+            .sum();
+        if bytes > limits.max_action_bytes {
+            let reason = format!(
+                "policy returned {bytes} bytes of actions, more than the limit of {}",
+                limits.max_action_bytes
+            );
+            return Err(Broken::new(
+                "policy-actions-too-large",
+                "CellPolicyFailure",
+                reason,
+            ));
+        }
+        // A relay the policy chose with the set swapped out since is
+        // refused as to an unknown neighbour, never sent to a removed cell.
+        let neighbours = router.neighbours.load();
+        let mut checked = Checked::default();
         for action in actions {
             match action {
-                policy::Action::ProcessHere => local = true,
+                policy::Action::ProcessHere => checked.local = true,
                 policy::Action::Relay(to) => {
-                    bytes += to.len();
-                    if !neighbours.names.contains(to) || hop.hop_count >= hop.max_hop_count {
-                        return None;
+                    if !neighbours.names.contains(to) {
+                        let reason = format!(
+                            "policy relayed to {to:?}, which is not a neighbour of {}",
+                            router.cell_name
+                        );
+                        return Err(Broken::new(
+                            "policy-unknown-neighbour",
+                            "CellRoutingInconsistency",
+                            reason,
+                        ));
                     }
-                    if !relays.contains(to) {
-                        relays.push(to.clone());
+                    if hop_count >= max_hop_count {
+                        let reason =
+                            format!("Cell message has reached maximum hop count: {hop_count}");
+                        return Err(Broken::new("hop-limit", "CellMaxHopCountReached", reason));
+                    }
+                    if !checked.relays.contains(to) {
+                        checked.relays.push(to.clone());
                     }
                 }
-                policy::Action::ReplyError(_) | policy::Action::Drop(_) => return None,
+                policy::Action::ReplyError(f) => checked.refusals.push(f),
+                policy::Action::Drop(reason) => checked.drops.push(reason.as_str()),
             }
         }
-        (bytes <= policy_limits.max_action_bytes).then_some((local, relays))
+        Ok(checked)
+    }
+
+    /// Counts a routed message and says so in the debug log.
+    fn count_routed(&self, uuid: &str, local: bool, relays: &[String]) {
+        let stats = &self.router.stats;
+        stats
+            .relayed
+            .fetch_add(relays.len() as u64, Ordering::Relaxed);
+        stats
+            .delivered_local
+            .fetch_add(u64::from(local), Ordering::Relaxed);
+        tracing::debug!(uuid, local, ?relays, "routed");
     }
 
     /// The publication of one relay to neighbour `to`, on `topic` through
@@ -250,15 +357,7 @@ impl RouteWorker {
             .mandatory();
             sends.push((Target::Own, publication));
         }
-        router
-            .stats
-            .relayed
-            .fetch_add(relays.len() as u64, Ordering::Relaxed);
-        router
-            .stats
-            .delivered_local
-            .fetch_add(u64::from(local), Ordering::Relaxed);
-        tracing::debug!(uuid = %skim.uuid, local, ?relays, "routed");
+        self.count_routed(&skim.uuid, local, &relays);
         let mut plan = Plan::nothing(
             Some(skim.uuid.clone()),
             Disposition::Routed {
@@ -526,81 +625,22 @@ impl RouteWorker {
         actions: Vec<policy::Action>,
     ) -> Plan {
         let router = &self.router;
-        let cfg = &router.config;
-        if actions.len() > cfg.policy.max_actions {
-            let reason = format!(
-                "policy returned {} actions, more than the limit of {}",
-                actions.len(),
-                cfg.policy.max_actions
-            );
-            let failure = nova_failure("CellPolicyFailure", reason);
-            return self.refuse(body, message, situation, "policy-too-many-actions", failure);
-        }
-        let bytes: usize = actions
-            .iter()
-            .map(|a| match a {
-                policy::Action::ProcessHere => 0,
-                policy::Action::Relay(s) | policy::Action::Drop(s) => s.len(),
-                policy::Action::ReplyError(f) => f.class.len() + f.message.len(),
-            })
-            .sum();
-        if bytes > cfg.policy.max_action_bytes {
-            let reason = format!(
-                "policy returned {bytes} bytes of actions, more than the limit of {}",
-                cfg.policy.max_action_bytes
-            );
-            let failure = nova_failure("CellPolicyFailure", reason);
-            return self.refuse(
-                body,
-                message,
-                situation,
-                "policy-actions-too-large",
-                failure,
-            );
-        }
-        // A relay the policy chose with the set swapped out since is
-        // refused as to an unknown neighbour, never sent to a removed cell.
-        let neighbours = router.neighbours.load();
-        let mut local = false;
-        let mut relays: Vec<String> = Vec::new();
-        let mut refusals = Vec::new();
-        let mut drops = Vec::new();
-        for action in actions {
-            match action {
-                policy::Action::ProcessHere => local = true,
-                policy::Action::Relay(to) => {
-                    if !neighbours.names.contains(&to) {
-                        let reason = format!(
-                            "policy relayed to {to:?}, which is not a neighbour of {}",
-                            router.cell_name
-                        );
-                        let failure = nova_failure("CellRoutingInconsistency", reason);
-                        return self.refuse(
-                            body,
-                            message,
-                            situation,
-                            "policy-unknown-neighbour",
-                            failure,
-                        );
-                    }
-                    if message.hop_count >= message.max_hop_count {
-                        let failure = nova_failure(
-                            "CellMaxHopCountReached",
-                            format!(
-                                "Cell message has reached maximum hop count: {}",
-                                message.hop_count
-                            ),
-                        );
-                        return self.refuse(body, message, situation, "hop-limit", failure);
-                    }
-                    if !relays.contains(&to) {
-                        relays.push(to);
-                    }
-                }
-                policy::Action::ReplyError(f) => refusals.push(f),
-                policy::Action::Drop(reason) => drops.push(reason),
+        let Checked {
+            local,
+            relays,
+            refusals,
+            drops,
+        } = match self.check(&actions, message.hop_count, message.max_hop_count) {
+            Ok(checked) => checked,
+            Err(Broken {
+                code,
+                class,
+                reason,
+            }) => {
+                let failure = nova_failure(class, reason);
+                return self.refuse(body, message, situation, code, failure);
             }
-        }
+        };
         // A refusal refuses the whole message, whatever else the policy said.
         if let Some(first) = refusals.first() {
             let failure = nova_failure(&first.class, first.message.clone());
@@ -640,15 +680,6 @@ impl RouteWorker {
             local_call = msg_id;
             sends.push((Target::Own, publication));
         }
-        router
-            .stats
-            .relayed
-            .fetch_add(relays.len() as u64, Ordering::Relaxed);
-        router
-            .stats
-            .delivered_local
-            .fetch_add(local as u64, Ordering::Relaxed);
-
         let respond = wants_response.then(|| {
             // Broadcasts gather at every hop; a targeted message is waited
             // for only by its origin, its target answers the origin directly.
@@ -680,7 +711,7 @@ impl RouteWorker {
             tracing::info!(uuid = %uuid, %reason, "message dropped by policy");
             return Plan::nothing(Some(uuid), Disposition::Dropped { reason });
         }
-        tracing::debug!(uuid = %uuid, local, ?relays, "routed");
+        self.count_routed(&uuid, local, &relays);
         Plan {
             uuid: Some(uuid),
             sends,
