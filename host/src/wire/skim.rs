@@ -148,14 +148,19 @@ impl Skim {
 
     fn read_cells(cells: String) -> Option<Skim> {
         let entries: Entries<'_> = serde_json::from_str(&cells).ok()?;
-        if KNOWN_KEYS
-            .iter()
-            .chain(&EXTRA_KEYS)
-            .any(|k| entries.count(k) > 1)
-        {
-            return None;
+        // The fields the skim reads, found in one pass; a repeated one sends
+        // the message down the full path.
+        let index = |key: &str| KNOWN_KEYS.iter().chain(&EXTRA_KEYS).position(|k| *k == key);
+        let mut fields: [Option<&RawValue>; KNOWN_KEYS.len() + EXTRA_KEYS.len()] =
+            Default::default();
+        for (key, value) in &entries.0 {
+            if let Some(i) = index(key) {
+                if fields[i].replace(*value).is_some() {
+                    return None;
+                }
+            }
         }
-        let field = |key: &str| entries.single(key).flatten();
+        let field = |key: &str| index(key).and_then(|i| fields[i]);
         let span = |raw: &RawValue| {
             let at = raw.get().as_ptr() as usize - cells.as_ptr() as usize;
             at..at + raw.get().len()
