@@ -397,6 +397,47 @@ pub(crate) fn escaped_offsets(
     }
 }
 
+/// The value of a string literal nested in another (a JSON text held as a
+/// string inside a JSON text held as a string), read straight from the outer
+/// literal's escaped text, when every escape at both levels is `\"` or `\\`:
+/// a `"` of the value is written `\\\"` there (four bytes), a `\` is written
+/// `\\\\`. `escaped` starts just after the inner literal's opening quote; the
+/// answer is the value and where, in `escaped`, the `\"` that closes the
+/// inner literal begins. `None` for any other escape or a control character:
+/// the caller then unescapes one level at a time.
+pub(crate) fn unescape_doubly_plain(escaped: &[u8]) -> Option<(String, usize)> {
+    let mut value = Vec::with_capacity(escaped.len());
+    let mut at = 0;
+    loop {
+        let rest = escaped.get(at..)?;
+        let run = plain_run(rest)?;
+        let clean = &rest[..run];
+        let mut words = clean.chunks_exact(8);
+        for chunk in &mut words {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            if has_control(u64::from_le_bytes(word)) {
+                return None;
+            }
+        }
+        if words.remainder().iter().any(|b| *b < 0x20) {
+            return None;
+        }
+        value.extend_from_slice(clean);
+        at += run;
+        match escaped.get(at..at + 4) {
+            Some(br#"\\\""#) => value.push(b'"'),
+            Some(br#"\\\\"#) => value.push(b'\\'),
+            // `\"` closes the inner literal; a bare `"` would close the outer.
+            _ if escaped.get(at..at + 2) == Some(&br#"\""#[..]) => {
+                return Some((String::from_utf8(value).ok()?, at));
+            }
+            _ => return None,
+        }
+        at += 4;
+    }
+}
+
 /// [`escaped_offsets`] for a literal whose only escapes are `\\"` and `\\\\`
 /// (what Python writes for ASCII text without control characters), found
 /// by counting instead of walking the escapes: `escaped_len` is the length
@@ -421,7 +462,7 @@ pub(crate) fn plain_escaped_offsets(
 }
 
 /// How many bytes of `bytes` are `"` or `\\`, eight at a time.
-fn quotes_and_backslashes(bytes: &[u8]) -> usize {
+pub(crate) fn quotes_and_backslashes(bytes: &[u8]) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
     // The high bit of each lane that is zero, exactly (no borrow between lanes).

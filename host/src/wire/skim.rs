@@ -28,8 +28,8 @@ use serde_json::value::RawValue;
 
 use super::cells::{Direction, MessageType, KNOWN_KEYS};
 use super::json::{
-    escaped_offsets, plain_escaped_offsets, unescape_json_str, unescape_json_str_prefix,
-    write_python_str, write_python_str_content,
+    escaped_offsets, plain_escaped_offsets, quotes_and_backslashes, unescape_doubly_plain,
+    unescape_json_str, unescape_json_str_prefix, write_python_str, write_python_str_content,
 };
 
 /// Keys of `extra` the skim reads besides the cells message's own
@@ -75,15 +75,20 @@ pub struct Skim {
     received: Option<Received>,
 }
 
-/// The request text of a body laid out as oslo.messaging writes it (the
-/// envelope's head, then the request's head up to the cells message).
+/// Where the cells message lies in a body laid out as oslo.messaging writes
+/// it (the envelope's head, then the request's head up to the cells message).
 #[derive(Debug, Clone)]
-struct Received {
-    /// The request, unescaped from the envelope.
-    request: String,
-    /// Where the cells message's escaped text lies in `request` (between
-    /// its quotes).
-    cells_at: Range<usize>,
+enum Received {
+    /// Escaped twice with nothing but `\"` and `\\` (what Python writes
+    /// for ASCII text without control characters): its text begins at
+    /// `cells_at` in the body.
+    DoublyPlain { cells_at: usize },
+    /// Escaped otherwise: the request, unescaped from the envelope, and
+    /// where the cells message's escaped text lies in it (between its quotes).
+    Request {
+        request: String,
+        cells_at: Range<usize>,
+    },
 }
 
 impl Skim {
@@ -93,6 +98,9 @@ impl Skim {
             return None;
         }
         let text = std::str::from_utf8(body).ok()?;
+        if let Some(skim) = Skim::read_doubly_plain(text) {
+            return Some(skim);
+        }
         // What oslo.messaging writes is read without a parse of the whole
         // envelope: its one string literal is unescaped (and checked) directly.
         let mut headed = false;
@@ -117,19 +125,10 @@ impl Skim {
         // after `args` are parsed.
         if let Some(rest) = inner.strip_prefix(REQUEST_HEAD) {
             let (cells, used) = unescape_json_str_prefix(rest)?;
-            let others = match rest.get(used..)?.strip_prefix('}')? {
-                "}" => "{}".to_string(),
-                tail => format!("{{{}", tail.strip_prefix(", ")?),
-            };
-            let request: Entries<'_> = serde_json::from_str(&others).ok()?;
-            if request.count("method") + request.count("args") > 0 {
-                return None;
-            }
-            check_cast(&request)?;
-            drop(request);
+            check_request_after_cells(rest.get(used..)?)?;
             let mut skim = Skim::read_cells(cells)?;
             if headed {
-                skim.received = Some(Received {
+                skim.received = Some(Received::Request {
                     request: inner,
                     cells_at: REQUEST_HEAD.len() + 1..REQUEST_HEAD.len() + used - 1,
                 });
@@ -144,6 +143,27 @@ impl Skim {
         let args: Entries<'_> = serde_json::from_str(request.single("args")??.get()).ok()?;
         let cells = unescape_json_str(args.single("message")??.get())?;
         Skim::read_cells(cells)
+    }
+
+    /// The common case, read in one pass: the envelope and the request
+    /// laid out as oslo.messaging writes them, and the cells message escaped
+    /// with nothing but `\"` and `\\` at both levels. The cells message is
+    /// unescaped straight from the body, without the request's text in
+    /// between; `None` leaves the body to [`Skim::read`]'s other ways.
+    fn read_doubly_plain(text: &str) -> Option<Skim> {
+        let literal = text.strip_prefix(ENVELOPE_HEAD)?.strip_suffix('}')?;
+        let cells_text = literal
+            .strip_prefix('"')?
+            .strip_prefix(ESCAPED_REQUEST_HEAD)?;
+        let cells_at = text.len() - 1 - cells_text.len();
+        let (cells, end) = unescape_doubly_plain(cells_text.as_bytes())?;
+        // From the `"` that closes the cells message's literal in the
+        // request: what follows it in the request, as one literal.
+        let after = unescape_json_str(cells_text.get(end + 1..)?)?;
+        check_request_after_cells(&after)?;
+        let mut skim = Skim::read_cells(cells)?;
+        skim.received = Some(Received::DoublyPlain { cells_at });
+        Some(skim)
     }
 
     fn read_cells(cells: String) -> Option<Skim> {
@@ -242,7 +262,6 @@ impl Skim {
     /// `_unique_id` and the context are escaped. `None` when the body is laid
     /// out otherwise.
     fn relay_body_copied(&self, body: &[u8], hop: &Hop, unique_id: &str) -> Option<Vec<u8>> {
-        let received = self.received.as_ref()?;
         let edits = self.edits(hop);
         // The edges of each edit in the cells text, and its end.
         let mut edges = [0; 7];
@@ -251,32 +270,23 @@ impl Skim {
             edges[2 * i + 1] = range.end;
         }
         edges[6] = self.cells.len();
-        // Where they are in the request's text, then in the body's.
-        let request = received.request.as_bytes();
-        let cells_at = received.cells_at.clone();
-        let mut in_request = Vec::with_capacity(7);
-        let cells_text = request.get(cells_at.start..)?;
-        plain_escaped_offsets(
-            self.cells.as_bytes(),
-            cells_at.len(),
-            &edges,
-            &mut in_request,
-        )
-        .or_else(|| {
-            in_request.clear();
-            escaped_offsets(cells_text, &edges, &mut in_request)
-        })?;
-        in_request.iter_mut().for_each(|at| *at += cells_at.start);
-        // The envelope's literal runs from after its head to the `"}` that
-        // ends the body (the only layout `received` is kept for).
-        let request_at = ENVELOPE_HEAD.len() + 1;
-        let request_len = body.len().checked_sub(request_at + 2)?;
-        let mut in_body = Vec::with_capacity(7);
-        plain_escaped_offsets(request, request_len, &in_request, &mut in_body).or_else(|| {
-            in_body.clear();
-            escaped_offsets(body.get(request_at..)?, &in_request, &mut in_body)
-        })?;
-        in_body.iter_mut().for_each(|at| *at += request_at);
+        let in_body = match self.received.as_ref()? {
+            Received::DoublyPlain { cells_at } => {
+                // Each `"` and `\` of the cells text takes four bytes there.
+                let cells = self.cells.as_bytes();
+                let (mut from, mut escapes) = (0, 0);
+                let mut in_body = Vec::with_capacity(7);
+                for edge in edges {
+                    escapes += quotes_and_backslashes(cells.get(from..edge)?);
+                    in_body.push(cells_at + edge + 3 * escapes);
+                    from = edge;
+                }
+                in_body
+            }
+            Received::Request { request, cells_at } => {
+                Self::offsets_through_request(body, request, cells_at.clone(), &edges, &self.cells)?
+            }
+        };
 
         let mut out = Vec::with_capacity(body.len() + hop.routing_path.len() * 4 + 64);
         out.extend_from_slice(body.get(..in_body[0])?);
@@ -300,6 +310,38 @@ impl Skim {
         write_python_str_content(&mut out, &tail);
         out.extend_from_slice(b"\"}");
         Some(out)
+    }
+
+    /// Where `edges` of the cells text are in `body`, through the request's
+    /// text (`request`, the cells message's escaped text at `cells_at`).
+    fn offsets_through_request(
+        body: &[u8],
+        request: &str,
+        cells_at: Range<usize>,
+        edges: &[usize],
+        cells: &str,
+    ) -> Option<Vec<usize>> {
+        let request = request.as_bytes();
+        let mut in_request = Vec::with_capacity(7);
+        let cells_text = request.get(cells_at.start..)?;
+        plain_escaped_offsets(cells.as_bytes(), cells_at.len(), edges, &mut in_request).or_else(
+            || {
+                in_request.clear();
+                escaped_offsets(cells_text, edges, &mut in_request)
+            },
+        )?;
+        in_request.iter_mut().for_each(|at| *at += cells_at.start);
+        // The envelope's literal runs from after its head to the `"}` that
+        // ends the body (the only layout `received` is kept for).
+        let request_at = ENVELOPE_HEAD.len() + 1;
+        let request_len = body.len().checked_sub(request_at + 2)?;
+        let mut in_body = Vec::with_capacity(7);
+        plain_escaped_offsets(request, request_len, &in_request, &mut in_body).or_else(|| {
+            in_body.clear();
+            escaped_offsets(body.get(request_at..)?, &in_request, &mut in_body)
+        })?;
+        in_body.iter_mut().for_each(|at| *at += request_at);
+        Some(in_body)
     }
 
     /// What a relay changes in the cells text, in text order.
@@ -391,6 +433,26 @@ impl Skim {
 const ENVELOPE_HEAD: &str = "{\"oslo.version\": \"2.0\", \"oslo.message\": ";
 /// How oslo.messaging's request of `process_message` starts, up to the cells message.
 const REQUEST_HEAD: &str = "{\"method\": \"process_message\", \"args\": {\"message\": ";
+
+/// How that request head reads inside the envelope's literal, with the
+/// opening quote of the cells message's literal.
+const ESCAPED_REQUEST_HEAD: &str =
+    r#"{\"method\": \"process_message\", \"args\": {\"message\": \""#;
+
+/// Checks what follows the cells message's literal in a request laid out as
+/// oslo.messaging writes it (`}` closing `args`, then the other keys): only
+/// `args` held it, and the request is a cast.
+fn check_request_after_cells(after: &str) -> Option<()> {
+    let others = match after.strip_prefix('}')? {
+        "}" => "{}".to_string(),
+        tail => format!("{{{}", tail.strip_prefix(", ")?),
+    };
+    let request: Entries<'_> = serde_json::from_str(&others).ok()?;
+    if request.count("method") + request.count("args") > 0 {
+        return None;
+    }
+    check_cast(&request)
+}
 
 /// Checks a request's keys as the full decoder does, and that it is a cast:
 /// `None` for a call, a repeated key or a key of the wrong type.
@@ -607,8 +669,8 @@ mod tests {
         let wire = super::super::to_python_json(&sample).expect("json");
         let skim = Skim::read(wire.as_bytes(), DEFAULT_BODY_LIMIT).expect("the sample skims");
         assert!(
-            skim.received.is_some(),
-            "laid out as oslo.messaging writes it"
+            matches!(skim.received, Some(Received::DoublyPlain { .. })),
+            "laid out as oslo.messaging writes it, ASCII only"
         );
         let relay = skim.relay_body(wire.as_bytes(), &hop, id);
         assert_eq!(relay, full_relay(&message, &hop, id));
@@ -745,7 +807,17 @@ mod tests {
         assert!(Skim::read(broken.as_bytes(), DEFAULT_BODY_LIMIT).is_none());
     }
 
-    fn json_value() -> impl Strategy<Value = Value> {
+    /// Any text, or printable ASCII only (which Python escapes with
+    /// nothing but `\"` and `\\`, the relay's quickest case).
+    fn text(ascii: bool) -> BoxedStrategy<String> {
+        if ascii {
+            "[ -~]{0,24}".boxed()
+        } else {
+            any::<String>().boxed()
+        }
+    }
+
+    fn json_value(ascii: bool) -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
@@ -754,36 +826,43 @@ mod tests {
             any::<f64>()
                 .prop_filter("finite", |f| f.is_finite())
                 .prop_map(Value::from),
-            any::<String>().prop_map(Value::String),
+            text(ascii).prop_map(Value::String),
         ];
-        leaf.prop_recursive(3, 48, 8, |inner| {
+        leaf.prop_recursive(3, 48, 8, move |inner| {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
-                prop::collection::vec((any::<String>(), inner), 0..8)
+                prop::collection::vec((text(ascii), inner), 0..8)
                     .prop_map(|entries| Value::Object(entries.into_iter().collect())),
             ]
         })
     }
 
-    fn json_object(size: std::ops::Range<usize>) -> impl Strategy<Value = Map<String, Value>> {
-        prop::collection::vec((any::<String>(), json_value()), size)
+    fn json_object(
+        size: std::ops::Range<usize>,
+        ascii: bool,
+    ) -> impl Strategy<Value = Map<String, Value>> {
+        prop::collection::vec((text(ascii), json_value(ascii)), size)
             .prop_map(|entries| entries.into_iter().collect())
     }
 
     prop_compose! {
-        fn cells_message()(
+        fn cells_message(ascii: bool)(
             broadcast in any::<bool>(),
-            ctxt in json_object(0..6),
-            method_name in any::<String>(),
-            method_kwargs in json_object(0..24),
+            ctxt in json_object(0..6, ascii),
+            method_name in text(ascii),
+            method_kwargs in json_object(0..24, ascii),
             down in any::<bool>(),
             fanout in any::<bool>(),
-            uuid in any::<String>(),
-            path in prop::collection::vec("[a-z0-9-]{1,12}|\\PC{1,6}", 0..4),
+            uuid in text(ascii),
+            path in if ascii {
+                prop::collection::vec("[a-z0-9-]{1,12}", 0..4).boxed()
+            } else {
+                prop::collection::vec("[a-z0-9-]{1,12}|\\PC{1,6}", 0..4).boxed()
+            },
             hop_count in 0u32..20,
             max_hop_count in any::<u32>(),
-            target in "\\PC{0,20}",
-            extra in json_object(0..4),
+            target in if ascii { "[ -~]{0,20}".boxed() } else { "\\PC{0,20}".boxed() },
+            extra in json_object(0..4, ascii),
         ) -> CellsMessage {
             let message_type = if broadcast { MessageType::Broadcast } else { MessageType::Targeted };
             CellsMessage {
@@ -865,7 +944,7 @@ mod tests {
 
         #[test]
         fn spliced_bodies_mean_what_the_full_path_writes(
-            message in cells_message(),
+            (message, ascii) in any::<bool>().prop_flat_map(|ascii| (cells_message(ascii), Just(ascii))),
             compact in any::<bool>(),
             cell in "[a-z0-9-]{1,12}",
             max in 1u32..30,
@@ -885,6 +964,10 @@ mod tests {
             // Python's layout is relayed by copying its escaped text, even
             // where it escapes what it need not.
             prop_assert_eq!(skim.received.is_some(), !compact);
+            if ascii && !compact {
+                let doubly_plain = matches!(skim.received, Some(Received::DoublyPlain { .. }));
+                prop_assert!(doubly_plain, "printable ASCII is read in one pass");
+            }
             if !compact {
                 let copied = skim.relay_body_copied(&body, &hop, id);
                 prop_assert_eq!(copied.as_deref(), Some(&spliced[..]));
@@ -892,6 +975,10 @@ mod tests {
                 let skim = Skim::read(&odd, DEFAULT_BODY_LIMIT);
                 prop_assert!(skim.is_some(), "the same cast, escaped otherwise, must skim");
                 let skim = skim.expect("checked");
+                prop_assert!(
+                    matches!(skim.received, Some(Received::Request { .. })),
+                    "and be read one level at a time"
+                );
                 let copied = skim.relay_body_copied(&odd, &hop, id);
                 prop_assert!(copied.is_some(), "and be relayed by copying");
                 prop_assert_eq!(meaning(&copied.expect("checked")), meaning(&full));
