@@ -266,15 +266,24 @@ async fn serve(
 async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, answering: Arc<Answering>) {
     let router = &answering.router;
     let listening = plan.respond.as_ref().map(|r| answering.listen(r));
-    let publishes = plan.sends.into_iter().map(|(target, publication)| {
-        let links = links.clone();
-        async move { links.send(&target, publication).await }
-    });
-    let results = futures::future::join_all(publishes).await;
-    let failures: Vec<String> = results
-        .into_iter()
-        .filter_map(|r| r.err().map(|e| e.to_string()))
-        .collect();
+    let failures: Vec<String> = match <[_; 1]>::try_from(plan.sends) {
+        // Most plans make one publication: it is awaited without a join.
+        Ok([(target, publication)]) => match links.send(&target, publication).await {
+            Ok(_) => Vec::new(),
+            Err(e) => vec![e.to_string()],
+        },
+        Err(sends) => {
+            let publishes = sends.into_iter().map(|(target, publication)| {
+                let links = links.clone();
+                async move { links.send(&target, publication).await }
+            });
+            futures::future::join_all(publishes)
+                .await
+                .into_iter()
+                .filter_map(|r| r.err().map(|e| e.to_string()))
+                .collect()
+        }
+    };
     if failures.is_empty() {
         // Remembered if the message was carried out, let go if not.
         if let Some(claim) = plan.claim {

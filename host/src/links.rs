@@ -124,15 +124,12 @@ impl Links {
                         .dead_letter(publication.body, Some(name), &reason)
                         .await;
                 };
-                let state = broker.state().borrow().clone();
-                if !state.up {
-                    let reason = format!(
-                        "the link to {name} is down{}",
-                        state
-                            .last_error
-                            .map(|e| format!(": {e}"))
-                            .unwrap_or_default()
-                    );
+                if let Some(error) = broker.down_because() {
+                    let reason = if error.is_empty() {
+                        format!("the link to {name} is down")
+                    } else {
+                        format!("the link to {name} is down: {error}")
+                    };
                     return self.park(name, publication, &reason).await;
                 }
                 match broker.publish(&publication).await {

@@ -10,6 +10,9 @@
 //! longer be settled (the broker gives them to someone else, or to us again),
 //! so settling one of them does nothing.
 //!
+//! Deliveries reach the inbox's reader directly: the inbox polls the
+//! consumers of every connection so far, with no task in between.
+//!
 //! Publishing is pipelined: many publishes share the confirm channel and each
 //! caller awaits only its own confirm, for at most the publish timeout (a
 //! stalled link looks like silence, not like an error). Acknowledgements go
@@ -18,13 +21,15 @@
 //! one frame.
 
 use std::collections::BTreeMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use arc_swap::{ArcSwap, ArcSwapOption};
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -100,9 +105,102 @@ enum Declaration {
     Queue(QueueSpec, String, String),
 }
 
+/// What a consumer channel leaves to settle on close: its acknowledging
+/// task, and the one strong sender to it apart from those of deliveries in
+/// hand (the inbox holds only weak ones).
 struct ConsumerTasks {
-    forwarders: Vec<JoinHandle<()>>,
+    /// Let go when the connection is lost or the link closes.
+    settle: Option<mpsc::UnboundedSender<(u64, Outcome)>>,
     acks: JoinHandle<()>,
+}
+
+/// One queue's deliveries, as the inbox reads them.
+type Deliveries = Pin<Box<dyn Stream<Item = Inbound> + Send>>;
+
+/// The deliveries of `consumer` until it ends (its connection is gone),
+/// each settled through the acknowledger `settle` leads to.
+fn deliveries(
+    consumer: lapin::Consumer,
+    queue: String,
+    settle: mpsc::WeakUnboundedSender<(u64, Outcome)>,
+) -> Deliveries {
+    // The consumer, its queue's name and the acknowledger go from one
+    // delivery to the next; `None` once the consumer ended.
+    let state = Some((consumer, queue, settle));
+    Box::pin(futures::stream::unfold(state, |state| {
+        async move {
+            let (mut consumer, queue, settle) = state?;
+            let d = match consumer.next().await? {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::debug!(queue = %queue, error = %e, "consumer ended with its connection");
+                    return None;
+                }
+            };
+            let inbound = Inbound {
+                expiration_ms: d
+                    .properties
+                    .expiration()
+                    .as_ref()
+                    .and_then(|ms| ms.as_str().trim().parse().ok()),
+                headers: string_headers(d.properties.headers().as_ref()),
+                body: d.data,
+                redelivered: d.redelivered,
+                settle: Settle::Amqp(Settler {
+                    tag: d.delivery_tag,
+                    // Gone once the link is closing: the delivery is then
+                    // the broker's again, as for a lost connection.
+                    tx: settle.upgrade(),
+                }),
+            };
+            Some((inbound, Some((consumer, queue, settle))))
+        }
+    }))
+}
+
+/// The deliveries of a consumer's queues, on every connection: each new
+/// subscription's streams arrive on `sets` and are read beside the old ones
+/// (which end with their connection).
+struct MergedInbox {
+    current: futures::stream::SelectAll<Deliveries>,
+    sets: mpsc::UnboundedReceiver<Vec<Deliveries>>,
+    /// No subscription will come any more.
+    sets_ended: bool,
+}
+
+impl MergedInbox {
+    fn new() -> (mpsc::UnboundedSender<Vec<Deliveries>>, MergedInbox) {
+        let (tx, sets) = mpsc::unbounded_channel();
+        let inbox = MergedInbox {
+            current: futures::stream::SelectAll::new(),
+            sets,
+            sets_ended: false,
+        };
+        (tx, inbox)
+    }
+}
+
+impl Stream for MergedInbox {
+    type Item = Inbound;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Inbound>> {
+        while !self.sets_ended {
+            match self.sets.poll_recv(cx) {
+                Poll::Ready(Some(set)) => self.current.extend(set),
+                Poll::Ready(None) => self.sets_ended = true,
+                Poll::Pending => break,
+            }
+        }
+        match self.current.poll_next_unpin(cx) {
+            Poll::Ready(Some(inbound)) => Poll::Ready(Some(inbound)),
+            // Every stream ended: the next subscription may still come.
+            Poll::Ready(None) if !self.sets_ended => Poll::Pending,
+            other => other,
+        }
+    }
 }
 
 impl AmqpBroker {
@@ -175,6 +273,13 @@ impl AmqpBroker {
     /// Up or down, as it changes.
     pub fn state(&self) -> watch::Receiver<LinkState> {
         self.inner.state.subscribe()
+    }
+
+    /// Why the link is down, or `None` while it is up: read in place, for
+    /// every publication.
+    pub fn down_because(&self) -> Option<String> {
+        let state = self.inner.state.borrow();
+        (!state.up).then(|| state.last_error.clone().unwrap_or_default())
     }
 
     /// Tries each host in turn (oslo.messaging's failover list) and returns
@@ -351,6 +456,12 @@ impl AmqpBroker {
             }
         };
         self.inner.live.store(None);
+        // The lost connection's acknowledgers can settle nothing more: each
+        // ends once the deliveries still in hand are dropped.
+        let mut consumers = lock(&self.inner.consumers);
+        consumers.retain(|tasks| !tasks.acks.is_finished());
+        consumers.iter_mut().for_each(|tasks| tasks.settle = None);
+        drop(consumers);
         if self.inner.closing.load(Ordering::Relaxed) {
             return;
         }
@@ -417,11 +528,15 @@ impl AmqpBroker {
     /// Consumes `queues` now and on every connection to come. The first
     /// subscription must work (a missing queue is an error here); later
     /// ones are retried with each new connection.
+    ///
+    /// The inbox polls lapin's consumers itself: a delivery reaches the
+    /// task that reads the inbox without passing through another task.
     pub async fn consume(&self, queues: &[String], prefetch: u16, tag: &str) -> Result<Inbox> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (sets, inbox) = MergedInbox::new();
         let live = self.live()?;
-        let tasks = self.subscribe(&live, queues, prefetch, tag, &tx).await?;
+        let (tasks, consumers) = self.subscribe(&live, queues, prefetch, tag).await?;
         lock(&self.inner.consumers).push(tasks);
+        let _ = sets.send(consumers);
         let broker = self.clone();
         let queues = queues.to_vec();
         let tag = tag.to_string();
@@ -431,7 +546,7 @@ impl AmqpBroker {
             loop {
                 let changed = tokio::select! {
                     changed = state.changed() => changed,
-                    _ = tx.closed() => return,
+                    _ = sets.closed() => return,
                 };
                 if changed.is_err() || broker.inner.closing.load(Ordering::Relaxed) {
                     return;
@@ -440,10 +555,11 @@ impl AmqpBroker {
                 if live.generation == generation {
                     continue;
                 }
-                match broker.subscribe(&live, &queues, prefetch, &tag, &tx).await {
-                    Ok(tasks) => {
+                match broker.subscribe(&live, &queues, prefetch, &tag).await {
+                    Ok((tasks, consumers)) => {
                         generation = live.generation;
                         lock(&broker.inner.consumers).push(tasks);
+                        let _ = sets.send(consumers);
                         tracing::info!(broker = %broker.inner.label, queues = ?queues, "consuming again");
                     }
                     Err(e) => {
@@ -452,27 +568,25 @@ impl AmqpBroker {
                 }
             }
         });
-        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|inbound| (inbound, rx))
-        })))
+        Ok(Box::pin(inbox))
     }
 
-    /// Subscribes to `queues` on one channel of `live`, forwarding into `tx`.
+    /// Subscribes to `queues` on one channel of `live`: the channel's
+    /// acknowledging task, and a stream of deliveries per queue.
     async fn subscribe(
         &self,
         live: &Live,
         queues: &[String],
         prefetch: u16,
         tag: &str,
-        tx: &mpsc::UnboundedSender<Inbound>,
-    ) -> Result<ConsumerTasks> {
+    ) -> Result<(ConsumerTasks, Vec<Deliveries>)> {
         let channel = live.connection.create_channel().await?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
-        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
-        let acks = tokio::spawn(acknowledge(channel.clone(), settle_rx));
-        let mut forwarders = Vec::new();
+        let (settle, settled) = mpsc::unbounded_channel();
+        let acks = tokio::spawn(acknowledge(channel.clone(), settled));
+        let mut consumers = Vec::new();
         for queue in queues {
             let consumer = channel
                 .basic_consume(
@@ -483,40 +597,13 @@ impl AmqpBroker {
                 )
                 .await
                 .with_context(|| format!("consuming queue {queue:?} on {}", self.inner.label))?;
-            let settle_tx = settle_tx.clone();
-            let tx = tx.clone();
-            let queue = queue.clone();
-            forwarders.push(tokio::spawn(async move {
-                let mut consumer = consumer;
-                while let Some(delivery) = consumer.next().await {
-                    let d = match delivery {
-                        Ok(d) => d,
-                        Err(e) => {
-                            tracing::debug!(queue = %queue, error = %e, "consumer ended with its connection");
-                            return;
-                        }
-                    };
-                    let inbound = Inbound {
-                        expiration_ms: d
-                            .properties
-                            .expiration()
-                            .as_ref()
-                            .and_then(|ms| ms.as_str().trim().parse().ok()),
-                        headers: string_headers(d.properties.headers().as_ref()),
-                        body: d.data,
-                        redelivered: d.redelivered,
-                        settle: Settle::Amqp(Settler {
-                            tag: d.delivery_tag,
-                            tx: settle_tx.clone(),
-                        }),
-                    };
-                    if tx.send(inbound).is_err() {
-                        return;
-                    }
-                }
-            }));
+            consumers.push(deliveries(consumer, queue.clone(), settle.downgrade()));
         }
-        Ok(ConsumerTasks { forwarders, acks })
+        let tasks = ConsumerTasks {
+            settle: Some(settle),
+            acks,
+        };
+        Ok((tasks, consumers))
     }
 
     pub async fn publish(&self, p: &Publication) -> std::result::Result<(), PublishError> {
@@ -609,12 +696,9 @@ impl AmqpBroker {
         let consumers: Vec<ConsumerTasks> = std::mem::take(&mut *lock(&self.inner.consumers));
         let mut acks = Vec::new();
         for tasks in consumers {
-            // A forwarder holds a sender of its channel's acknowledger; the
-            // acknowledger ends once it and every unsettled delivery are gone.
-            for forwarder in tasks.forwarders {
-                forwarder.abort();
-                let _ = forwarder.await;
-            }
+            // An acknowledger ends once this sender and every unsettled
+            // delivery's are gone; the inboxes hold none.
+            drop(tasks.settle);
             acks.push(tasks.acks);
         }
         // Deliveries still unsettled (an answer still being gathered, say)
@@ -827,14 +911,17 @@ async fn open_confirm_channel(connection: &Connection) -> Result<Channel> {
 /// Settles one delivery through its channel's acknowledging task.
 pub(super) struct Settler {
     tag: u64,
-    tx: mpsc::UnboundedSender<(u64, Outcome)>,
+    tx: Option<mpsc::UnboundedSender<(u64, Outcome)>>,
 }
 
 impl Settler {
     pub(super) fn settle(self, outcome: Outcome) {
-        // The task is gone only when the channel is; the broker then
-        // redelivers the message, which is what at-least-once wants.
-        let _ = self.tx.send((self.tag, outcome));
+        // The task is gone only when the channel is (or the link closes);
+        // the broker then redelivers the message, which is what
+        // at-least-once wants.
+        if let Some(tx) = self.tx {
+            let _ = tx.send((self.tag, outcome));
+        }
     }
 }
 

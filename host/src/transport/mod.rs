@@ -253,6 +253,15 @@ impl Broker {
         }
     }
 
+    /// Why the link is down (its last error, maybe empty), or `None` while
+    /// it is up. An in-process broker is always up.
+    pub fn down_because(&self) -> Option<String> {
+        match self {
+            Broker::Amqp(b) => b.down_because(),
+            Broker::Memory(_) => None,
+        }
+    }
+
     /// Waits until the link is up.
     pub async fn until_up(&self) {
         let mut state = self.state();
