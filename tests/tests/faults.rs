@@ -25,13 +25,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use cellhost::client::Outgoing;
+use cellhost::config::RabbitOptions;
 use cellhost::config::{Config, TransportUrl};
 use cellhost::router::{REASON_CODE_HEADER, REASON_HEADER};
 use cellhost::topology::tree_configs;
+use cellhost::transport::{Broker, Publication, PublishError};
 use cellhost::CellHost;
 use cellhost_tests::fault_proxy::FaultProxy;
 use cellhost_tests::stream::{self, messages, App, Tally, EXCHANGE, QUEUE_BASE};
-use cellhost_tests::{cellhost_bin, local_amqp_uri, plugin, Direction, Vhosts};
+use cellhost_tests::{cellhost_bin, drain_queue, local_amqp_uri, plugin, Direction, Vhosts};
 use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
 
@@ -622,6 +624,81 @@ async fn relay_to_a_broker_where_nothing_is_bound_is_dead_lettered_with_the_reas
     dead.stop().await;
     host_a.shutdown().await;
     cells.vhosts.remove().expect("vhosts removed");
+}
+
+/// Many tasks publish on one link at once, mandatory, a message for a queue
+/// and a message for no queue in turn: each must hear its own outcome, or a
+/// message no queue took counts as delivered while a delivered one is
+/// dead-lettered.
+///
+/// KNOWN TO FAIL, hence ignored (run it with `--ignored`): lapin 4.12 hands
+/// each returned message to whichever confirm it resolves next (a queue in
+/// arrival order, emptied in `HashMap` order within a `multiple` ack), not
+/// to the confirm of the message returned. On this machine 342 of 3,200
+/// publishes heard another's outcome. The fix (stamp each publish, read the
+/// stamp off the returned message, decide in delivery-tag order once every
+/// earlier confirm is in) is described in the session note.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "lapin pairs returns with the wrong confirms under concurrency; see the doc comment"]
+async fn concurrent_publishes_each_hear_their_own_confirm_or_return() {
+    let _serial = SERIAL.lock().await;
+    const TASKS: usize = 8;
+    const EACH: usize = 400;
+    let vhosts = Vhosts::create(vec![format!("{}-order", fresh_prefix())]).expect("vhost");
+    let vhost = vhosts.names()[0].clone();
+    let broker = Broker::connect(&url(5672, &vhost), &RabbitOptions::default(), "order")
+        .await
+        .expect("connected");
+    let queue = "taken";
+    broker
+        .declare_queue(&broker.oslo().topic_queue(queue), "", "")
+        .await
+        .expect("queue declared");
+    // Bodies of a few KiB widen the moment between numbering and queueing.
+    let body = vec![b'x'; 4096];
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let (broker, body) = (broker.clone(), body.clone());
+            tokio::spawn(async move {
+                let publishes = (0..EACH).map(|i| {
+                    let routable = (task + i) % 2 == 0;
+                    let key = if routable {
+                        queue.to_string()
+                    } else {
+                        format!("nowhere-{task}-{i}")
+                    };
+                    let publication = Publication::new("", key, body.clone()).mandatory();
+                    let broker = broker.clone();
+                    async move { (routable, broker.publish(&publication).await) }
+                });
+                futures::future::join_all(publishes).await
+            })
+        })
+        .collect();
+    let (mut taken, mut wrong) = (0, Vec::new());
+    for task in tasks {
+        for (routable, outcome) in task.await.expect("publishing task") {
+            match (routable, outcome) {
+                (true, Ok(())) => taken += 1,
+                (false, Err(PublishError::Unroutable { .. })) => {}
+                (routable, outcome) => wrong.push(format!("routable {routable}: {outcome:?}")),
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} publishes heard another's outcome, e.g. {:?}",
+        wrong.len(),
+        TASKS * EACH,
+        &wrong[..wrong.len().min(3)]
+    );
+    let ready = drain_queue(&local_amqp_uri(&vhost), queue)
+        .await
+        .expect("queue drained")
+        .len();
+    assert_eq!(ready, taken, "every confirmed message is in its queue");
+    broker.close().await;
+    vhosts.remove().expect("vhost removed");
 }
 
 /// A `cellhost run` process, killed when dropped.

@@ -13,14 +13,16 @@
 //! Deliveries reach the inbox's reader directly: the inbox polls the
 //! consumers of every connection so far, with no task in between.
 //!
-//! Publishing is pipelined: many publishes share the confirm channel and each
-//! caller awaits only its own confirm, for at most the publish timeout (a
+//! Publishing is pipelined: many publishes share the confirm channel (each
+//! numbered and queued under one lock, so every confirm and return pairs with
+//! its own message) and each caller awaits only its own confirm, for at most the publish timeout (a
 //! stalled link looks like silence, not like an error). Acknowledgements go
 //! through one task per consumer channel that acks the longest settled prefix
 //! of delivery tags with `multiple = true`, so a burst of settlements costs
 //! one frame.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -97,6 +99,9 @@ struct Live {
     /// The confirm-mode channel all publishes share; replaced if it closes.
     publisher: ArcSwap<Channel>,
     reopen: Mutex<()>,
+    /// Held while a publish is numbered and its frames queued (see
+    /// [`begun_in_order`]).
+    publish_order: std::sync::Mutex<()>,
 }
 
 #[derive(Clone)]
@@ -359,6 +364,7 @@ impl AmqpBroker {
             generation,
             publisher: ArcSwap::from_pointee(publisher),
             reopen: Mutex::new(()),
+            publish_order: std::sync::Mutex::new(()),
         })));
         self.inner.state.send_replace(LinkState {
             up: true,
@@ -635,17 +641,17 @@ impl AmqpBroker {
                 .publisher(&live)
                 .await
                 .map_err(|e| unavailable("no publisher channel", &e))?;
-            let confirm = channel
-                .basic_publish(
-                    p.exchange.as_str().into(),
-                    p.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: p.mandatory,
-                        ..BasicPublishOptions::default()
-                    },
-                    &p.body,
-                    properties,
-                )
+            let publish = channel.basic_publish(
+                p.exchange.as_str().into(),
+                p.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: p.mandatory,
+                    ..BasicPublishOptions::default()
+                },
+                &p.body,
+                properties,
+            );
+            let confirm = begun_in_order(&live.publish_order, publish)
                 .await
                 .map_err(|e| unavailable("publish failed", &e))?;
             confirm.await.map_err(|e| unavailable("no confirm", &e))
@@ -898,6 +904,35 @@ async fn connect_tls(
         properties,
     )
     .await
+}
+
+/// Starts `publish` (a `basic_publish`) under `order`, and returns what is
+/// left of it to await.
+///
+/// lapin numbers a publish for its confirm and queues its frames under two
+/// different locks, both in the first poll of `basic_publish`. Two tasks
+/// publishing on one channel at once could queue their frames in the other
+/// order than their numbers: the broker numbers messages as they arrive, so
+/// each would then take the other's confirm, or the other's return (a
+/// message no queue took counted as delivered, and the wrong one
+/// dead-lettered). Polling each publish once under one lock per channel
+/// keeps numbers and frames in the same order; the rest (waiting for the
+/// frames to be written, then for the confirm) runs outside it.
+fn begun_in_order<F: Future>(
+    order: &std::sync::Mutex<()>,
+    publish: F,
+) -> futures::future::Either<futures::future::Ready<F::Output>, Pin<Box<F>>> {
+    let mut publish = Box::pin(publish);
+    let first = {
+        let _order = lock(order);
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        publish.as_mut().poll(&mut cx)
+    };
+    match first {
+        Poll::Ready(output) => futures::future::Either::Left(futures::future::ready(output)),
+        // Polled again, with the caller's waker, when awaited.
+        Poll::Pending => futures::future::Either::Right(publish),
+    }
 }
 
 async fn open_confirm_channel(connection: &Connection) -> Result<Channel> {
