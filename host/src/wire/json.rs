@@ -247,6 +247,20 @@ fn needs_escape(word: u64) -> bool {
     (control | quote | backslash | del | (word & HIGH)) != 0
 }
 
+/// Whether any byte of `bytes` is a control character (below `' '`), which a
+/// JSON string may not hold raw; eight bytes at a time.
+fn any_control(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(8);
+    for chunk in &mut words {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        if has_control(u64::from_le_bytes(word)) {
+            return true;
+        }
+    }
+    words.remainder().iter().any(|b| *b < 0x20)
+}
+
 /// Whether any of the eight bytes of `word` is a control character (below `' '`).
 fn has_control(word: u64) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
@@ -289,15 +303,7 @@ pub(crate) fn unescape_json_str_prefix(raw: &str) -> Option<(String, usize)> {
         let rest = inner.get(at..)?;
         let run = plain_run(rest).unwrap_or(rest.len());
         let (clean, _) = rest.split_at(run);
-        let mut words = clean.chunks_exact(8);
-        for chunk in &mut words {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            if has_control(u64::from_le_bytes(word)) {
-                return None;
-            }
-        }
-        if words.remainder().iter().any(|b| *b < 0x20) {
+        if any_control(clean) {
             return None;
         }
         out.extend_from_slice(clean);
@@ -412,15 +418,7 @@ pub(crate) fn unescape_doubly_plain(escaped: &[u8]) -> Option<(String, usize)> {
         let rest = escaped.get(at..)?;
         let run = plain_run(rest)?;
         let clean = &rest[..run];
-        let mut words = clean.chunks_exact(8);
-        for chunk in &mut words {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            if has_control(u64::from_le_bytes(word)) {
-                return None;
-            }
-        }
-        if words.remainder().iter().any(|b| *b < 0x20) {
+        if any_control(clean) {
             return None;
         }
         value.extend_from_slice(clean);
@@ -438,31 +436,33 @@ pub(crate) fn unescape_doubly_plain(escaped: &[u8]) -> Option<(String, usize)> {
     }
 }
 
-/// [`escaped_offsets`] for a literal whose only escapes are `\\"` and `\\\\`
-/// (what Python writes for ASCII text without control characters), found
-/// by counting instead of walking the escapes: `escaped_len` is the length
-/// of the literal's text between its quotes. `None` when the literal has
-/// other escapes (its length says so) or a target is past the value.
+/// [`escaped_offsets`] for text whose only escapes are `\"` and `\\` (what
+/// Python writes for ASCII text without control characters), found by
+/// counting instead of walking the escapes. Each `"` and `\` of `value` takes
+/// `extra` bytes more in the escaped text: 1 for a literal, 3 for a literal
+/// inside a literal. `escaped_len` is the escaped text's length. `None` when
+/// it has other escapes (its length says so) or a target is past the value.
 pub(crate) fn plain_escaped_offsets(
     value: &[u8],
     escaped_len: usize,
+    extra: usize,
     targets: &[usize],
     out: &mut Vec<usize>,
 ) -> Option<()> {
     let (mut from, mut escapes) = (0, 0);
     for &target in targets {
         escapes += quotes_and_backslashes(value.get(from..target)?);
-        out.push(target + escapes);
+        out.push(target + extra * escapes);
         from = target;
     }
     escapes += quotes_and_backslashes(value.get(from..)?);
-    // Every `"` and `\\` takes one byte more; any other escape would take
+    // Every `"` and `\` takes `extra` bytes more; any other escape would take
     // more still, so equal lengths mean there is none.
-    (escaped_len == value.len() + escapes).then_some(())
+    (escaped_len == value.len() + extra * escapes).then_some(())
 }
 
 /// How many bytes of `bytes` are `"` or `\\`, eight at a time.
-pub(crate) fn quotes_and_backslashes(bytes: &[u8]) -> usize {
+fn quotes_and_backslashes(bytes: &[u8]) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
     // The high bit of each lane that is zero, exactly (no borrow between lanes).

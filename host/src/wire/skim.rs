@@ -28,8 +28,8 @@ use serde_json::value::RawValue;
 
 use super::cells::{Direction, MessageType, KNOWN_KEYS};
 use super::json::{
-    escaped_offsets, plain_escaped_offsets, quotes_and_backslashes, unescape_doubly_plain,
-    unescape_json_str, unescape_json_str_prefix, write_python_str, write_python_str_content,
+    escaped_offsets, plain_escaped_offsets, unescape_doubly_plain, unescape_json_str,
+    unescape_json_str_prefix, write_python_str, write_python_str_content,
 };
 
 /// Keys of `extra` the skim reads besides the cells message's own
@@ -82,7 +82,7 @@ enum Received {
     /// Escaped twice with nothing but `\"` and `\\` (what Python writes
     /// for ASCII text without control characters): its text begins at
     /// `cells_at` in the body.
-    DoublyPlain { cells_at: usize },
+    DoublyPlain { cells_at: Range<usize> },
     /// Escaped otherwise: the request, unescaped from the envelope, and
     /// where the cells message's escaped text lies in it (between its quotes).
     Request {
@@ -162,7 +162,9 @@ impl Skim {
         let after = unescape_json_str(cells_text.get(end + 1..)?)?;
         check_request_after_cells(&after)?;
         let mut skim = Skim::read_cells(cells)?;
-        skim.received = Some(Received::DoublyPlain { cells_at });
+        skim.received = Some(Received::DoublyPlain {
+            cells_at: cells_at..cells_at + end,
+        });
         Some(skim)
     }
 
@@ -273,14 +275,15 @@ impl Skim {
         let in_body = match self.received.as_ref()? {
             Received::DoublyPlain { cells_at } => {
                 // Each `"` and `\` of the cells text takes four bytes there.
-                let cells = self.cells.as_bytes();
-                let (mut from, mut escapes) = (0, 0);
                 let mut in_body = Vec::with_capacity(7);
-                for edge in edges {
-                    escapes += quotes_and_backslashes(cells.get(from..edge)?);
-                    in_body.push(cells_at + edge + 3 * escapes);
-                    from = edge;
-                }
+                plain_escaped_offsets(
+                    self.cells.as_bytes(),
+                    cells_at.len(),
+                    3,
+                    &edges,
+                    &mut in_body,
+                )?;
+                in_body.iter_mut().for_each(|at| *at += cells_at.start);
                 in_body
             }
             Received::Request { request, cells_at } => {
@@ -324,22 +327,23 @@ impl Skim {
         let request = request.as_bytes();
         let mut in_request = Vec::with_capacity(7);
         let cells_text = request.get(cells_at.start..)?;
-        plain_escaped_offsets(cells.as_bytes(), cells_at.len(), edges, &mut in_request).or_else(
-            || {
+        plain_escaped_offsets(cells.as_bytes(), cells_at.len(), 1, edges, &mut in_request)
+            .or_else(|| {
                 in_request.clear();
                 escaped_offsets(cells_text, edges, &mut in_request)
-            },
-        )?;
+            })?;
         in_request.iter_mut().for_each(|at| *at += cells_at.start);
         // The envelope's literal runs from after its head to the `"}` that
         // ends the body (the only layout `received` is kept for).
         let request_at = ENVELOPE_HEAD.len() + 1;
         let request_len = body.len().checked_sub(request_at + 2)?;
         let mut in_body = Vec::with_capacity(7);
-        plain_escaped_offsets(request, request_len, &in_request, &mut in_body).or_else(|| {
-            in_body.clear();
-            escaped_offsets(body.get(request_at..)?, &in_request, &mut in_body)
-        })?;
+        plain_escaped_offsets(request, request_len, 1, &in_request, &mut in_body).or_else(
+            || {
+                in_body.clear();
+                escaped_offsets(body.get(request_at..)?, &in_request, &mut in_body)
+            },
+        )?;
         in_body.iter_mut().for_each(|at| *at += request_at);
         Some(in_body)
     }
@@ -699,7 +703,7 @@ mod tests {
         let targets = [0, 1, 2, 5, 20, value.len()];
         let (mut counted, mut walked) = (Vec::new(), Vec::new());
         assert_eq!(
-            plain_escaped_offsets(value, escaped.len(), &targets, &mut counted),
+            plain_escaped_offsets(value, escaped.len(), 1, &targets, &mut counted),
             Some(())
         );
         let literal = format!("{escaped}\"");
@@ -712,7 +716,7 @@ mod tests {
         // A literal with any other escape is longer: not counted.
         let other = br#"a\u0062"#;
         assert_eq!(
-            plain_escaped_offsets(b"ab", other.len(), &[1], &mut Vec::new()),
+            plain_escaped_offsets(b"ab", other.len(), 1, &[1], &mut Vec::new()),
             None
         );
     }
