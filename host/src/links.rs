@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::watch;
 
@@ -167,7 +168,7 @@ impl Links {
     /// Dead-letters one publication that no queue takes.
     async fn dead_letter(
         &self,
-        body: Vec<u8>,
+        body: Bytes,
         neighbour: Option<&str>,
         reason: &str,
     ) -> Result<Sent, PublishError> {
@@ -233,8 +234,8 @@ impl Links {
             let outcome = match broker.publish(&relay).await {
                 Ok(()) => Ok(Sent::Delivered),
                 Err(e @ PublishError::Unroutable { .. }) => {
-                    // Rare: the body is copied only here, to keep the
-                    // parked one for a retry should this fail too.
+                    // The body is shared, not copied: the parked one is
+                    // kept for a retry should this fail too.
                     let reason = e.to_string();
                     self.dead_letter(relay.body.clone(), Some(&neighbour), &reason)
                         .await
@@ -259,7 +260,7 @@ impl Links {
                         _ = stop.changed() => return,
                         _ = tokio::time::sleep(wait) => {}
                     }
-                    parked.body = relay.body;
+                    parked.body = relay.body.into();
                     parked.settle(Outcome::Requeue);
                 }
             }

@@ -155,7 +155,9 @@ fn body(i: usize, padding: &Padding) -> Vec<u8> {
         "project_id": "0c7e3a9b5d1f4e2a8c6b4d2f0e8a6c4b",
     }));
     // Only the body is kept: each bench publishes it where its relay reads.
-    entry_cast("nova", "cells.intercell", &outgoing.to_message()).body
+    entry_cast("nova", "cells.intercell", &outgoing.to_message())
+        .body
+        .into()
 }
 
 /// `len` base64 characters, varying with `seed`.

@@ -413,36 +413,12 @@ impl Topology {
     }
 
     async fn dead_letter_amqp(&self, cell: &str) -> Result<DeadLetter> {
-        use lapin::options::BasicGetOptions;
         let config = self.config(cell);
         let uri = config.cell.transport_url.amqp_uris().remove(0);
-        let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await?;
-        let channel = conn.create_channel().await?;
         let queue = format!("{}.dead", config.cell.queue_base);
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
-            let got = channel
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
-                .await?;
-            if let Some(message) = got {
-                let delivery = message.delivery;
-                let header = |name: &str| -> String {
-                    delivery
-                        .properties
-                        .headers()
-                        .as_ref()
-                        .and_then(|h| h.inner().get(name))
-                        .and_then(|v| v.as_long_string())
-                        .map(|s| s.to_string())
-                        .unwrap_or_default()
-                };
-                let dead = DeadLetter {
-                    cell: header(CELL_HEADER),
-                    reason: header(REASON_HEADER),
-                    code: header(REASON_CODE_HEADER),
-                    body: delivery.data.clone(),
-                };
-                let _ = conn.close(200, "done".into()).await;
+            if let Some(dead) = take_dead_letters(&uri, &queue, 1).await?.pop() {
                 return Ok(dead);
             }
             if tokio::time::Instant::now() > deadline {
@@ -508,6 +484,41 @@ fn run_all(vhosts: &[String], args: impl Fn(&str) -> Vec<Vec<&str>>) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Takes up to `most` dead letters from `queue` at `uri` (those there now).
+pub async fn take_dead_letters(uri: &str, queue: &str, most: usize) -> Result<Vec<DeadLetter>> {
+    use lapin::options::BasicGetOptions;
+    let conn = lapin::Connection::connect(uri, lapin::ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    let mut taken = Vec::new();
+    while taken.len() < most {
+        let got = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await?;
+        let Some(message) = got else {
+            break;
+        };
+        let delivery = message.delivery;
+        let header = |name: &str| -> String {
+            delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(name))
+                .and_then(|v| v.as_long_string())
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        };
+        taken.push(DeadLetter {
+            cell: header(CELL_HEADER),
+            reason: header(REASON_HEADER),
+            code: header(REASON_CODE_HEADER),
+            body: delivery.data.clone(),
+        });
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(taken)
 }
 
 /// Reads the queue's messages with lapin, for tests that look at raw bytes.

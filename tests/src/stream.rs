@@ -43,7 +43,7 @@ pub fn messages(
             let message = outgoing.to_message();
             (
                 message.uuid.clone(),
-                entry_cast(EXCHANGE, QUEUE_BASE, &message).body,
+                entry_cast(EXCHANGE, QUEUE_BASE, &message).body.into(),
             )
         })
         .unzip()

@@ -419,7 +419,19 @@ async fn host_fails_over_to_another_cluster_node_and_loses_nothing() {
         stream_started.elapsed().as_secs_f64(),
         started.elapsed().as_secs_f64(),
     );
-    all_in.expect("every message delivered after the failover");
+    if let Err(e) = all_in {
+        let queue = format!("{QUEUE_BASE}.dead");
+        let dead =
+            cellhost_tests::take_dead_letters(&cluster.uri(survivor, &vhost("a")), &queue, 5)
+                .await
+                .map(|letters| {
+                    letters
+                        .iter()
+                        .map(|d| format!("{} ({}): {}", d.code, d.cell, d.reason))
+                        .collect::<Vec<_>>()
+                });
+        panic!("not every message delivered after the failover: {e:#}; a's dead letters: {dead:?}");
+    }
     assert_eq!(lost, 0, "messages lost");
     assert_eq!(strangers, 0, "deliveries of uuids never sent");
     assert!(wrong.is_empty(), "malformed local deliveries: {wrong:?}");

@@ -346,7 +346,8 @@ async fn the_host_transport_heals_after_a_cut() -> Result<()> {
     let mut inbox = broker
         .consume(std::slice::from_ref(&queue.name), 10, "fault-proxy-test")
         .await?;
-    let publication = |text: &str| Publication::new("", queue.name.as_str(), text.into());
+    let publication =
+        |text: &str| Publication::new("", queue.name.as_str(), text.as_bytes().to_vec());
     broker.publish(&publication("via the host")).await?;
     let inbound = tokio::time::timeout(PROMPTLY, inbox.next())
         .await

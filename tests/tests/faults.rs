@@ -631,15 +631,11 @@ async fn relay_to_a_broker_where_nothing_is_bound_is_dead_lettered_with_the_reas
 /// message no queue took counts as delivered while a delivered one is
 /// dead-lettered.
 ///
-/// KNOWN TO FAIL, hence ignored (run it with `--ignored`): lapin 4.12 hands
-/// each returned message to whichever confirm it resolves next (a queue in
-/// arrival order, emptied in `HashMap` order within a `multiple` ack), not
-/// to the confirm of the message returned. On this machine 342 of 3,200
-/// publishes heard another's outcome. The fix (stamp each publish, read the
-/// stamp off the returned message, decide in delivery-tag order once every
-/// earlier confirm is in) is described in the session note.
+/// lapin 4.12 by itself hands each returned message to whichever confirm it
+/// resolves next, not to the message's own (342 of these 3,200 publishes
+/// heard another's outcome before the transport paired them itself, by a
+/// stamp on each publish).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "lapin pairs returns with the wrong confirms under concurrency; see the doc comment"]
 async fn concurrent_publishes_each_hear_their_own_confirm_or_return() {
     let _serial = SERIAL.lock().await;
     const TASKS: usize = 8;

@@ -13,16 +13,15 @@
 //! Deliveries reach the inbox's reader directly: the inbox polls the
 //! consumers of every connection so far, with no task in between.
 //!
-//! Publishing is pipelined: many publishes share the confirm channel (each
-//! numbered and queued under one lock, so every confirm and return pairs with
-//! its own message) and each caller awaits only its own confirm, for at most the publish timeout (a
-//! stalled link looks like silence, not like an error). Acknowledgements go
+//! Publishing is pipelined: many publishes share the confirm channel, and
+//! each caller awaits only its own verdict (confirmed, returned, refused),
+//! which [`super::confirms`] pairs with its message, for at most the publish
+//! timeout (a stalled link looks like silence, not like an error). Acknowledgements go
 //! through one task per consumer channel that acks the longest settled prefix
 //! of delivery tags with `multiple = true`, so a burst of settlements costs
 //! one frame.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,13 +38,14 @@ use lapin::options::{
 use lapin::tcp::AMQPUriTcpExt;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::{AMQPScheme, AMQPUri};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::config::RabbitOptions;
 use crate::lock;
 
+use super::confirms::{Publisher, Verdict};
 use super::tls::TlsSetup;
 use super::{
     ArgValue, ExchangeKind, ExchangeSpec, Inbound, Inbox, LinkState, Outcome, Publication,
@@ -97,11 +97,8 @@ struct Live {
     connection: Connection,
     generation: u64,
     /// The confirm-mode channel all publishes share; replaced if it closes.
-    publisher: ArcSwap<Channel>,
+    publisher: ArcSwap<Publisher>,
     reopen: Mutex<()>,
-    /// Held while a publish is numbered and its frames queued (see
-    /// [`begun_in_order`]).
-    publish_order: std::sync::Mutex<()>,
 }
 
 #[derive(Clone)]
@@ -362,9 +359,8 @@ impl AmqpBroker {
         self.inner.live.store(Some(Arc::new(Live {
             connection,
             generation,
-            publisher: ArcSwap::from_pointee(publisher),
+            publisher: ArcSwap::from_pointee(Publisher::new(publisher, &self.inner.label)),
             reopen: Mutex::new(()),
-            publish_order: std::sync::Mutex::new(()),
         })));
         self.inner.state.send_replace(LinkState {
             up: true,
@@ -623,8 +619,7 @@ impl AmqpBroker {
             .with_content_type("application/json".into())
             .with_content_encoding("utf-8".into())
             .with_delivery_mode(2)
-            .with_priority(0)
-            .with_headers(headers);
+            .with_priority(0);
         if let Some(ms) = p.expiration_ms {
             properties = properties.with_expiration(ms.to_string().into());
         }
@@ -635,62 +630,68 @@ impl AmqpBroker {
                 p.routing_key
             ))
         };
-        let confirmed = tokio::time::timeout(self.inner.publish_timeout, async {
+        let verdict = tokio::time::timeout(self.inner.publish_timeout, async {
             let live = self.live()?;
-            let channel = self
+            let publisher = self
                 .publisher(&live)
                 .await
                 .map_err(|e| unavailable("no publisher channel", &e))?;
-            let publish = channel.basic_publish(
-                p.exchange.as_str().into(),
-                p.routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: p.mandatory,
-                    ..BasicPublishOptions::default()
-                },
-                &p.body,
-                properties,
-            );
-            let confirm = begun_in_order(&live.publish_order, publish)
+            let options = BasicPublishOptions {
+                mandatory: p.mandatory,
+                ..BasicPublishOptions::default()
+            };
+            publisher
+                .publish(
+                    &p.exchange,
+                    &p.routing_key,
+                    options,
+                    p.body.clone(),
+                    headers,
+                    properties,
+                )
                 .await
-                .map_err(|e| unavailable("publish failed", &e))?;
-            confirm.await.map_err(|e| unavailable("no confirm", &e))
+                .map_err(|e| unavailable("publisher gone", &e))
         })
         .await;
-        match confirmed {
+        match verdict {
             Err(_) => Err(PublishError::Unavailable(format!(
                 "publishing to {} on {label}: no confirm within {:?} (is the link stalled?)",
                 p.routing_key, self.inner.publish_timeout
             ))),
             Ok(Err(e)) => Err(e),
-            Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(PublishError::Unroutable {
+            Ok(Ok(Verdict::Delivered)) => Ok(()),
+            Ok(Ok(Verdict::Returned(reason))) => Err(PublishError::Unroutable {
                 broker: label.clone(),
                 exchange: p.exchange.clone(),
                 routing_key: p.routing_key.clone(),
-                reason: format!("{} {}", returned.reply_code, returned.reply_text),
+                reason,
             }),
-            Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => Ok(()),
-            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Refused {
+            Ok(Ok(Verdict::Refused)) => Err(PublishError::Refused {
                 broker: label.clone(),
                 routing_key: p.routing_key.clone(),
             }),
+            Ok(Ok(Verdict::Failed(e))) => Err(PublishError::Unavailable(format!(
+                "publishing to {} on {label}: {e}",
+                p.routing_key
+            ))),
         }
     }
 
     /// The shared confirm channel, reopened if the broker closed it (a failed
     /// declaration or publish closes a channel, not the connection).
-    async fn publisher(&self, live: &Live) -> Result<Arc<Channel>> {
+    async fn publisher(&self, live: &Live) -> Result<Arc<Publisher>> {
         let current = live.publisher.load_full();
-        if current.status().connected() {
+        if current.channel().status().connected() {
             return Ok(current);
         }
         let _guard = live.reopen.lock().await;
         let current = live.publisher.load_full();
-        if current.status().connected() {
+        if current.channel().status().connected() {
             return Ok(current);
         }
         tracing::warn!(broker = %self.inner.label, "publisher channel closed, reopening it");
-        let fresh = Arc::new(open_confirm_channel(&live.connection).await?);
+        let channel = open_confirm_channel(&live.connection).await?;
+        let fresh = Arc::new(Publisher::new(channel, &self.inner.label));
         live.publisher.store(fresh.clone());
         Ok(fresh)
     }
@@ -904,35 +905,6 @@ async fn connect_tls(
         properties,
     )
     .await
-}
-
-/// Starts `publish` (a `basic_publish`) under `order`, and returns what is
-/// left of it to await.
-///
-/// lapin numbers a publish for its confirm and queues its frames under two
-/// different locks, both in the first poll of `basic_publish`. Two tasks
-/// publishing on one channel at once could queue their frames in the other
-/// order than their numbers: the broker numbers messages as they arrive, so
-/// each would then take the other's confirm, or the other's return (a
-/// message no queue took counted as delivered, and the wrong one
-/// dead-lettered). Polling each publish once under one lock per channel
-/// keeps numbers and frames in the same order; the rest (waiting for the
-/// frames to be written, then for the confirm) runs outside it.
-fn begun_in_order<F: Future>(
-    order: &std::sync::Mutex<()>,
-    publish: F,
-) -> futures::future::Either<futures::future::Ready<F::Output>, Pin<Box<F>>> {
-    let mut publish = Box::pin(publish);
-    let first = {
-        let _order = lock(order);
-        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
-        publish.as_mut().poll(&mut cx)
-    };
-    match first {
-        Poll::Ready(output) => futures::future::Either::Left(futures::future::ready(output)),
-        // Polled again, with the caller's waker, when awaited.
-        Poll::Pending => futures::future::Either::Right(publish),
-    }
 }
 
 async fn open_confirm_channel(connection: &Connection) -> Result<Channel> {

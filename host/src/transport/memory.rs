@@ -146,7 +146,7 @@ impl MemoryBroker {
         for target in targets {
             if let Some(queue) = state.queues.get(target) {
                 let body = Body {
-                    bytes: p.body.clone(),
+                    bytes: p.body.to_vec(),
                     expiration_ms: p.expiration_ms,
                     headers: p
                         .headers

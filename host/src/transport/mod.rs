@@ -6,6 +6,7 @@
 //! and acknowledgements; it knows nothing of cells or of the oslo envelope.
 
 pub mod amqp;
+mod confirms;
 pub mod memory;
 pub mod oslo_declare;
 pub mod tls;
@@ -16,6 +17,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::Result;
+use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::watch;
 
@@ -29,7 +31,8 @@ pub struct Publication {
     /// `""` is the default exchange, which routes by queue name.
     pub exchange: String,
     pub routing_key: String,
-    pub body: Vec<u8>,
+    /// Shared, so a publish in flight holds it without a copy.
+    pub body: Bytes,
     /// String headers, e.g. the dead-letter reason.
     pub headers: Vec<(&'static str, String)>,
     /// Per-message TTL, as oslo.messaging sets on calls.
@@ -39,11 +42,15 @@ pub struct Publication {
 }
 
 impl Publication {
-    pub fn new(exchange: impl Into<String>, routing_key: impl Into<String>, body: Vec<u8>) -> Self {
+    pub fn new(
+        exchange: impl Into<String>,
+        routing_key: impl Into<String>,
+        body: impl Into<Bytes>,
+    ) -> Self {
         Publication {
             exchange: exchange.into(),
             routing_key: routing_key.into(),
-            body,
+            body: body.into(),
             headers: Vec::new(),
             expiration_ms: None,
             mandatory: false,
