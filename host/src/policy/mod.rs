@@ -5,8 +5,8 @@
 //! hash, kept in memory and, when given a cache folder, on disk: see
 //! [`cache`]), a [`LoadedPolicy`] is one validated version, and a
 //! [`PolicyInstance`] is one live instance of it that a consumer reuses call
-//! after call. Every call runs under a wall-clock deadline (epoch
-//! interruption) and within one budget of memory, tables and instances for
+//! after call. Every call runs under a deadline of the CPU time its thread
+//! spends on it, checked at each epoch tick (see [`clock`]), and within one budget of memory, tables and instances for
 //! the whole instance (see [`budget`]).
 //! An instance that traps or times out is unusable; the caller drops it and
 //! takes a fresh one. Policies see no files, sockets, environment or arguments:
@@ -17,6 +17,7 @@
 mod bindings;
 pub mod budget;
 pub mod cache;
+mod clock;
 pub mod view;
 pub mod world;
 
@@ -64,19 +65,10 @@ impl Default for Limits {
 }
 
 impl Limits {
-    fn call_ticks(&self) -> u64 {
-        // One more tick than asked: the first tick may come at once.
-        (self.deadline.as_millis() as u64).max(1) + 1
-    }
-
-    /// `init` may set up tables; it gets more time than one routing call.
-    fn init_ticks(&self) -> u64 {
-        (self.call_ticks() * 20).max(200)
-    }
-
-    /// The wall-clock budget of `init`, derived from the call deadline.
+    /// The CPU-time budget of `init`, which may set up tables: twenty times
+    /// a routing call's, and at least 200 ms.
     pub fn init_deadline(&self) -> Duration {
-        TICK * u32::try_from(self.init_ticks()).unwrap_or(u32::MAX)
+        (self.deadline.max(TICK) * 20).max(Duration::from_millis(200))
     }
 }
 
@@ -425,8 +417,9 @@ impl LoadedPolicy {
         let state = GuestState::new(&self.source, &self.limits)?;
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|s| &mut s.budget);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.limits.init_ticks());
+        store.epoch_deadline_callback(|mut store| Ok(store.data_mut().clock.tick()));
+        store.data_mut().clock.start(self.limits.init_deadline());
+        store.set_epoch_deadline(1);
         let bindings = self.pre.instantiate(&mut store).map_err(|e| {
             match budget::explain_count_limit(&e) {
                 Some(limit) => e.context(limit),
@@ -493,7 +486,10 @@ impl PolicyInstance {
     /// [`PolicyError::poisons_instance`] holds, drop this instance.
     pub fn route(&mut self, message: &Message, cell: &Cell) -> Result<Vec<Action>, PolicyError> {
         self.store
-            .set_epoch_deadline(self.policy.limits.call_ticks());
+            .data_mut()
+            .clock
+            .start(self.policy.limits.deadline);
+        self.store.set_epoch_deadline(1);
         let (bindings, store) = (&self.bindings, &mut self.store);
         let call = std::panic::AssertUnwindSafe(|| bindings.call_route(&mut *store, message, cell));
         // WASI's synchronous host functions that block (a file read, a sleep,
@@ -624,6 +620,7 @@ pub struct GuestState {
     wasi: WasiCtx,
     table: ResourceTable,
     budget: budget::InstanceBudget,
+    clock: clock::CallClock,
     source: Arc<str>,
     stderr: MemoryOutputPipe,
     last_error: Option<String>,
@@ -652,6 +649,7 @@ impl GuestState {
             wasi,
             table: ResourceTable::new(),
             budget: budget::InstanceBudget::new(limits.memory_bytes),
+            clock: clock::CallClock::new(),
             source: source.into(),
             stderr,
             last_error: None,

@@ -99,9 +99,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .timings
             .reserve((args.iterations / count + 1) as usize);
     }
-    // Failures during the run are counted, not fatal: on a busy machine a
-    // call can be descheduled past its wall-clock deadline, and one such call
-    // should not throw away the measurement. Their time is kept in the
+    // Failures during the run are counted, not fatal: one call that misses
+    // its deadline (a fresh instance faulting in its memory, say) should not
+    // throw away the measurement. Their time is kept in the
     // figures; it was spent.
     let mut failures: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut renewals = 0u64;

@@ -525,10 +525,11 @@ impl RouteWorker {
 
     fn ask_policy(&mut self, view: &policy::Message) -> Result<Vec<policy::Action>, PolicyError> {
         match self.call_policy(view) {
-            // The deadline is wall-clock time: a thread descheduled on a busy
-            // machine can miss it through no fault of the policy. One more try
-            // on a fresh instance tells that from a policy that really spins,
-            // which then costs two deadlines instead of one.
+            // The deadline counts the CPU time of the call, so a thread merely
+            // descheduled does not miss it; a fresh instance's first call can
+            // still pay for faulting in its memory. One more try on a fresh
+            // instance tells that from a policy that really spins, which then
+            // costs two deadlines instead of one.
             Err(PolicyError::Deadline(d)) => {
                 tracing::warn!(uuid = %view.uuid, deadline = ?d, "policy call missed its deadline; retrying once on a fresh instance");
                 self.call_policy(view)
