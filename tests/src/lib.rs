@@ -486,6 +486,18 @@ fn run_all(vhosts: &[String], args: impl Fn(&str) -> Vec<Vec<&str>>) -> Result<(
     Ok(())
 }
 
+/// The string header `name` of `delivery`, or `""` when it has none.
+pub fn string_header(delivery: &lapin::message::Delivery, name: &str) -> String {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(name))
+        .and_then(|v| v.as_long_string())
+        .map(|s| s.to_string())
+        .unwrap_or_default()
+}
+
 /// Takes up to `most` dead letters from `queue` at `uri` (those there now).
 pub async fn take_dead_letters(uri: &str, queue: &str, most: usize) -> Result<Vec<DeadLetter>> {
     use lapin::options::BasicGetOptions;
@@ -500,16 +512,7 @@ pub async fn take_dead_letters(uri: &str, queue: &str, most: usize) -> Result<Ve
             break;
         };
         let delivery = message.delivery;
-        let header = |name: &str| -> String {
-            delivery
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(|h| h.inner().get(name))
-                .and_then(|v| v.as_long_string())
-                .map(|s| s.to_string())
-                .unwrap_or_default()
-        };
+        let header = |name: &str| string_header(&delivery, name);
         taken.push(DeadLetter {
             cell: header(CELL_HEADER),
             reason: header(REASON_HEADER),

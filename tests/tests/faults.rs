@@ -543,16 +543,7 @@ async fn broadcast_while_a_child_is_down_reaches_everyone_once() {
 fn unroutable_relay_uuid(
     delivery: &lapin::message::Delivery,
 ) -> std::result::Result<String, String> {
-    let header = |name: &str| -> String {
-        delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get(name))
-            .and_then(|v| v.as_long_string())
-            .map(|s| s.to_string())
-            .unwrap_or_default()
-    };
+    let header = |name: &str| cellhost_tests::string_header(delivery, name);
     let (reason, code) = (header(REASON_HEADER), header(REASON_CODE_HEADER));
     let expected = format!("has no queue for \"{QUEUE_BASE}.targeted\"");
     if code != "unroutable" || !reason.contains(&expected) {
