@@ -35,7 +35,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::tcp::AMQPUriTcpExt;
+use lapin::tcp::{AMQPUriTcpExt, RustlsConnector};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -299,9 +299,10 @@ impl AmqpBroker {
                 .with_connection_name(LongString::from(format!("cellhost {label}")));
             let opening = async {
                 if let (AMQPScheme::AMQPS, Some(setup)) = (&parsed.scheme, &self.inner.tls) {
-                    connect_tls(parsed.clone(), properties, setup)
+                    let attempt = setup.attempt();
+                    connect_tls(parsed.clone(), properties, attempt.connector.clone())
                         .await
-                        .map_err(|e| setup.explain(e, label, &host, port))
+                        .map_err(|e| setup.explain(e, &attempt, label, &host, port))
                 } else {
                     Connection::connect_uri(parsed.clone(), properties)
                         .await
@@ -887,9 +888,8 @@ fn amqp_value(value: &ArgValue) -> AMQPValue {
 async fn connect_tls(
     uri: AMQPUri,
     properties: ConnectionProperties,
-    tls: &TlsSetup,
+    connector: RustlsConnector,
 ) -> lapin::Result<Connection> {
-    let connector = tls.connector();
     let runtime = lapin::runtime::default_runtime()?;
     Connection::connector(
         uri,

@@ -11,11 +11,14 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use lapin::tcp::{RustlsConnector, RustlsConnectorConfig};
-use rustls::AlertDescription;
+use lapin::tcp::RustlsConnector;
+use rustls::client::ResolvesClientCert;
+use rustls::sign::CertifiedKey;
+use rustls::{AlertDescription, ClientConfig, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -24,7 +27,9 @@ use crate::config::RabbitOptions;
 /// What a TLS connection to one broker trusts and presents.
 #[derive(Clone)]
 pub struct TlsSetup {
-    connector: Arc<RustlsConnector>,
+    config: Arc<ClientConfig>,
+    /// Whether `ssl_cert_file` gave a certificate to present.
+    presents_certificate: bool,
     /// Where the trusted CAs came from, for error messages.
     trust: Trust,
 }
@@ -47,55 +52,89 @@ impl fmt::Display for Trust {
     }
 }
 
+/// One TLS connection attempt: the connector it uses, and whether the
+/// broker asked it for a client certificate during the handshake.
+pub(super) struct TlsAttempt {
+    pub(super) connector: RustlsConnector,
+    asked_for_certificate: Arc<AtomicBool>,
+}
+
 impl TlsSetup {
     /// Reads the CA and client certificate files `options` name; `label`
     /// names the broker in errors.
     pub fn from_options(options: &RabbitOptions, label: &str) -> Result<TlsSetup> {
-        let (config, trust) = match options.ca_file() {
-            Some(path) => {
-                // Only this CA, as oslo does with `ca_certs`: a deployment
-                // that pins its own CA does not want public CAs trusted too.
-                // Certificates that cannot serve as a CA are skipped when the
-                // connector is built, which fails if none is left.
-                let certs = read_certificates(&path, "ssl_ca_file", label)?;
-                let config = RustlsConnectorConfig::default().with_parsable_certificates(certs);
-                (config, Trust::CaFile(path))
-            }
-            None => (
-                RustlsConnectorConfig::new_with_native_certs().with_context(|| {
-                    format!(
-                        "TLS to the broker of {label}: cannot load the system's trusted CAs; set `ssl_ca_file` in [oslo_messaging_rabbit]"
-                    )
-                })?,
-                Trust::SystemRoots,
+        let (roots, trust) = match options.ca_file() {
+            // Only this CA, as oslo does with `ca_certs`: a deployment that
+            // pins its own CA does not want public CAs trusted too.
+            Some(path) => (
+                read_certificates(&path, "ssl_ca_file", label)?,
+                Trust::CaFile(path),
             ),
+            None => {
+                let loaded = rustls_native_certs::load_native_certs();
+                if loaded.certs.is_empty() {
+                    bail!(
+                        "TLS to the broker of {label}: cannot load the system's trusted CAs ({:?}); set `ssl_ca_file` in [oslo_messaging_rabbit]",
+                        loaded.errors
+                    );
+                }
+                (loaded.certs, Trust::SystemRoots)
+            }
         };
-        let connector = match options.client_certificate() {
+        let mut store = RootCertStore::empty();
+        // Certificates that cannot serve as a CA are skipped; none left is an error.
+        let (usable, _skipped) = store.add_parsable_certificates(roots);
+        if usable == 0 {
+            bail!("TLS to the broker of {label}: no usable CA certificate in {trust}");
+        }
+        let builder =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .with_context(|| format!("TLS to the broker of {label}: no TLS version to offer"))?
+                .with_root_certificates(store);
+        let (config, presents_certificate) = match options.client_certificate() {
             Some((cert_path, key_path)) => {
                 let chain = read_certificates(&cert_path, "ssl_cert_file", label)?;
                 let key = read_key(&key_path, label)?;
-                config
-                    .connector_with_single_cert(chain, key)
-                    .with_context(|| {
-                        format!(
-                            "TLS to the broker of {label}: the client certificate {} and key {} (`ssl_cert_file`, `ssl_key_file`) cannot be used together",
-                            cert_path.display(),
-                            key_path.display()
-                        )
-                    })?
+                let config = builder.with_client_auth_cert(chain, key).with_context(|| {
+                    format!(
+                        "TLS to the broker of {label}: the client certificate {} and key {} (`ssl_cert_file`, `ssl_key_file`) cannot be used together",
+                        cert_path.display(),
+                        key_path.display()
+                    )
+                })?;
+                (config, true)
             }
-            None => config.connector_with_no_client_auth().with_context(|| {
-                format!("TLS to the broker of {label}: cannot set up the TLS client with {trust}")
-            })?,
+            // Each attempt gets its own resolver (see `attempt`).
+            None => (builder.with_no_client_auth(), false),
         };
         Ok(TlsSetup {
-            connector: Arc::new(connector),
+            config: Arc::new(config),
+            presents_certificate,
             trust,
         })
     }
 
-    pub(super) fn connector(&self) -> Arc<RustlsConnector> {
-        self.connector.clone()
+    /// The connector for one connection attempt. Without a certificate of
+    /// our own, it notes whether the broker asked for one: a broker that
+    /// requires one may hang up before its alert is read (TLS 1.3 finishes
+    /// the client's side of the handshake first), and then only this tells
+    /// why it did.
+    pub(super) fn attempt(&self) -> TlsAttempt {
+        let asked_for_certificate = Arc::new(AtomicBool::new(false));
+        let connector = if self.presents_certificate {
+            RustlsConnector::from(self.config.clone())
+        } else {
+            let mut config = (*self.config).clone();
+            config.client_auth_cert_resolver = Arc::new(NoCertificate {
+                asked: asked_for_certificate.clone(),
+            });
+            RustlsConnector::from(config)
+        };
+        TlsAttempt {
+            connector,
+            asked_for_certificate,
+        }
     }
 
     /// Rewrites a failed connection's error when TLS refused it: the
@@ -103,10 +142,16 @@ impl TlsSetup {
     pub(super) fn explain(
         &self,
         error: lapin::Error,
+        attempt: &TlsAttempt,
         label: &str,
         host: &str,
         port: u16,
     ) -> anyhow::Error {
+        let want_of_certificate = |what: String| {
+            anyhow::anyhow!(
+                "TLS to the broker of {label} at {host}:{port}: the broker refused the connection for want of an acceptable client certificate ({what}); set `ssl_cert_file` and `ssl_key_file` in [oslo_messaging_rabbit] to a certificate the broker's CA signed"
+            )
+        };
         match tls_error(&error) {
             Some(refused @ rustls::Error::InvalidCertificate(_)) => anyhow::anyhow!(
                 "TLS to the broker of {label} at {host}:{port}: the broker's certificate did not verify against {} ({refused}); the connection was refused. Check that the broker's certificate is signed by that CA and names {host} in its subjectAltName",
@@ -117,13 +162,37 @@ impl TlsSetup {
                 | AlertDescription::BadCertificate
                 | AlertDescription::UnknownCA
                 | AlertDescription::CertificateUnknown),
-            )) => anyhow::anyhow!(
-                "TLS to the broker of {label} at {host}:{port}: the broker refused the connection for want of an acceptable client certificate (alert {alert:?}); set `ssl_cert_file` and `ssl_key_file` in [oslo_messaging_rabbit] to a certificate the broker's CA signed"
-            ),
+            )) => want_of_certificate(format!("alert {alert:?}")),
+            _ if attempt.asked_for_certificate.load(Ordering::Relaxed) => {
+                want_of_certificate(format!(
+                    "it asked for one during the handshake, none is configured, and then it hung up: {error}"
+                ))
+            }
             _ => anyhow::Error::new(error).context(format!(
                 "TLS connection to the broker of {label} at {host}:{port} failed"
             )),
         }
+    }
+}
+
+/// Presents no client certificate, and notes that the broker asked for one.
+#[derive(Debug)]
+struct NoCertificate {
+    asked: Arc<AtomicBool>,
+}
+
+impl ResolvesClientCert for NoCertificate {
+    fn resolve(
+        &self,
+        _issuers: &[&[u8]],
+        _schemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.asked.store(true, Ordering::Relaxed);
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
     }
 }
 
@@ -183,4 +252,57 @@ fn read_key(path: &Path, label: &str) -> Result<PrivateKeyDer<'static>> {
             path.display()
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup_without_certificate() -> TlsSetup {
+        let config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_root_certificates(RootCertStore::empty())
+                .with_no_client_auth();
+        TlsSetup {
+            config: Arc::new(config),
+            presents_certificate: false,
+            trust: Trust::SystemRoots,
+        }
+    }
+
+    fn reset() -> lapin::Error {
+        std::io::Error::from(std::io::ErrorKind::ConnectionReset).into()
+    }
+
+    #[test]
+    fn a_hang_up_after_the_broker_asked_for_a_certificate_says_to_configure_one() {
+        let setup = setup_without_certificate();
+        let attempt = setup.attempt();
+        let resolver = NoCertificate {
+            asked: attempt.asked_for_certificate.clone(),
+        };
+        assert!(resolver.resolve(&[], &[]).is_none(), "we have none to give");
+        let error = setup.explain(reset(), &attempt, "b", "localhost", 5671);
+        let text = format!("{error:#}");
+        assert!(text.contains("client certificate"), "{text}");
+        assert!(text.contains("ssl_cert_file"), "{text}");
+        assert!(text.contains("reset"), "the I/O error is kept: {text}");
+    }
+
+    #[test]
+    fn a_hang_up_without_a_request_for_a_certificate_is_told_as_it_is() {
+        let setup = setup_without_certificate();
+        // A fresh attempt: an earlier one's request does not carry over.
+        let earlier = setup.attempt();
+        earlier.asked_for_certificate.store(true, Ordering::Relaxed);
+        let attempt = setup.attempt();
+        let text = format!(
+            "{:#}",
+            setup.explain(reset(), &attempt, "b", "localhost", 5671)
+        );
+        assert!(!text.contains("ssl_cert_file"), "{text}");
+        assert!(text.contains("TLS connection to the broker of b"), "{text}");
+    }
 }
