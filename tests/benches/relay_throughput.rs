@@ -222,6 +222,17 @@ impl CpuMeter {
     }
 }
 
+/// The threads this process has now.
+fn thread_count() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Context switches, voluntary and not, summed over the live threads of
 /// `pid` (threads that ended are not counted).
 fn context_switches(pid: &str) -> u64 {
@@ -381,6 +392,14 @@ async fn bench() -> Result<()> {
                         .unwrap_or_else(|| "n/a".into()),
                     timing.cpu.own_switches as f64 / f64::from(messages),
                     timing.cpu.broker_switches as f64 / f64::from(messages),
+                );
+                // What a side leaves behind shows up as CPU in later rounds.
+                println!(
+                    "  after the run: {} tokio tasks alive, {} threads in this process",
+                    tokio::runtime::Handle::current()
+                        .metrics()
+                        .num_alive_tasks(),
+                    thread_count().map_or_else(|| "?".into(), |n| n.to_string()),
                 );
                 timings.push(timing);
             }

@@ -343,7 +343,7 @@ async fn an_answer_too_large_in_bytes_is_refused() {
 /// its own cell, except `grow-memory` (a second core module already holds
 /// 12 MiB; it grows its own memory to 12 MiB more) and `grow-table` (grows
 /// a table without end).
-const GREEDY: &str = include_str!("../../host/tests/components/greedy.wat");
+const GREEDY: &str = include_str!("../../../host/tests/components/greedy.wat");
 
 const SOLO: [(&str, Option<&str>); 1] = [("solo", None)];
 
