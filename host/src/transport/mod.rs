@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::config::{RabbitOptions, TransportUrl};
 
+pub use confirms::STAMP_HEADER;
 pub use oslo_declare::{OsloDeclarations, Role};
 
 /// One message to publish.

@@ -9,6 +9,10 @@
 //! confirmed deliveries are acked together, one `multiple` ack for each run
 //! of confirms that arrived at once, always over a gapless prefix of the
 //! deliveries (the confirms are taken in publication order).
+//!
+//! `BARE_MANDATORY=1` also publishes as cellhost does: mandatory, with the
+//! publish's number in the `x-cellhost-publish` header (the stamp a return
+//! is matched by), to tell what that costs the broker.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,7 +25,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -131,6 +135,7 @@ async fn relay(
     let mut unconfirmed = FuturesOrdered::new();
     let mut acks = FuturesUnordered::new();
     let mut relayed = Relayed::default();
+    let mandatory = std::env::var("BARE_MANDATORY").is_ok_and(|v| v == "1");
     loop {
         tokio::select! {
             biased;
@@ -156,12 +161,22 @@ async fn relay(
                     bail!("the source queue's consumer was cancelled");
                 };
                 let delivery = delivery.context("consuming the source queue")?;
+                let mut properties = properties.clone();
+                if mandatory {
+                    let mut stamp = FieldTable::default();
+                    stamp.insert(
+                        cellhost::transport::STAMP_HEADER.into(),
+                        AMQPValue::LongLongInt(i64::try_from(delivery.delivery_tag)?),
+                    );
+                    properties = properties.with_headers(stamp);
+                }
                 let publish = publish_confirmed(
                     &publisher,
                     exchange.clone(),
                     routing_key.clone(),
                     delivery.data,
-                    properties.clone(),
+                    properties,
+                    BasicPublishOptions { mandatory, ..BasicPublishOptions::default() },
                     delivery.delivery_tag,
                 );
                 unconfirmed.push_back(begun(publish).await);
@@ -179,16 +194,11 @@ async fn publish_confirmed(
     routing_key: ShortString,
     body: Vec<u8>,
     properties: BasicProperties,
+    options: BasicPublishOptions,
     tag: u64,
 ) -> Result<u64> {
     let confirm = publisher
-        .basic_publish(
-            exchange,
-            routing_key,
-            BasicPublishOptions::default(),
-            &body,
-            properties,
-        )
+        .basic_publish(exchange, routing_key, options, &body, properties)
         .await
         .context("publishing to the destination")?;
     match confirm
