@@ -36,8 +36,8 @@ impl CallClock {
         }
     }
 
-    /// Starts a call that may use `budget` of CPU time. The caller sets the
-    /// store's epoch deadline one tick away.
+    /// Starts a call that may use `budget` of CPU time; the store's epoch
+    /// deadline goes one tick away beside it (`policy::start_call`).
     pub fn start(&mut self, budget: Duration) {
         self.budget = budget;
         self.first_tick = None;

@@ -6,8 +6,9 @@
 //! [`cache`]), a [`LoadedPolicy`] is one validated version, and a
 //! [`PolicyInstance`] is one live instance of it that a consumer reuses call
 //! after call. Every call runs under a deadline of the CPU time its thread
-//! spends on it, checked at each epoch tick (see [`clock`]), and within one budget of memory, tables and instances for
-//! the whole instance (see [`budget`]).
+//! spends on it, checked at each epoch tick (see [`clock`]), and within one
+//! budget of memory, tables and instances for the whole instance (see
+//! [`budget`]).
 //! An instance that traps or times out is unusable; the caller drops it and
 //! takes a fresh one. Policies see no files, sockets, environment or arguments:
 //! the WASI context they get grants nothing but a clock and randomness.
@@ -418,8 +419,7 @@ impl LoadedPolicy {
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|s| &mut s.budget);
         store.epoch_deadline_callback(|mut store| Ok(store.data_mut().clock.tick()));
-        store.data_mut().clock.start(self.limits.init_deadline());
-        store.set_epoch_deadline(1);
+        start_call(&mut store, self.limits.init_deadline());
         let bindings = self.pre.instantiate(&mut store).map_err(|e| {
             match budget::explain_count_limit(&e) {
                 Some(limit) => e.context(limit),
@@ -485,11 +485,7 @@ impl PolicyInstance {
     /// Asks the policy what to do with `message`. After an error for which
     /// [`PolicyError::poisons_instance`] holds, drop this instance.
     pub fn route(&mut self, message: &Message, cell: &Cell) -> Result<Vec<Action>, PolicyError> {
-        self.store
-            .data_mut()
-            .clock
-            .start(self.policy.limits.deadline);
-        self.store.set_epoch_deadline(1);
+        start_call(&mut self.store, self.policy.limits.deadline);
         let (bindings, store) = (&self.bindings, &mut self.store);
         let call = std::panic::AssertUnwindSafe(|| bindings.call_route(&mut *store, message, cell));
         // WASI's synchronous host functions that block (a file read, a sleep,
@@ -613,6 +609,13 @@ fn describe_trap(trap: &wasmtime::Error, limits: &Limits, state: &GuestState) ->
         }
     }
     reason
+}
+
+/// Starts a call (or `init`) on `store` with `budget` of CPU time: its epoch
+/// deadline one tick away, where [`clock::CallClock`] takes over.
+fn start_call(store: &mut Store<GuestState>, budget: Duration) {
+    store.data_mut().clock.start(budget);
+    store.set_epoch_deadline(1);
 }
 
 /// What the host keeps per instance.

@@ -28,8 +28,6 @@ use crate::config::RabbitOptions;
 #[derive(Clone)]
 pub struct TlsSetup {
     config: Arc<ClientConfig>,
-    /// Whether `ssl_cert_file` gave a certificate to present.
-    presents_certificate: bool,
     /// Where the trusted CAs came from, for error messages.
     trust: Trust,
 }
@@ -87,30 +85,26 @@ impl TlsSetup {
         if usable == 0 {
             bail!("TLS to the broker of {label}: no usable CA certificate in {trust}");
         }
-        let builder =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .with_context(|| format!("TLS to the broker of {label}: no TLS version to offer"))?
-                .with_root_certificates(store);
-        let (config, presents_certificate) = match options.client_certificate() {
+        let builder = client_config()
+            .with_context(|| format!("TLS to the broker of {label}: no TLS version to offer"))?
+            .with_root_certificates(store);
+        let config = match options.client_certificate() {
             Some((cert_path, key_path)) => {
                 let chain = read_certificates(&cert_path, "ssl_cert_file", label)?;
                 let key = read_key(&key_path, label)?;
-                let config = builder.with_client_auth_cert(chain, key).with_context(|| {
+                builder.with_client_auth_cert(chain, key).with_context(|| {
                     format!(
                         "TLS to the broker of {label}: the client certificate {} and key {} (`ssl_cert_file`, `ssl_key_file`) cannot be used together",
                         cert_path.display(),
                         key_path.display()
                     )
-                })?;
-                (config, true)
+                })?
             }
             // Each attempt gets its own resolver (see `attempt`).
-            None => (builder.with_no_client_auth(), false),
+            None => builder.with_no_client_auth(),
         };
         Ok(TlsSetup {
             config: Arc::new(config),
-            presents_certificate,
             trust,
         })
     }
@@ -122,7 +116,7 @@ impl TlsSetup {
     /// why it did.
     pub(super) fn attempt(&self) -> TlsAttempt {
         let asked_for_certificate = Arc::new(AtomicBool::new(false));
-        let connector = if self.presents_certificate {
+        let connector = if self.config.client_auth_cert_resolver.has_certs() {
             RustlsConnector::from(self.config.clone())
         } else {
             let mut config = (*self.config).clone();
@@ -173,6 +167,14 @@ impl TlsSetup {
             )),
         }
     }
+}
+
+/// A client config on ring, offering the TLS versions rustls deems safe.
+fn client_config(
+) -> std::result::Result<rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier>, rustls::Error>
+{
+    ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
 }
 
 /// Presents no client certificate, and notes that the broker asked for one.
@@ -259,15 +261,12 @@ mod tests {
     use super::*;
 
     fn setup_without_certificate() -> TlsSetup {
-        let config =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("TLS versions")
-                .with_root_certificates(RootCertStore::empty())
-                .with_no_client_auth();
+        let config = client_config()
+            .expect("TLS versions")
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth();
         TlsSetup {
             config: Arc::new(config),
-            presents_certificate: false,
             trust: Trust::SystemRoots,
         }
     }

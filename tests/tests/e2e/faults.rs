@@ -15,8 +15,8 @@
 //! dead-letter queue empty and the park queue drained. It prints one line
 //! per fault: sent, delivered, duplicated, lost, how long after the end of
 //! the fault deliveries resumed and all were in, and the test's wall time.
-//! The tests run one at a time (the machine has few cores and each one
-//! streams at full speed): they share a lock.
+//! The fault tests run one at a time (the machine has few cores and each
+//! one streams at full speed): they share a lock.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -54,7 +54,8 @@ const PAIR: [(&str, Option<&str>); 2] = [("b", None), ("a", Some("b"))];
 /// A message from `a` to its parent `b`.
 const UP_TO_B: &str = "a!b";
 
-/// One fault test at a time, across the test threads of this binary.
+/// One fault test at a time across the test threads (tests of other modules
+/// of the binary may still run beside one).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn url(port: u16, vhost: &str) -> TransportUrl {
