@@ -415,25 +415,50 @@ pub(crate) fn unescape_doubly_plain(escaped: &[u8]) -> Option<(String, usize)> {
     let mut value = Vec::with_capacity(escaped.len());
     let mut at = 0;
     loop {
-        let rest = escaped.get(at..)?;
-        let run = plain_run(rest)?;
-        let clean = &rest[..run];
-        if any_control(clean) {
-            return None;
-        }
-        value.extend_from_slice(clean);
-        at += run;
-        match escaped.get(at..at + 4) {
-            Some(br#"\\\""#) => value.push(b'"'),
-            Some(br#"\\\\"#) => value.push(b'\\'),
-            // `\"` closes the inner literal; a bare `"` would close the outer.
-            _ if escaped.get(at..at + 2) == Some(&br#"\""#[..]) => {
-                return Some((String::from_utf8(value).ok()?, at));
+        // Eight bytes at a time: all of them are copied, then the copy is
+        // cut back to the first byte that is not plain (`"`, `\` or a
+        // control character), which is handled below.
+        if let Some(chunk) = escaped.get(at..).and_then(|rest| rest.first_chunk::<8>()) {
+            value.extend_from_slice(chunk);
+            let plain = first_special(u64::from_le_bytes(*chunk));
+            if plain == 8 {
+                at += 8;
+                continue;
             }
-            _ => return None,
+            value.truncate(value.len() - 8 + plain);
+            at += plain;
+        }
+        match escaped.get(at..)? {
+            [b'\\', b'\\', b'\\', b'"', ..] => value.push(b'"'),
+            [b'\\', b'\\', b'\\', b'\\', ..] => value.push(b'\\'),
+            // `\"` closes the inner literal; a bare `"` would close the outer.
+            [b'\\', b'"', ..] => return Some((String::from_utf8(value).ok()?, at)),
+            [b'\\' | b'"', ..] => return None,
+            [b, ..] if *b < 0x20 => return None,
+            // Fewer than eight bytes are left, and this one is plain.
+            [b, ..] => {
+                value.push(*b);
+                at += 1;
+                continue;
+            }
+            [] => return None,
         }
         at += 4;
     }
+}
+
+/// How many of the eight bytes of `word` (in memory order) come before the
+/// first `"`, `\` or control character: 8 when there is none. The lowest
+/// lane each test marks is exact: a borrow only marks lanes above one that
+/// matched.
+fn first_special(word: u64) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGH;
+    let found = has_zero(word ^ (ONES * u64::from(b'"')))
+        | has_zero(word ^ (ONES * u64::from(b'\\')))
+        | (word.wrapping_sub(ONES * 0x20) & !word & HIGH);
+    found.trailing_zeros() as usize / 8
 }
 
 /// [`escaped_offsets`] for text whose only escapes are `\"` and `\\` (what

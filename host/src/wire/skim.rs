@@ -125,7 +125,7 @@ impl Skim {
         // after `args` are parsed.
         if let Some(rest) = inner.strip_prefix(REQUEST_HEAD) {
             let (cells, used) = unescape_json_str_prefix(rest)?;
-            check_request_after_cells(rest.get(used..)?)?;
+            check_request_after_cells(rest.get(used..)?.to_string())?;
             let mut skim = Skim::read_cells(cells)?;
             if headed {
                 skim.received = Some(Received::Request {
@@ -135,7 +135,7 @@ impl Skim {
             }
             return Some(skim);
         }
-        let request: Entries<'_> = serde_json::from_str(&inner).ok()?;
+        let request: RequestKeys<'_> = serde_json::from_str(&inner).ok()?;
         if parse_str(request.single("method")??)? != "process_message" {
             return None;
         }
@@ -160,7 +160,7 @@ impl Skim {
         // From the `"` that closes the cells message's literal in the
         // request: what follows it in the request, as one literal.
         let after = unescape_json_str(cells_text.get(end + 1..)?)?;
-        check_request_after_cells(&after)?;
+        check_request_after_cells(after)?;
         let mut skim = Skim::read_cells(cells)?;
         skim.received = Some(Received::DoublyPlain {
             cells_at: cells_at..cells_at + end,
@@ -169,20 +169,10 @@ impl Skim {
     }
 
     fn read_cells(cells: String) -> Option<Skim> {
-        let entries: Entries<'_> = serde_json::from_str(&cells).ok()?;
         // The fields the skim reads, found in one pass; a repeated one sends
         // the message down the full path.
-        let index = |key: &str| KNOWN_KEYS.iter().chain(&EXTRA_KEYS).position(|k| *k == key);
-        let mut fields: [Option<&RawValue>; KNOWN_KEYS.len() + EXTRA_KEYS.len()] =
-            Default::default();
-        for (key, value) in &entries.0 {
-            if let Some(i) = index(key) {
-                if fields[i].replace(*value).is_some() {
-                    return None;
-                }
-            }
-        }
-        let field = |key: &str| index(key).and_then(|i| fields[i]);
+        let fields: CellsFields<'_> = serde_json::from_str(&cells).ok()?;
+        let field = |key: &str| fields.get(key);
         let span = |raw: &RawValue| {
             let at = raw.get().as_ptr() as usize - cells.as_ptr() as usize;
             at..at + raw.get().len()
@@ -191,8 +181,8 @@ impl Skim {
         let direction = Direction::from_wire(&parse_str(field("direction")?)?)?;
         let ctxt = field("ctxt").filter(|raw| raw.get().starts_with('{'))?;
         let method_kwargs = field("method_kwargs").filter(|raw| raw.get().starts_with('{'))?;
-        let need_response: bool = serde_json::from_str(field("need_response")?.get()).ok()?;
-        let fanout: bool = serde_json::from_str(field("fanout")?.get()).ok()?;
+        let need_response = parse_bool(field("need_response")?)?;
+        let fanout = parse_bool(field("fanout")?)?;
         let routing_path = field("routing_path")?;
         let hop_count = field("hop_count")?;
         let max_hop_count = field("max_hop_count")?;
@@ -220,11 +210,9 @@ impl Skim {
             message_type,
             direction,
             fanout,
-            run_locally: field("run_locally")
-                .and_then(|raw| serde_json::from_str(raw.get()).ok())
-                .unwrap_or(true),
-            hop_count: serde_json::from_str(hop_count.get()).ok()?,
-            max_hop_count: serde_json::from_str(max_hop_count.get()).ok()?,
+            run_locally: field("run_locally").and_then(parse_bool).unwrap_or(true),
+            hop_count: parse_u32(hop_count)?,
+            max_hop_count: parse_u32(max_hop_count)?,
             uuid: parse_str(field("uuid")?)?.into_owned(),
             method_name: parse_str(field("method_name")?)?.into_owned(),
             path: parse_opt_str(routing_path)?
@@ -234,7 +222,6 @@ impl Skim {
             cells: String::new(),
             received: None,
         };
-        drop(entries);
         Some(Skim { cells, ..skim })
     }
 
@@ -446,12 +433,18 @@ const ESCAPED_REQUEST_HEAD: &str =
 /// Checks what follows the cells message's literal in a request laid out as
 /// oslo.messaging writes it (`}` closing `args`, then the other keys): only
 /// `args` held it, and the request is a cast.
-fn check_request_after_cells(after: &str) -> Option<()> {
-    let others = match after.strip_prefix('}')? {
-        "}" => "{}".to_string(),
-        tail => format!("{{{}", tail.strip_prefix(", ")?),
+fn check_request_after_cells(mut after: String) -> Option<()> {
+    let request: RequestKeys<'_> = if after == "}}" {
+        RequestKeys::default()
+    } else {
+        // `}, ` before the other keys becomes ` {`: they read as an
+        // object of their own, without a copy.
+        if !after.starts_with("}, ") {
+            return None;
+        }
+        after.replace_range(..2, " {");
+        serde_json::from_str(&after).ok()?
     };
-    let request: Entries<'_> = serde_json::from_str(&others).ok()?;
     if request.count("method") + request.count("args") > 0 {
         return None;
     }
@@ -460,8 +453,8 @@ fn check_request_after_cells(after: &str) -> Option<()> {
 
 /// Checks a request's keys as the full decoder does, and that it is a cast:
 /// `None` for a call, a repeated key or a key of the wrong type.
-fn check_cast(request: &Entries<'_>) -> Option<()> {
-    if REQUEST_KEYS.iter().any(|k| request.count(k) > 1) {
+fn check_cast(request: &RequestKeys<'_>) -> Option<()> {
+    if request.seen.iter().any(|n| *n > 1) {
         return None;
     }
     // A call, or a cast whose `_msg_id` is neither null nor absent.
@@ -515,9 +508,18 @@ fn envelope(inner: &str) -> Vec<u8> {
 
 /// A JSON string's value, borrowed when it holds no escapes.
 fn parse_str(raw: &RawValue) -> Option<Cow<'_, str>> {
-    serde_json::from_str::<Text<'_>>(raw.get())
-        .ok()
-        .map(|t| t.0)
+    // A raw value is valid JSON already: a string without escapes is its
+    // text between the quotes.
+    let text = raw.get();
+    if let Some(inner) = text
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
+    {
+        if !inner.contains('\\') {
+            return Some(Cow::Borrowed(inner));
+        }
+    }
+    serde_json::from_str::<Text<'_>>(text).ok().map(|t| t.0)
 }
 
 /// A JSON string or null; `None` (the outer one) when it is neither.
@@ -528,15 +530,129 @@ fn parse_opt_str(raw: &RawValue) -> Option<Option<Cow<'_, str>>> {
     parse_str(raw).map(Some)
 }
 
+/// A JSON boolean.
+fn parse_bool(raw: &RawValue) -> Option<bool> {
+    match raw.get() {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// A JSON number that is a `u32`, as serde reads one into a `u32`.
+fn parse_u32(raw: &RawValue) -> Option<u32> {
+    // Valid JSON digits parse as such; anything else (`-0`, an exponent,
+    // a fraction) is left to serde, which decides as the full path does.
+    raw.get()
+        .parse()
+        .ok()
+        .or_else(|| serde_json::from_str(raw.get()).ok())
+}
+
+/// The fields of a cells message the skim reads ([`KNOWN_KEYS`], then
+/// [`EXTRA_KEYS`]), found in one pass over its object; other keys are
+/// checked and skipped. A repeated field fails the parse.
+struct CellsFields<'a>([Option<&'a RawValue>; KNOWN_KEYS.len() + EXTRA_KEYS.len()]);
+
+impl<'a> CellsFields<'a> {
+    fn index(key: &str) -> Option<usize> {
+        KNOWN_KEYS.iter().chain(&EXTRA_KEYS).position(|k| *k == key)
+    }
+
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        Self::index(key).and_then(|i| self.0[i])
+    }
+}
+
+impl<'de> Deserialize<'de> for CellsFields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = CellsFields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a cells message")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = CellsFields(Default::default());
+                while let Some(Text(key)) = map.next_key()? {
+                    match CellsFields::index(&key) {
+                        Some(i) => {
+                            let value = map.next_value::<&'de RawValue>()?;
+                            if fields.0[i].replace(value).is_some() {
+                                return Err(de::Error::custom("a repeated field"));
+                            }
+                        }
+                        None => {
+                            map.next_value::<de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(fields)
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
+/// The keys of a request the skim checks ([`REQUEST_KEYS`]), found in one
+/// pass over its object: how often each appears, and its value (the last,
+/// if repeated). Other keys are checked and skipped.
+#[derive(Default)]
+struct RequestKeys<'a> {
+    seen: [u8; REQUEST_KEYS.len()],
+    values: [Option<&'a RawValue>; REQUEST_KEYS.len()],
+}
+
+impl<'a> RequestKeys<'a> {
+    fn index(key: &str) -> Option<usize> {
+        REQUEST_KEYS.iter().position(|k| *k == key)
+    }
+
+    fn count(&self, key: &str) -> usize {
+        Self::index(key).map_or(0, |i| usize::from(self.seen[i]))
+    }
+
+    /// The value of a key that appears at most once: `Some(None)` when it
+    /// is absent, `None` when it is repeated.
+    fn single(&self, key: &str) -> Option<Option<&'a RawValue>> {
+        let i = Self::index(key)?;
+        (self.seen[i] <= 1).then_some(self.values[i])
+    }
+}
+
+impl<'de> Deserialize<'de> for RequestKeys<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeysVisitor;
+        impl<'de> Visitor<'de> for KeysVisitor {
+            type Value = RequestKeys<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a request")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut keys = RequestKeys::default();
+                while let Some(Text(key)) = map.next_key()? {
+                    match RequestKeys::index(&key) {
+                        Some(i) => {
+                            keys.seen[i] = keys.seen[i].saturating_add(1);
+                            keys.values[i] = Some(map.next_value::<&'de RawValue>()?);
+                        }
+                        None => {
+                            map.next_value::<de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(keys)
+            }
+        }
+        deserializer.deserialize_map(KeysVisitor)
+    }
+}
+
 /// The entries of one JSON object in text order, values left as raw text.
 #[derive(Default)]
 struct Entries<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
 impl<'a> Entries<'a> {
-    fn count(&self, key: &str) -> usize {
-        self.0.iter().filter(|(k, _)| k == key).count()
-    }
-
     /// The value of a key that appears at most once: `Some(None)` when it
     /// is absent, `None` when it is repeated.
     fn single(&self, key: &str) -> Option<Option<&'a RawValue>> {
@@ -1003,6 +1119,29 @@ mod tests {
                 serde_json::to_string(&text).expect("a string")
             };
             prop_assert_eq!(unescape_json_str(&raw), Some(text));
+        }
+
+        #[test]
+        fn doubly_escaped_strings_are_unescaped_in_one_pass_as_in_two(
+            text in prop_oneof![any::<String>(), "[ -~]{0,40}", "[\"\\\\a-z]{0,24}"],
+            tail in "[ -~]{0,12}",
+        ) {
+            // `text` as a literal inside a literal, as the envelope holds the
+            // cells message, followed by more of the outer literal.
+            let inner = serde_json::to_string(&text).expect("a string");
+            let outer = serde_json::to_string(&format!("{inner}{tail}")).expect("a string");
+            let escaped = &outer.as_bytes()[3..];
+            match unescape_doubly_plain(escaped) {
+                Some((value, end)) => {
+                    prop_assert_eq!(&value, &text);
+                    prop_assert_eq!(&escaped[end..end + 2], b"\\\"");
+                    let rest: String = serde_json::from_str(&format!("\"{}", std::str::from_utf8(&escaped[end + 2..]).expect("text"))).expect("the rest");
+                    prop_assert_eq!(rest, tail);
+                }
+                // Only for what takes an escape other than `\"` and `\\`.
+                None => prop_assert!(text.chars().any(|c| c < ' ' || c == '\u{7f}' || !c.is_ascii()) || inner.contains("\\u"),
+                    "refused {:?}", text),
+            }
         }
 
         #[test]
