@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -34,6 +34,9 @@ use crate::wire::MessageType;
 /// How long a message whose publication failed on the own broker waits
 /// before going back to its queue, so a broken broker is not hammered.
 const REQUEUE_DELAY: Duration = Duration::from_secs(1);
+/// At most this many deliveries already at hand are planned together before
+/// their publications start.
+const PLAN_BATCH: usize = 32;
 
 /// One cell being served.
 pub struct CellHost {
@@ -225,6 +228,11 @@ impl CellHost {
 
 /// One consumer: plan each message as it arrives, keep up to `window` of them
 /// in flight, settle each when its publications are confirmed.
+///
+/// Deliveries that are already at hand when one arrives are planned with it
+/// (up to [`PLAN_BATCH`]) before any of their publications starts: the
+/// publications then leave together, which lets the client write them to
+/// the socket in fewer writes, and the broker read them in fewer reads.
 async fn serve(
     mut inbox: crate::transport::Inbox,
     mut worker: RouteWorker,
@@ -248,6 +256,18 @@ async fn serve(
                 };
                 let plan = worker.plan(&inbound.body, inbound.expiration_ms);
                 in_flight.push(carry_out(plan, inbound, links.clone(), answering.clone()));
+                // New futures are first polled (their publications made)
+                // when the loop next polls `in_flight`.
+                for _ in 1..PLAN_BATCH {
+                    if in_flight.len() >= window {
+                        break;
+                    }
+                    let Some(Some(inbound)) = inbox.next().now_or_never() else {
+                        break;
+                    };
+                    let plan = worker.plan(&inbound.body, inbound.expiration_ms);
+                    in_flight.push(carry_out(plan, inbound, links.clone(), answering.clone()));
+                }
             }
         }
     }
