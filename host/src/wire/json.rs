@@ -233,18 +233,36 @@ const ESCAPE: [u8; 256] = {
     table
 };
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// The high bit of each lane of `word` (eight bytes, in memory order) that
+/// holds `byte`. The lowest marked lane is exact: a borrow only marks lanes
+/// above one that matched.
+fn lanes_equal(word: u64, byte: u8) -> u64 {
+    let w = word ^ (ONES * u64::from(byte));
+    w.wrapping_sub(ONES) & !w & HIGH
+}
+
+/// The high bit of each lane of `word` that holds `"` or `\\`; the lowest
+/// marked lane is exact.
+fn quote_or_backslash_lanes(word: u64) -> u64 {
+    lanes_equal(word, b'"') | lanes_equal(word, b'\\')
+}
+
+/// The high bit of each lane of `word` that holds a control character
+/// (below `' '`); the lowest marked lane is exact. Bytes at or above 0x80
+/// never borrow into a false positive: `!word` clears them.
+fn control_lanes(word: u64) -> u64 {
+    word.wrapping_sub(ONES * 0x20) & !word & HIGH
+}
+
 /// Whether any of the eight bytes of `word` needs an escape: below `' '`, DEL or above
 /// (non-ASCII), `"` or `\\`. A byte-parallel test, exact for "any": a lane's high bit is
 /// set where its condition holds (a borrow can only mark lanes above one that holds).
 fn needs_escape(word: u64) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let has_zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGH;
-    let control = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
-    let quote = has_zero(word ^ (ONES * u64::from(b'"')));
-    let backslash = has_zero(word ^ (ONES * u64::from(b'\\')));
-    let del = has_zero(word ^ (ONES * 0x7f));
-    (control | quote | backslash | del | (word & HIGH)) != 0
+    (control_lanes(word) | quote_or_backslash_lanes(word) | lanes_equal(word, 0x7f) | (word & HIGH))
+        != 0
 }
 
 /// Whether any byte of `bytes` is a control character (below `' '`), which a
@@ -263,10 +281,7 @@ fn any_control(bytes: &[u8]) -> bool {
 
 /// Whether any of the eight bytes of `word` is a control character (below `' '`).
 fn has_control(word: u64) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    // Bytes at or above 0x80 never borrow into a false positive: `!word` clears them.
-    (word.wrapping_sub(ONES * 0x20) & !word & HIGH) != 0
+    control_lanes(word) != 0
 }
 
 /// `\uXXXX` in lowercase hex, as Python writes it.
@@ -448,17 +463,9 @@ pub(crate) fn unescape_doubly_plain(escaped: &[u8]) -> Option<(String, usize)> {
 }
 
 /// How many of the eight bytes of `word` (in memory order) come before the
-/// first `"`, `\` or control character: 8 when there is none. The lowest
-/// lane each test marks is exact: a borrow only marks lanes above one that
-/// matched.
+/// first `"`, `\` or control character: 8 when there is none.
 fn first_special(word: u64) -> usize {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let has_zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGH;
-    let found = has_zero(word ^ (ONES * u64::from(b'"')))
-        | has_zero(word ^ (ONES * u64::from(b'\\')))
-        | (word.wrapping_sub(ONES * 0x20) & !word & HIGH);
-    found.trailing_zeros() as usize / 8
+    (quote_or_backslash_lanes(word) | control_lanes(word)).trailing_zeros() as usize / 8
 }
 
 /// [`escaped_offsets`] for text whose only escapes are `\"` and `\\` (what
@@ -488,7 +495,6 @@ pub(crate) fn plain_escaped_offsets(
 
 /// How many bytes of `bytes` are `"` or `\\`, eight at a time.
 fn quotes_and_backslashes(bytes: &[u8]) -> usize {
-    const ONES: u64 = 0x0101_0101_0101_0101;
     const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
     // The high bit of each lane that is zero, exactly (no borrow between lanes).
     let zero_lanes = |w: u64| !(((w & LOW) + LOW) | w | LOW);
@@ -515,16 +521,9 @@ fn quotes_and_backslashes(bytes: &[u8]) -> usize {
 /// the first eight bytes are tested together, and only a longer run is
 /// left to `memchr`.
 fn plain_run(bytes: &[u8]) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
     if let Some(chunk) = bytes.first_chunk::<8>() {
-        let word = u64::from_le_bytes(*chunk);
-        let has_zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGH;
-        let found =
-            has_zero(word ^ (ONES * u64::from(b'"'))) | has_zero(word ^ (ONES * u64::from(b'\\')));
+        let found = quote_or_backslash_lanes(u64::from_le_bytes(*chunk));
         if found != 0 {
-            // The lowest marked lane is exact (a borrow only marks lanes
-            // above a lane that matched).
             return Some(found.trailing_zeros() as usize / 8);
         }
         return memchr::memchr2(b'\\', b'"', &bytes[8..]).map(|at| at + 8);
