@@ -22,14 +22,45 @@
 //! in flight are not counted: there are at most as many as messages a host
 //! has unacknowledged (its consumers' prefetch).
 //!
-//! Cost per message: one allocation (the uuid, shared by the map and the
-//! queue) and two short holds of one mutex (claim, then settle).
+//! Cost per message: two short holds of one mutex (claim, then settle), and
+//! no allocation for a uuid as oslo writes them: such a uuid is kept as its
+//! 128 bits, so the window's table stays small (at the default 65,536 uuids
+//! it is walked on every message, and a large one misses the cache each time).
 
+use std::collections::hash_map::Entry as Slot;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::lock;
+
+/// A uuid as the window keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    /// The 128 bits of a uuid written as oslo and Nova write them: lowercase
+    /// hex in the `8-4-4-4-12` form. Only that one spelling maps to these
+    /// bits, so two keys are equal exactly when their texts are.
+    Bits([u64; 2]),
+    /// Any other text, kept as it is.
+    Text(Arc<str>),
+}
+
+impl Key {
+    fn new(uuid: &str) -> Key {
+        let canonical = uuid.len() == 36 && !uuid.bytes().any(|b| b.is_ascii_uppercase());
+        match canonical.then(|| uuid::Uuid::try_parse_ascii(uuid.as_bytes())) {
+            Some(Ok(parsed)) => {
+                let (high, low) = parsed.as_u64_pair();
+                Key::Bits([high, low])
+            }
+            _ => Key::Text(Arc::from(uuid)),
+        }
+    }
+}
+
+/// The window's hasher: keyed at random per process, as std's, and cheaper
+/// on keys this short.
+type Hasher = foldhash::fast::RandomState;
 
 /// The uuids this host is carrying out or carried out recently.
 pub struct Dedupe {
@@ -42,10 +73,10 @@ pub struct Dedupe {
 
 #[derive(Default)]
 struct State {
-    entries: HashMap<Arc<str>, Entry>,
+    entries: HashMap<Key, Entry, Hasher>,
     /// Remembered uuids in the order they were remembered, oldest first.
     /// Every one has its `Entry::Remembered` with the same instant.
-    order: VecDeque<(Instant, Arc<str>)>,
+    order: VecDeque<(Instant, Key)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,19 +122,22 @@ impl Dedupe {
         if self.capacity == 0 {
             return Ok(None);
         }
+        let key = Key::new(uuid);
         let mut state = lock(&self.state);
         // Expired uuids go first, so an entry found below is within the window.
         self.evict(&mut state, now);
-        match state.entries.get(uuid) {
-            Some(Entry::InFlight) => Err(Seen::InFlight),
-            Some(Entry::Remembered(_)) if wants_answer => Ok(None),
-            Some(Entry::Remembered(_)) => Err(Seen::Remembered),
-            None => {
-                let key: Arc<str> = Arc::from(uuid);
-                state.entries.insert(key.clone(), Entry::InFlight);
+        match state.entries.entry(key) {
+            Slot::Occupied(seen) => match seen.get() {
+                Entry::InFlight => Err(Seen::InFlight),
+                Entry::Remembered(_) if wants_answer => Ok(None),
+                Entry::Remembered(_) => Err(Seen::Remembered),
+            },
+            Slot::Vacant(free) => {
+                let key = free.key().clone();
+                free.insert(Entry::InFlight);
                 Ok(Some(Claim {
                     dedupe: self.clone(),
-                    uuid: key,
+                    key,
                     remember: false,
                     settled: false,
                 }))
@@ -120,19 +154,21 @@ impl Dedupe {
         self.len() == 0
     }
 
-    fn commit(&self, uuid: &Arc<str>, now: Instant) {
+    fn commit(&self, key: &Key, now: Instant) {
         let mut state = lock(&self.state);
-        if let Some(entry) = state.entries.get_mut(uuid) {
+        if let Some(entry) = state.entries.get_mut(key) {
             *entry = Entry::Remembered(now);
-            state.order.push_back((now, uuid.clone()));
+            state.order.push_back((now, key.clone()));
         }
         self.evict(&mut state, now);
     }
 
-    fn release(&self, uuid: &str) {
+    fn release(&self, key: &Key) {
         let mut state = lock(&self.state);
-        if state.entries.get(uuid) == Some(&Entry::InFlight) {
-            state.entries.remove(uuid);
+        if let Slot::Occupied(entry) = state.entries.entry(key.clone()) {
+            if *entry.get() == Entry::InFlight {
+                entry.remove();
+            }
         }
     }
 
@@ -147,11 +183,13 @@ impl Dedupe {
             if !too_many && !too_old {
                 break;
             }
-            if let Some((at, uuid)) = state.order.pop_front() {
+            if let Some((at, key)) = state.order.pop_front() {
                 // Only the entry this queue slot stands for: never a claim
                 // made since.
-                if state.entries.get(&uuid) == Some(&Entry::Remembered(at)) {
-                    state.entries.remove(&uuid);
+                if let Slot::Occupied(entry) = state.entries.entry(key) {
+                    if *entry.get() == Entry::Remembered(at) {
+                        entry.remove();
+                    }
                 }
             }
         }
@@ -164,16 +202,12 @@ impl Dedupe {
 /// it go, so the next delivery is carried out.
 pub struct Claim {
     dedupe: Arc<Dedupe>,
-    uuid: Arc<str>,
+    key: Key,
     remember: bool,
     settled: bool,
 }
 
 impl Claim {
-    pub fn uuid(&self) -> &str {
-        &self.uuid
-    }
-
     /// Whether the uuid is remembered once the plan is carried out.
     pub fn remember(&mut self, remember: bool) {
         self.remember = remember;
@@ -187,9 +221,9 @@ impl Claim {
     fn settled_at(mut self, now: Instant) {
         self.settled = true;
         if self.remember {
-            self.dedupe.commit(&self.uuid, now);
+            self.dedupe.commit(&self.key, now);
         } else {
-            self.dedupe.release(&self.uuid);
+            self.dedupe.release(&self.key);
         }
     }
 }
@@ -197,7 +231,7 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         if !self.settled {
-            self.dedupe.release(&self.uuid);
+            self.dedupe.release(&self.key);
         }
     }
 }
@@ -205,7 +239,7 @@ impl Drop for Claim {
 impl std::fmt::Debug for Claim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Claim")
-            .field("uuid", &self.uuid)
+            .field("uuid", &self.key)
             .field("remember", &self.remember)
             .finish()
     }
@@ -235,6 +269,28 @@ mod tests {
         carried_out(&d, "a", now);
         assert_eq!(d.claim_at("a", false, now).unwrap_err(), Seen::Remembered);
         assert!(matches!(d.claim_at("b", false, now), Ok(Some(_))));
+    }
+
+    #[test]
+    fn a_uuid_is_told_apart_from_its_other_spellings() {
+        let d = Dedupe::new(10, None);
+        let now = Instant::now();
+        let uuid = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+        carried_out(&d, uuid, now);
+        assert_eq!(d.claim_at(uuid, false, now).unwrap_err(), Seen::Remembered);
+        let others = [
+            uuid.to_uppercase(),
+            uuid.replace('-', ""),
+            format!("{{{uuid}}}"),
+            format!("urn:uuid:{uuid}"),
+        ];
+        for other in &others {
+            let mut claim = claimed(&d, other, now);
+            claim.remember(true);
+            claim.settled_at(now);
+            assert_eq!(d.claim_at(other, false, now).unwrap_err(), Seen::Remembered);
+        }
+        assert_eq!(d.len(), 5);
     }
 
     #[test]
