@@ -81,14 +81,21 @@ const FILL_BATCH: usize = 1000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
     Cellhost,
-    BareLapin,
-    Shovel { prefetch: u16 },
+    /// `mandatory`: publishes as cellhost does, mandatory and stamped, so
+    /// that an unroutable message comes back instead of being dropped.
+    BareLapin {
+        mandatory: bool,
+    },
+    Shovel {
+        prefetch: u16,
+    },
 }
 
 impl Side {
-    const ALL: [Side; 4] = [
+    const ALL: [Side; 5] = [
         Side::Cellhost,
-        Side::BareLapin,
+        Side::BareLapin { mandatory: false },
+        Side::BareLapin { mandatory: true },
         Side::Shovel {
             prefetch: CELLHOST_PREFETCH,
         },
@@ -100,7 +107,8 @@ impl Side {
     fn short_name(self) -> String {
         match self {
             Side::Cellhost => "cellhost".into(),
-            Side::BareLapin => "bare".into(),
+            Side::BareLapin { mandatory: false } => "bare".into(),
+            Side::BareLapin { mandatory: true } => "bare-mandatory".into(),
             Side::Shovel { prefetch } => format!("shovel{prefetch}"),
         }
     }
@@ -108,7 +116,8 @@ impl Side {
     fn label(self) -> String {
         match self {
             Side::Cellhost => "cellhost".into(),
-            Side::BareLapin => "bare lapin".into(),
+            Side::BareLapin { mandatory: false } => "bare lapin".into(),
+            Side::BareLapin { mandatory: true } => "bare lapin (mandatory)".into(),
             Side::Shovel { prefetch } => format!("shovel (prefetch {prefetch})"),
         }
     }
@@ -306,7 +315,7 @@ async fn bench() -> Result<()> {
     let messages: u32 = env_or("MESSAGES", 50_000)?;
     let rounds: usize = env_or("ROUNDS", 3)?;
     let sizes = body_sizes_from_env()?;
-    // SIDES=cellhost,bare (any of cellhost, bare, shovel256, shovel1000)
+    // SIDES=cellhost,bare (any of cellhost, bare, bare-mandatory, shovel256, shovel1000)
     // runs only those, for a quick comparison.
     let sides: Vec<Side> = match std::env::var("SIDES") {
         Ok(list) => Side::ALL
@@ -317,7 +326,7 @@ async fn bench() -> Result<()> {
     };
     ensure!(
         !sides.is_empty(),
-        "SIDES names none of cellhost, bare, shovel256, shovel1000"
+        "SIDES names none of cellhost, bare, bare-mandatory, shovel256, shovel1000"
     );
     ensure!(
         messages > 0 && rounds > 0,
@@ -370,7 +379,9 @@ async fn bench() -> Result<()> {
             for (side, timings) in &mut report.runs {
                 let timing = match *side {
                     Side::Cellhost => run_cellhost(&bodies, &policy, &meter).await,
-                    Side::BareLapin => run_bare_lapin(&bodies, &planned.destination, &meter).await,
+                    Side::BareLapin { mandatory } => {
+                        run_bare_lapin(&bodies, &planned.destination, mandatory, &meter).await
+                    }
                     Side::Shovel { prefetch } => run_shovel(&bodies, prefetch, &meter).await,
                 }
                 .with_context(|| {
@@ -688,6 +699,7 @@ async fn run_cellhost(
 async fn run_bare_lapin(
     bodies: &[Vec<u8>],
     destination: &Destination,
+    mandatory: bool,
     meter: &CpuMeter,
 ) -> Result<Timing> {
     let pair = CellPair::prepare(bodies).await?;
@@ -705,6 +717,7 @@ async fn run_bare_lapin(
             &destination_uri,
             destination.clone(),
             pair.top.cell.prefetch,
+            mandatory,
         ),
         watch(&pair.ends, count, started)
     )?;

@@ -10,9 +10,10 @@
 //! of confirms that arrived at once, always over a gapless prefix of the
 //! deliveries (the confirms are taken in publication order).
 //!
-//! `BARE_MANDATORY=1` also publishes as cellhost does: mandatory, with the
+//! With `mandatory`, it also publishes as cellhost does: mandatory, with the
 //! publish's number in the `x-cellhost-publish` header (the stamp a return
-//! is matched by), to tell what that costs the broker.
+//! is matched by). Only then does it keep cellhost's whole guarantee: without
+//! `mandatory`, a message no queue takes is confirmed and dropped.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -48,13 +49,15 @@ pub struct BareRelay {
 
 impl BareRelay {
     /// Connects to both brokers and starts relaying `queue` from `source_uri`
-    /// to `to` on `destination_uri`, with `prefetch` deliveries in flight.
+    /// to `to` on `destination_uri`, with `prefetch` deliveries in flight,
+    /// publishing `mandatory` or not.
     pub async fn start(
         source_uri: &str,
         queue: &str,
         destination_uri: &str,
         to: Destination,
         prefetch: u16,
+        mandatory: bool,
     ) -> Result<BareRelay> {
         let (source, destination) =
             tokio::try_join!(connect(source_uri), connect(destination_uri))?;
@@ -76,7 +79,9 @@ impl BareRelay {
             .await
             .with_context(|| format!("consuming {queue}"))?;
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(relay(consumer, consuming, publisher, to, stopped));
+        let task = tokio::spawn(relay(
+            consumer, consuming, publisher, to, mandatory, stopped,
+        ));
         Ok(BareRelay {
             stop,
             task,
@@ -119,6 +124,7 @@ async fn relay(
     source: Channel,
     publisher: Channel,
     to: Destination,
+    mandatory: bool,
     mut stop: oneshot::Receiver<()>,
 ) -> Result<Relayed> {
     let exchange = ShortString::from(to.exchange);
@@ -135,7 +141,6 @@ async fn relay(
     let mut unconfirmed = FuturesOrdered::new();
     let mut acks = FuturesUnordered::new();
     let mut relayed = Relayed::default();
-    let mandatory = std::env::var("BARE_MANDATORY").is_ok_and(|v| v == "1");
     loop {
         tokio::select! {
             biased;
