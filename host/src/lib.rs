@@ -24,6 +24,7 @@
 //!   and the policies built with this crate.
 //! - [`policy_tools`]: `cellhost policy check | test | bench`, a policy on
 //!   the bench with no broker.
+//! - [`sched`]: the scheduling class the binary puts its threads in.
 
 pub mod admin;
 pub mod client;
@@ -39,6 +40,7 @@ pub mod policy_tools;
 pub mod reload;
 pub mod responses;
 pub mod router;
+pub mod sched;
 pub mod topology;
 pub mod transport;
 pub mod wire;

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use cellhost::client::{call_into, declare_intercell, entry_cast, Caller, Outgoing};
 use cellhost::config::{Config, RabbitOptions, TransportUrl};
+use cellhost::sched::CpuScheduling;
 use cellhost::transport::Broker;
 use cellhost::wire::{Direction, ReplyOutcome};
 use cellhost::CellHost;
@@ -22,6 +23,12 @@ use cellhost::CellHost;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How this process's threads are scheduled (Linux): `batch` lets a
+    /// woken thread wait for its turn instead of preempting the one that
+    /// woke it, so publishes leave in batches; `normal` is the system's
+    /// default class.
+    #[arg(long, global = true, value_enum, default_value_t = CpuScheduling::Batch)]
+    cpu_scheduling: CpuScheduling,
 }
 
 #[derive(Subcommand)]
@@ -121,6 +128,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Before the runtime starts its threads, so that they inherit it.
+    if let Err(e) = cellhost::sched::apply(cli.cpu_scheduling) {
+        tracing::warn!(class = %cli.cpu_scheduling, error = %e, "cannot set the CPU scheduling class; the system's default stays");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -57,6 +57,7 @@ use cellhost::client::declare_intercell;
 use cellhost::config::{Config, TransportUrl};
 use cellhost::policy::LoadedPolicy;
 use cellhost::router::{Stats, Target};
+use cellhost::sched::CpuScheduling;
 use cellhost::topology::tree_configs;
 use cellhost::transport::Broker;
 use cellhost::CellHost;
@@ -304,6 +305,12 @@ fn main() -> Result<()> {
     // Two workers by default, as many as this machine has cores; WORKERS=1
     // measures a relay kept to one thread.
     let workers: usize = env_or("WORKERS", 2)?;
+    // The class the `cellhost` binary puts its threads in (batch unless
+    // told otherwise); CPU_SCHEDULING=normal measures without it. It holds
+    // for every side run in this process: cellhost and the bare relays.
+    let class: CpuScheduling = env_or("CPU_SCHEDULING", CpuScheduling::Batch)?;
+    cellhost::sched::apply(class).with_context(|| format!("CPU scheduling class {class}"))?;
+    println!("threads of this process in the {class} CPU scheduling class");
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers.max(1))
         .enable_all()
@@ -1011,7 +1018,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
     match std::env::var(name) {
         Ok(v) => v
             .parse()
-            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a valid number")),
+            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a valid value")),
         Err(_) => Ok(default),
     }
 }
