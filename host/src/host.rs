@@ -27,8 +27,8 @@ use crate::neighbours::{
 use crate::policy::{LoadedPolicy, PolicyEngine};
 use crate::reload::{PolicyReloader, Reloaded};
 use crate::responses::{Answering, Waiters};
-use crate::router::{Plan, RouteWorker, Router, OWN_LINK};
-use crate::transport::{Broker, Inbound, Outcome};
+use crate::router::{Plan, RouteWorker, Router, Target, OWN_LINK};
+use crate::transport::{Broker, Inbound, Outcome, Publication};
 use crate::wire::MessageType;
 
 /// How long a message whose publication failed on the own broker waits
@@ -292,17 +292,7 @@ async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, answering: A
             Ok(_) => Vec::new(),
             Err(e) => vec![e.to_string()],
         },
-        Err(sends) => {
-            let publishes = sends.into_iter().map(|(target, publication)| {
-                let links = links.clone();
-                async move { links.send(&target, publication).await }
-            });
-            futures::future::join_all(publishes)
-                .await
-                .into_iter()
-                .filter_map(|r| r.err().map(|e| e.to_string()))
-                .collect()
-        }
+        Err(sends) => Box::pin(send_all(&links, sends)).await,
     };
     if failures.is_empty() {
         // Remembered if the message was carried out, let go if not.
@@ -310,7 +300,7 @@ async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, answering: A
             claim.settled();
         }
         if let Some(pause) = plan.requeue_after {
-            tokio::time::sleep(pause).await;
+            sleep(pause).await;
             inbound.settle(Outcome::Requeue);
             return;
         }
@@ -329,7 +319,7 @@ async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, answering: A
             (Some(respond), Some(listening)) => {
                 let answering = answering.clone();
                 tokio::spawn(async move {
-                    if answering.answer(respond, listening).await {
+                    if answering.answer(*respond, listening).await {
                         inbound.settle(outcome);
                     } else {
                         tokio::time::sleep(REQUEUE_DELAY).await;
@@ -356,6 +346,24 @@ async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, answering: A
     );
     // Let go before the pause: the message comes back as new, not in flight.
     drop(plan.claim);
-    tokio::time::sleep(REQUEUE_DELAY).await;
+    sleep(REQUEUE_DELAY).await;
     inbound.settle(Outcome::Requeue);
+}
+
+/// Makes several publications at once; the errors of those that failed.
+async fn send_all(links: &Links, sends: Vec<(Target, Publication)>) -> Vec<String> {
+    let publishes = sends
+        .into_iter()
+        .map(|(target, publication)| async move { links.send(&target, publication).await });
+    futures::future::join_all(publishes)
+        .await
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| e.to_string()))
+        .collect()
+}
+
+/// Sleeps in a future of its own: [`carry_out`] takes these roads rarely,
+/// and a timer held inline would grow every message's future.
+async fn sleep(pause: Duration) {
+    Box::pin(tokio::time::sleep(pause)).await;
 }

@@ -102,6 +102,8 @@ impl Links {
     /// Publishes one publication of a plan where it goes; parks a relay
     /// whose neighbour cannot take it; dead-letters what no queue takes.
     /// An error means it is nowhere safe: the source must not be acked.
+    /// Parking and dead-lettering wait in futures of their own, so that the
+    /// common road keeps a small future per message in flight.
     pub async fn send(
         &self,
         target: &Target,
@@ -113,17 +115,14 @@ impl Links {
                 Err(e @ PublishError::Unroutable { .. })
                     if publication.routing_key != self.dead_letter_queue() =>
                 {
-                    self.dead_letter(publication.body, None, &e.to_string())
-                        .await
+                    Box::pin(self.dead_letter(publication.body, None, &e.to_string())).await
                 }
                 Err(e) => Err(e),
             },
             Target::Neighbour(name) => {
                 let Some(broker) = self.neighbours.load().get(name).cloned() else {
                     let reason = format!("no link to neighbour {name}");
-                    return self
-                        .dead_letter(publication.body, Some(name), &reason)
-                        .await;
+                    return Box::pin(self.dead_letter(publication.body, Some(name), &reason)).await;
                 };
                 if let Some(error) = broker.down_because() {
                     let reason = if error.is_empty() {
@@ -131,15 +130,15 @@ impl Links {
                     } else {
                         format!("the link to {name} is down: {error}")
                     };
-                    return self.park(name, publication, &reason).await;
+                    return Box::pin(self.park(name, publication, &reason)).await;
                 }
                 match broker.publish(&publication).await {
                     Ok(()) => Ok(Sent::Delivered),
                     Err(e @ PublishError::Unroutable { .. }) => {
-                        self.dead_letter(publication.body, Some(name), &e.to_string())
+                        Box::pin(self.dead_letter(publication.body, Some(name), &e.to_string()))
                             .await
                     }
-                    Err(e) => self.park(name, publication, &e.to_string()).await,
+                    Err(e) => Box::pin(self.park(name, publication, &e.to_string())).await,
                 }
             }
         }

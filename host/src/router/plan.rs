@@ -32,8 +32,10 @@ pub struct Plan {
     pub requeue_after: Option<Duration>,
     pub sends: Vec<(Target, Publication)>,
     pub disposition: Disposition,
-    /// How this cell answers, when an answer is wanted.
-    pub respond: Option<Respond>,
+    /// How this cell answers, when an answer is wanted. Boxed: a plan is
+    /// held by its message's future while its publications are in flight,
+    /// and most plans answer nothing.
+    pub respond: Option<Box<Respond>>,
     /// Responses that reached their destination here: (`response_uuid`,
     /// the neighbour that sent them, the responses).
     pub arrived: Option<(String, String, Vec<CellResponse>)>,

@@ -689,15 +689,17 @@ impl RouteWorker {
                 _ if situation.is_origin => relays.clone(),
                 _ => Vec::new(),
             };
-            (local_call.is_some() || !awaiting.is_empty() || situation.is_origin).then(|| Respond {
-                message: message.clone(),
-                is_origin: situation.is_origin,
-                reply_to: situation.reply_to.clone(),
-                local_call: local_call.clone(),
-                awaiting,
-                failure: None,
-                received: situation.received,
-                budget: situation.budget,
+            (local_call.is_some() || !awaiting.is_empty() || situation.is_origin).then(|| {
+                Box::new(Respond {
+                    message: message.clone(),
+                    is_origin: situation.is_origin,
+                    reply_to: situation.reply_to.clone(),
+                    local_call: local_call.clone(),
+                    awaiting,
+                    failure: None,
+                    received: situation.received,
+                    budget: situation.budget,
+                })
             })
         });
         let respond = respond.flatten();
@@ -864,7 +866,7 @@ impl RouteWorker {
             uuid: Some(message.uuid.clone()),
             sends: Vec::new(),
             disposition: Disposition::Refused { code, reason },
-            respond: Some(Respond {
+            respond: Some(Box::new(Respond {
                 is_origin: situation.is_origin,
                 reply_to: situation.reply_to,
                 local_call: None,
@@ -873,7 +875,7 @@ impl RouteWorker {
                 received: situation.received,
                 budget: situation.budget,
                 message,
-            }),
+            })),
             arrived: None,
             reject: false,
             claim: None,

@@ -609,85 +609,87 @@ impl AmqpBroker {
         Ok((tasks, consumers))
     }
 
+    /// Publishes `p` and waits for its verdict, at most the publish timeout.
+    ///
+    /// Only the verdict's receiver and the timer are held across the wait:
+    /// the properties are built and handed to the publisher before it, and
+    /// reopening a closed publisher channel (rare) waits in a future of its
+    /// own. With hundreds of publishes in flight, each a future on the heap,
+    /// a small future is less memory touched per message.
     pub async fn publish(&self, p: &Publication) -> std::result::Result<(), PublishError> {
-        let mut headers = FieldTable::default();
-        for (name, value) in &p.headers {
-            headers.insert((*name).into(), AMQPValue::LongString(value.as_str().into()));
-        }
-        // What oslo.messaging sets; content_type is what makes a Python peer
-        // decode the body as JSON rather than skip it.
-        let mut properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_content_encoding("utf-8".into())
-            .with_delivery_mode(2)
-            .with_priority(0);
-        if let Some(ms) = p.expiration_ms {
-            properties = properties.with_expiration(ms.to_string().into());
-        }
         let label = &self.inner.label;
+        let timeout = self.inner.publish_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
             PublishError::Unavailable(format!(
                 "publishing to {} on {label}: {what}: {e}",
                 p.routing_key
             ))
         };
-        let verdict = tokio::time::timeout(self.inner.publish_timeout, async {
-            let live = self.live()?;
-            let publisher = self
-                .publisher(&live)
-                .await
-                .map_err(|e| unavailable("no publisher channel", &e))?;
-            let options = BasicPublishOptions {
+        let timed_out = || {
+            PublishError::Unavailable(format!(
+                "publishing to {} on {label}: no confirm within {timeout:?} (is the link stalled?)",
+                p.routing_key
+            ))
+        };
+        let live = self.live()?;
+        let publisher = match Self::open_publisher(&live) {
+            Some(publisher) => publisher,
+            None => {
+                let reopening = Box::pin(self.reopen_publisher(&live));
+                match tokio::time::timeout_at(deadline, reopening).await {
+                    Err(_) => return Err(timed_out()),
+                    Ok(Err(e)) => return Err(unavailable("no publisher channel", &e)),
+                    Ok(Ok(publisher)) => publisher,
+                }
+            }
+        };
+        let heard = publisher.publish(
+            &p.exchange,
+            &p.routing_key,
+            BasicPublishOptions {
                 mandatory: p.mandatory,
                 ..BasicPublishOptions::default()
-            };
-            publisher
-                .publish(
-                    &p.exchange,
-                    &p.routing_key,
-                    options,
-                    p.body.clone(),
-                    headers,
-                    properties,
-                )
-                .await
-                .map_err(|e| unavailable("publisher gone", &e))
-        })
-        .await;
+            },
+            p.body.clone(),
+            string_table(&p.headers),
+            publish_properties(p.expiration_ms),
+        );
+        let verdict = match tokio::time::timeout_at(deadline, heard).await {
+            Err(_) => return Err(timed_out()),
+            Ok(Err(e)) => return Err(unavailable("publisher gone", &e)),
+            Ok(Ok(verdict)) => verdict,
+        };
         match verdict {
-            Err(_) => Err(PublishError::Unavailable(format!(
-                "publishing to {} on {label}: no confirm within {:?} (is the link stalled?)",
-                p.routing_key, self.inner.publish_timeout
-            ))),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(Verdict::Delivered)) => Ok(()),
-            Ok(Ok(Verdict::Returned(reason))) => Err(PublishError::Unroutable {
+            Verdict::Delivered => Ok(()),
+            Verdict::Returned(reason) => Err(PublishError::Unroutable {
                 broker: label.clone(),
                 exchange: p.exchange.clone(),
                 routing_key: p.routing_key.clone(),
                 reason,
             }),
-            Ok(Ok(Verdict::Refused)) => Err(PublishError::Refused {
+            Verdict::Refused => Err(PublishError::Refused {
                 broker: label.clone(),
                 routing_key: p.routing_key.clone(),
             }),
-            Ok(Ok(Verdict::Failed(e))) => Err(PublishError::Unavailable(format!(
+            Verdict::Failed(e) => Err(PublishError::Unavailable(format!(
                 "publishing to {} on {label}: {e}",
                 p.routing_key
             ))),
         }
     }
 
-    /// The shared confirm channel, reopened if the broker closed it (a failed
-    /// declaration or publish closes a channel, not the connection).
-    async fn publisher(&self, live: &Live) -> Result<Arc<Publisher>> {
+    /// The shared confirm channel, if it is open.
+    fn open_publisher(live: &Live) -> Option<Arc<Publisher>> {
         let current = live.publisher.load_full();
-        if current.channel().status().connected() {
-            return Ok(current);
-        }
+        current.channel().status().connected().then_some(current)
+    }
+
+    /// Opens the shared confirm channel again: the broker closed it (a
+    /// failed declaration or publish closes a channel, not the connection).
+    async fn reopen_publisher(&self, live: &Live) -> Result<Arc<Publisher>> {
         let _guard = live.reopen.lock().await;
-        let current = live.publisher.load_full();
-        if current.channel().status().connected() {
+        if let Some(current) = Self::open_publisher(live) {
             return Ok(current);
         }
         tracing::warn!(broker = %self.inner.label, "publisher channel closed, reopening it");
@@ -967,6 +969,29 @@ async fn acknowledge(channel: Channel, mut settled: mpsc::UnboundedReceiver<(u64
                 return;
             }
         }
+    }
+}
+
+/// String headers as an AMQP field table.
+fn string_table(headers: &[(&'static str, String)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (name, value) in headers {
+        table.insert((*name).into(), AMQPValue::LongString(value.as_str().into()));
+    }
+    table
+}
+
+/// What oslo.messaging sets on a message; content_type is what makes a
+/// Python peer decode the body as JSON rather than skip it.
+fn publish_properties(expiration_ms: Option<u64>) -> BasicProperties {
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_delivery_mode(2)
+        .with_priority(0);
+    match expiration_ms {
+        Some(ms) => properties.with_expiration(ms.to_string().into()),
+        None => properties,
     }
 }
 
