@@ -18,8 +18,8 @@
 //!   prefetch and publish properties, bodies forwarded unchanged: what a
 //!   relay costs with no policy, no decoding and no re-encoding.
 //! - Shovel: a dynamic shovel from `q` in one vhost to `q` in another, with
-//!   `src-prefetch-count` 256 (cellhost's prefetch) and, so Shovel is not
-//!   held to cellhost's window, 1000 (Shovel's own default).
+//!   `src-prefetch-count` 1000 (Shovel's own default, and cellhost's
+//!   prefetch) and 256 (cellhost's prefetch until 2026-12).
 //!
 //! The sides alternate for `ROUNDS` rounds (default 3) per body size. A run
 //! ends when the destination holds every message and the source has none left
@@ -70,11 +70,13 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use serde_json::json;
 
-/// cellhost's default `prefetch`; the bare relay and the first Shovel
-/// variant use the same.
-const CELLHOST_PREFETCH: u16 = 256;
+/// cellhost's default `prefetch`; the bare relays use the same.
+const CELLHOST_PREFETCH: u16 = 1000;
 /// Shovel's default `src-prefetch-count`.
 const SHOVEL_DEFAULT_PREFETCH: u16 = 1000;
+/// A smaller `src-prefetch-count` Shovel also runs with: cellhost's former
+/// default.
+const SHOVEL_SMALL_PREFETCH: u16 = 256;
 /// Publishes whose confirms are awaited together when filling a queue.
 const FILL_BATCH: usize = 1000;
 
@@ -98,7 +100,7 @@ impl Side {
         Side::BareLapin { mandatory: false },
         Side::BareLapin { mandatory: true },
         Side::Shovel {
-            prefetch: CELLHOST_PREFETCH,
+            prefetch: SHOVEL_SMALL_PREFETCH,
         },
         Side::Shovel {
             prefetch: SHOVEL_DEFAULT_PREFETCH,
@@ -350,13 +352,14 @@ async fn bench() -> Result<()> {
     ensure!(
         config.cell.prefetch == CELLHOST_PREFETCH,
         "cellhost's default prefetch is now {}: update CELLHOST_PREFETCH ({CELLHOST_PREFETCH}) \
-         so the bare relay and Shovel keep its window",
+         so the bare relays keep its window",
         config.cell.prefetch
     );
     println!(
         "{messages} messages per run, {rounds} rounds per body size, body sizes {sizes:?}; \
          cellhost prefetch {}, confirm_window {}",
-        config.cell.prefetch, config.cell.confirm_window,
+        std::env::var("PREFETCH").unwrap_or_else(|_| config.cell.prefetch.to_string()),
+        std::env::var("CONFIRM_WINDOW").unwrap_or_else(|_| config.cell.confirm_window.to_string()),
     );
 
     let mut reports = Vec::new();
@@ -607,11 +610,17 @@ impl CellPair {
             .find(|c| c.cell.name == "top")
             .expect("top is in PAIR")
             .clone();
-        // CONFIRM_WINDOW tries cellhost with another window than its default.
+        // CONFIRM_WINDOW tries cellhost with another window than its
+        // default, PREFETCH cellhost and the bare relays with another prefetch.
         if let Ok(window) = std::env::var("CONFIRM_WINDOW") {
             top.cell.confirm_window = window
                 .parse()
                 .with_context(|| format!("CONFIRM_WINDOW={window:?} is not a number"))?;
+        }
+        if let Ok(prefetch) = std::env::var("PREFETCH") {
+            top.cell.prefetch = prefetch
+                .parse()
+                .with_context(|| format!("PREFETCH={prefetch:?} is not a number"))?;
         }
         let (exchange, queue_base) = (&top.cell.control_exchange, &top.cell.queue_base);
         // The queues exist before any relay: the backlog waits in top's, and
