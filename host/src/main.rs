@@ -23,10 +23,11 @@ use cellhost::CellHost;
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// How this process's threads are scheduled (Linux): `batch` lets a
-    /// woken thread wait for its turn instead of preempting the one that
-    /// woke it, so publishes leave in batches; `normal` is the system's
-    /// default class.
+    /// How this process's threads are scheduled (Linux): `batch` moves them
+    /// from the normal class to the batch class, where a woken thread waits
+    /// for its turn instead of preempting the one that woke it, so publishes
+    /// leave in batches (a process started in another class keeps it);
+    /// `keep` leaves the class the process was started in.
     #[arg(long, global = true, value_enum, default_value_t = CpuScheduling::Batch)]
     cpu_scheduling: CpuScheduling,
 }

@@ -16,26 +16,29 @@
 //!
 //! The class is set on the calling thread and every thread it starts
 //! afterwards inherits it, so the binary sets it first thing in `main`,
-//! before the runtime starts its workers.
+//! before the runtime starts its workers. Only a process in the normal class
+//! is moved: one an operator started in another class keeps it.
 
 use std::fmt;
 
-/// The scheduling class asked for.
+/// What the binary does with its scheduling class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum CpuScheduling {
-    /// Linux's `SCHED_BATCH`: a woken thread waits for its turn instead of
-    /// preempting; for throughput, the default.
+    /// Move from the normal class to Linux's `SCHED_BATCH`, where a woken
+    /// thread waits for its turn instead of preempting: for throughput, the
+    /// default. A process started in another class (by systemd's
+    /// `CPUSchedulingPolicy=`, by `chrt`) keeps it.
     #[default]
     Batch,
-    /// The operating system's default class (Linux's `SCHED_OTHER`).
-    Normal,
+    /// Keep the class the process was started in.
+    Keep,
 }
 
 impl fmt::Display for CpuScheduling {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             CpuScheduling::Batch => "batch",
-            CpuScheduling::Normal => "normal",
+            CpuScheduling::Keep => "keep",
         })
     }
 }
@@ -46,47 +49,57 @@ impl std::str::FromStr for CpuScheduling {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "batch" => Ok(CpuScheduling::Batch),
-            "normal" => Ok(CpuScheduling::Normal),
-            other => Err(format!(
-                "no CPU scheduling class {other:?}: batch or normal"
-            )),
+            "keep" => Ok(CpuScheduling::Keep),
+            other => Err(format!("no CPU scheduling choice {other:?}: batch or keep")),
         }
     }
 }
 
-/// Puts the calling thread, and so every thread it starts from now on, in
-/// `class`. Only Linux has a batch class; elsewhere this does nothing.
-pub fn apply(class: CpuScheduling) -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        let policy = match class {
-            CpuScheduling::Batch => libc::SCHED_BATCH,
-            CpuScheduling::Normal => libc::SCHED_OTHER,
-        };
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: `param` is a valid sched_param for the call's duration;
-        // pid 0 is the calling thread. Moving between the normal and batch
-        // classes needs no privilege.
-        let result = unsafe { libc::sched_setscheduler(0, policy, &param) };
-        if result != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+/// A Linux scheduling class, as `sched_getscheduler` tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// `SCHED_OTHER`, the default.
+    Normal,
+    /// `SCHED_BATCH`.
+    Batch,
+    /// Any other (`SCHED_IDLE`, the real-time classes).
+    Other,
+}
+
+/// Applies `choice` to the calling thread; every thread it starts from now on
+/// inherits the class. Only Linux has a batch class; elsewhere this does
+/// nothing.
+pub fn apply(choice: CpuScheduling) -> std::io::Result<()> {
+    if choice == CpuScheduling::Batch && current() == Some(Class::Normal) {
+        #[cfg(target_os = "linux")]
+        set(libc::SCHED_BATCH)?;
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = class;
     Ok(())
 }
 
-/// The class of the calling thread, where the operating system tells it
-/// and it is one of those above.
-pub fn current() -> Option<CpuScheduling> {
+/// Puts the calling thread in `policy`.
+#[cfg(target_os = "linux")]
+fn set(policy: libc::c_int) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param for the call's duration; pid 0
+    // is the calling thread. Moving between the normal, batch and idle
+    // classes needs no privilege.
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The class of the calling thread, where the operating system tells it.
+pub fn current() -> Option<Class> {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: no pointers; pid 0 is the calling thread.
         match unsafe { libc::sched_getscheduler(0) } {
-            libc::SCHED_BATCH => Some(CpuScheduling::Batch),
-            libc::SCHED_OTHER => Some(CpuScheduling::Normal),
-            _ => None,
+            libc::SCHED_OTHER => Some(Class::Normal),
+            libc::SCHED_BATCH => Some(Class::Batch),
+            -1 => None,
+            _ => Some(Class::Other),
         }
     }
     #[cfg(not(target_os = "linux"))]
@@ -97,24 +110,39 @@ pub fn current() -> Option<CpuScheduling> {
 mod tests {
     use super::*;
 
+    /// Runs `f` on a thread of its own, so the test harness's threads keep
+    /// their class.
+    fn on_own_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(f).join().expect("test thread")
+    }
+
     #[test]
-    fn threads_started_after_apply_inherit_the_class() {
-        // On a thread of its own, so the test harness's threads keep theirs.
-        let seen = std::thread::spawn(|| {
-            let mut seen = Vec::new();
-            for class in [CpuScheduling::Batch, CpuScheduling::Normal] {
-                apply(class).expect("moving between batch and normal needs no privilege");
-                let here = current();
-                let child = std::thread::spawn(current).join().expect("child thread");
-                seen.push((class, here, child));
-            }
-            seen
-        })
-        .join()
-        .expect("test thread");
-        for (class, here, child) in seen {
-            assert_eq!(here, Some(class));
-            assert_eq!(child, Some(class), "a thread started after apply({class})");
-        }
+    fn batch_moves_a_normal_thread_and_the_threads_it_starts() {
+        let (here, child) = on_own_thread(|| {
+            set(libc::SCHED_OTHER).expect("moving to the normal class");
+            apply(CpuScheduling::Batch).expect("moving to batch needs no privilege");
+            (
+                current(),
+                std::thread::spawn(current).join().expect("child"),
+            )
+        });
+        assert_eq!(here, Some(Class::Batch));
+        assert_eq!(child, Some(Class::Batch), "a thread started after apply");
+    }
+
+    #[test]
+    fn keep_and_other_classes_are_left_alone() {
+        let kept = on_own_thread(|| {
+            set(libc::SCHED_OTHER).expect("moving to the normal class");
+            apply(CpuScheduling::Keep).expect("keep does nothing");
+            current()
+        });
+        assert_eq!(kept, Some(Class::Normal));
+        let idle = on_own_thread(|| {
+            set(libc::SCHED_IDLE).expect("moving to the idle class needs no privilege");
+            apply(CpuScheduling::Batch).expect("another class is left alone");
+            current()
+        });
+        assert_eq!(idle, Some(Class::Other));
     }
 }

@@ -308,11 +308,14 @@ fn main() -> Result<()> {
     // measures a relay kept to one thread.
     let workers: usize = env_or("WORKERS", 2)?;
     // The class the `cellhost` binary puts its threads in (batch unless
-    // told otherwise); CPU_SCHEDULING=normal measures without it. It holds
+    // told otherwise); CPU_SCHEDULING=keep measures without it. It holds
     // for every side run in this process: cellhost and the bare relays.
     let class: CpuScheduling = env_or("CPU_SCHEDULING", CpuScheduling::Batch)?;
     cellhost::sched::apply(class).with_context(|| format!("CPU scheduling class {class}"))?;
-    println!("threads of this process in the {class} CPU scheduling class");
+    println!(
+        "CPU scheduling: {class}; this process's threads are in the {:?} class",
+        cellhost::sched::current()
+    );
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers.max(1))
         .enable_all()
