@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use cellhost::config::Config;
+use cellhost::sched::Class;
 use cellhost::transport::Broker;
 use cellhost_tests::{cellhost_bin, create_vhosts, delete_vhosts, PATIENCE};
 
@@ -20,6 +21,43 @@ impl Drop for Running {
 
 fn url(vhost: &str) -> String {
     format!("rabbit://guest:guest@127.0.0.1:5672/{vhost}")
+}
+
+/// Linux's number for the batch scheduling policy, as /proc shows it.
+const SCHED_BATCH: u32 = 3;
+
+/// The scheduling policy of each thread of process `pid` (name, policy),
+/// read from /proc (field 41 of `stat`).
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the host's /proc entry");
+    tasks
+        .map(|task| {
+            let stat = std::fs::read_to_string(task.expect("task entry").path().join("stat"))
+                .expect("a thread's stat");
+            policy_of(&stat)
+        })
+        .collect()
+}
+
+/// A thread's name and policy from its `stat` line: the name is in
+/// parentheses (and may hold spaces), the policy is the 39th field after them.
+fn policy_of(stat: &str) -> (String, u32) {
+    let (open, close) = (
+        stat.find('(').expect("stat has the name"),
+        stat.rfind(')').expect("stat has the name"),
+    );
+    let policy = stat[close + 1..]
+        .split_whitespace()
+        .nth(38)
+        .and_then(|field| field.parse().ok())
+        .expect("stat has the policy");
+    (stat[open + 1..close].to_string(), policy)
+}
+
+/// This test process's own scheduling policy.
+fn own_policy() -> u32 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("own stat");
+    policy_of(&stat).1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,6 +185,25 @@ async fn run_and_send_route_a_message_between_two_processes() {
         printed,
         serde_json::json!({"cell_name": "top!leaf", "value": "leaf", "failure": false})
     );
+
+    // Started from a process of the normal class, every thread of a host
+    // (workers, lapin's I/O threads, the epoch ticker) runs in the batch
+    // class, as `chrt -p` would show; started in another class, it keeps it.
+    let expected = match cellhost::sched::current() {
+        Some(Class::Normal) => SCHED_BATCH,
+        _ => own_policy(),
+    };
+    for host in [&top_host, &leaf_host] {
+        let policies = thread_policies(host.0.id());
+        assert!(
+            policies.len() > 2,
+            "a host runs several threads: {policies:?}"
+        );
+        assert!(
+            policies.iter().all(|(_, policy)| *policy == expected),
+            "every thread in scheduling policy {expected}: {policies:?}"
+        );
+    }
 
     // SIGTERM: stop consuming, finish in flight, exit 0.
     for host in [&mut top_host, &mut leaf_host] {
