@@ -21,8 +21,10 @@
 
 use std::fmt;
 
+use clap::ValueEnum;
+
 /// What the binary does with its scheduling class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum CpuScheduling {
     /// Move from the normal class to Linux's `SCHED_BATCH`, where a woken
     /// thread waits for its turn instead of preempting: for throughput, the
@@ -34,24 +36,22 @@ pub enum CpuScheduling {
     Keep,
 }
 
+/// Named as on the command line (clap's names for the variants).
 impl fmt::Display for CpuScheduling {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            CpuScheduling::Batch => "batch",
-            CpuScheduling::Keep => "keep",
-        })
+        match self.to_possible_value() {
+            Some(value) => f.write_str(value.get_name()),
+            None => write!(f, "{self:?}"),
+        }
     }
 }
 
+/// Read by the command line's names, as the benches' environment gives them.
 impl std::str::FromStr for CpuScheduling {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "batch" => Ok(CpuScheduling::Batch),
-            "keep" => Ok(CpuScheduling::Keep),
-            other => Err(format!("no CPU scheduling choice {other:?}: batch or keep")),
-        }
+        <Self as ValueEnum>::from_str(s, false)
     }
 }
 
@@ -114,6 +114,18 @@ mod tests {
     /// their class.
     fn on_own_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
         std::thread::spawn(f).join().expect("test thread")
+    }
+
+    #[test]
+    fn choices_read_and_print_by_their_command_line_names() {
+        for (name, choice) in [
+            ("batch", CpuScheduling::Batch),
+            ("keep", CpuScheduling::Keep),
+        ] {
+            assert_eq!(name.parse::<CpuScheduling>(), Ok(choice));
+            assert_eq!(choice.to_string(), name);
+        }
+        assert!("normal".parse::<CpuScheduling>().is_err());
     }
 
     #[test]

@@ -80,6 +80,12 @@ const SHOVEL_SMALL_PREFETCH: u16 = 256;
 /// Publishes whose confirms are awaited together when filling a queue.
 const FILL_BATCH: usize = 1000;
 
+/// The windows cellhost runs with (the bare relays take its prefetch).
+struct Windows {
+    prefetch: u16,
+    confirm_window: usize,
+}
+
 /// The relays compared, in the order each round runs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -358,11 +364,16 @@ async fn bench() -> Result<()> {
          so the bare relays keep its window",
         config.cell.prefetch
     );
+    // PREFETCH tries cellhost and the bare relays with another prefetch,
+    // CONFIRM_WINDOW cellhost with another window, than their defaults.
+    let windows = Windows {
+        prefetch: env_or("PREFETCH", config.cell.prefetch)?,
+        confirm_window: env_or("CONFIRM_WINDOW", config.cell.confirm_window)?,
+    };
     println!(
         "{messages} messages per run, {rounds} rounds per body size, body sizes {sizes:?}; \
          cellhost prefetch {}, confirm_window {}",
-        std::env::var("PREFETCH").unwrap_or_else(|_| config.cell.prefetch.to_string()),
-        std::env::var("CONFIRM_WINDOW").unwrap_or_else(|_| config.cell.confirm_window.to_string()),
+        windows.prefetch, windows.confirm_window,
     );
 
     let mut reports = Vec::new();
@@ -391,9 +402,10 @@ async fn bench() -> Result<()> {
         for round in 1..=rounds {
             for (side, timings) in &mut report.runs {
                 let timing = match *side {
-                    Side::Cellhost => run_cellhost(&bodies, &policy, &meter).await,
+                    Side::Cellhost => run_cellhost(&bodies, &windows, &policy, &meter).await,
                     Side::BareLapin { mandatory } => {
-                        run_bare_lapin(&bodies, &planned.destination, mandatory, &meter).await
+                        let to = &planned.destination;
+                        run_bare_lapin(&bodies, &windows, to, mandatory, &meter).await
                     }
                     Side::Shovel { prefetch } => run_shovel(&bodies, prefetch, &meter).await,
                 }
@@ -600,7 +612,7 @@ struct CellPair {
 }
 
 impl CellPair {
-    async fn prepare(bodies: &[Vec<u8>]) -> Result<CellPair> {
+    async fn prepare(bodies: &[Vec<u8>], windows: &Windows) -> Result<CellPair> {
         let prefix = fresh_prefix();
         let vhosts = Vhosts::create(PAIR.iter().map(|(c, _)| format!("{prefix}-{c}")).collect())?;
         let configs = tree_configs(&PAIR, |cell| {
@@ -613,18 +625,8 @@ impl CellPair {
             .find(|c| c.cell.name == "top")
             .expect("top is in PAIR")
             .clone();
-        // CONFIRM_WINDOW tries cellhost with another window than its
-        // default, PREFETCH cellhost and the bare relays with another prefetch.
-        if let Ok(window) = std::env::var("CONFIRM_WINDOW") {
-            top.cell.confirm_window = window
-                .parse()
-                .with_context(|| format!("CONFIRM_WINDOW={window:?} is not a number"))?;
-        }
-        if let Ok(prefetch) = std::env::var("PREFETCH") {
-            top.cell.prefetch = prefetch
-                .parse()
-                .with_context(|| format!("PREFETCH={prefetch:?} is not a number"))?;
-        }
+        top.cell.prefetch = windows.prefetch;
+        top.cell.confirm_window = windows.confirm_window;
         let (exchange, queue_base) = (&top.cell.control_exchange, &top.cell.queue_base);
         // The queues exist before any relay: the backlog waits in top's, and
         // leaf's can be watched from the start (a host declares it again,
@@ -676,10 +678,11 @@ impl CellPair {
 /// One cellhost for `top` relays the backlog of top's targeted queue to leaf.
 async fn run_cellhost(
     bodies: &[Vec<u8>],
+    windows: &Windows,
     policy: &Arc<LoadedPolicy>,
     meter: &CpuMeter,
 ) -> Result<Timing> {
-    let pair = CellPair::prepare(bodies).await?;
+    let pair = CellPair::prepare(bodies, windows).await?;
     let count = bodies.len() as u32;
     let before = meter.read();
     let started = Instant::now();
@@ -717,11 +720,12 @@ async fn run_cellhost(
 /// The bare lapin relay moves the same backlog to where cellhost would.
 async fn run_bare_lapin(
     bodies: &[Vec<u8>],
+    windows: &Windows,
     destination: &Destination,
     mandatory: bool,
     meter: &CpuMeter,
 ) -> Result<Timing> {
-    let pair = CellPair::prepare(bodies).await?;
+    let pair = CellPair::prepare(bodies, windows).await?;
     let count = bodies.len() as u32;
     let (source_uri, destination_uri) = (
         local_amqp_uri(pair.top_vhost()),

@@ -611,8 +611,9 @@ impl AmqpBroker {
 
     /// Publishes `p` and waits for its verdict, at most the publish timeout.
     ///
-    /// Only the verdict's receiver and the timer are held across the wait:
-    /// the properties are built and handed to the publisher before it, and
+    /// Across the wait only the verdict's receiver, the deadline's timer and
+    /// two shared handles (connection, publisher) are held: the properties
+    /// are built and handed to the publisher before it, and
     /// reopening a closed publisher channel (rare) waits in a future of its
     /// own. With hundreds of publishes in flight, each a future on the heap,
     /// a small future is less memory touched per message.
