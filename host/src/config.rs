@@ -267,8 +267,9 @@ fn default_park_max_length() -> u64 {
     1_000_000
 }
 
-/// The most uuids `cell.dedupe_window` may remember: each costs about 160
-/// bytes, so this is about 2.5 GiB.
+/// The most uuids `cell.dedupe_window` may remember: each costs about 80
+/// bytes as oslo writes uuids (more in another spelling), so this is about
+/// 1.3 GiB.
 const MAX_DEDUPE_WINDOW: usize = 1 << 24;
 
 /// The longest `cell.dedupe_max_age_s`: a week. Longer is a unit mistake
@@ -421,7 +422,7 @@ impl Config {
         }
         if self.cell.dedupe_window > MAX_DEDUPE_WINDOW {
             bail!(
-                "`cell.dedupe_window` ({}) must be at most {MAX_DEDUPE_WINDOW} uuids (about 160 bytes of memory each); 0 turns duplicate detection off",
+                "`cell.dedupe_window` ({}) must be at most {MAX_DEDUPE_WINDOW} uuids (about 80 bytes of memory each); 0 turns duplicate detection off",
                 self.cell.dedupe_window
             );
         }
