@@ -141,13 +141,18 @@ struct Timing {
     relaying: Duration,
     /// CPU seconds over `total`: this process's and the broker's.
     cpu: Cpu,
+    /// This process's, by kind of thread.
+    split: Split,
 }
 
 impl Timing {
-    fn new(started: Instant, before: Cpu, finish: Finish, after: Cpu) -> Timing {
+    fn new(started: Instant, before: Reading, finish: Finish, after: Reading) -> Timing {
+        let (before, after, threads_before, threads_after) =
+            (before.cpu, after.cpu, before.threads, after.threads);
         Timing {
             total: finish.done - started,
             relaying: finish.done - finish.attached,
+            split: Split::between(&threads_before, &threads_after),
             cpu: Cpu {
                 own: after.own - before.own,
                 broker: after.broker.zip(before.broker).map(|(a, b)| a - b),
@@ -156,6 +161,44 @@ impl Timing {
             },
         }
     }
+}
+
+/// Where this process's CPU seconds of a run went, by kind of thread: the
+/// tokio workers (the host's consumer loops and tasks, or the bare relay's
+/// task) and lapin's I/O threads (one per connection: frames read, parsed,
+/// written). The rest of `Cpu::own` is the main thread, the policy's epoch
+/// ticker and threads that ended before the run did.
+#[derive(Debug, Clone, Copy, Default)]
+struct Split {
+    workers: f64,
+    lapin_io: f64,
+}
+
+impl Split {
+    fn between(before: &[ThreadCpu], after: &[ThreadCpu]) -> Split {
+        let mut split = Split::default();
+        for thread in after {
+            let earlier = before
+                .iter()
+                .find(|b| b.tid == thread.tid)
+                .map_or(0.0, |b| b.seconds);
+            let used = (thread.seconds - earlier).max(0.0);
+            if thread.name.starts_with("tokio-rt-worker") {
+                split.workers += used;
+            } else if thread.name.starts_with("lapin") {
+                split.lapin_io += used;
+            }
+        }
+        split
+    }
+}
+
+/// One thread of this process and the CPU seconds it has used.
+#[derive(Debug, Clone)]
+struct ThreadCpu {
+    tid: u32,
+    name: String,
+    seconds: f64,
 }
 
 /// When a run's relay was first seen consuming, and when it was done.
@@ -176,6 +219,13 @@ struct Cpu {
     /// each is a thread put to sleep and woken again, which costs both.
     own_switches: u64,
     broker_switches: u64,
+}
+
+/// What [`CpuMeter::read`] reads at one instant.
+struct Reading {
+    cpu: Cpu,
+    /// Each live thread of this process.
+    threads: Vec<ThreadCpu>,
 }
 
 /// Reads [`Cpu`] from /proc; the broker's share is unknown when no local
@@ -219,13 +269,39 @@ impl CpuMeter {
         meter
     }
 
-    fn read(&self) -> Cpu {
-        Cpu {
-            own: self.seconds("self").unwrap_or(0.0),
-            broker: self.broker_pid.as_deref().and_then(|pid| self.seconds(pid)),
-            own_switches: context_switches("self"),
-            broker_switches: self.broker_pid.as_deref().map_or(0, context_switches),
+    fn read(&self) -> Reading {
+        Reading {
+            cpu: Cpu {
+                own: self.seconds("self").unwrap_or(0.0),
+                broker: self.broker_pid.as_deref().and_then(|pid| self.seconds(pid)),
+                own_switches: context_switches("self"),
+                broker_switches: self.broker_pid.as_deref().map_or(0, context_switches),
+            },
+            threads: self.threads(),
         }
+    }
+
+    /// This process's live threads, each with its name and CPU seconds.
+    fn threads(&self) -> Vec<ThreadCpu> {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return Vec::new();
+        };
+        tasks
+            .flatten()
+            .filter_map(|task| {
+                let name = task.file_name();
+                let tid: u32 = name.to_str()?.parse().ok()?;
+                let path = format!("self/task/{tid}");
+                Some(ThreadCpu {
+                    tid,
+                    name: std::fs::read_to_string(task.path().join("comm"))
+                        .ok()?
+                        .trim()
+                        .to_string(),
+                    seconds: self.seconds(&path)?,
+                })
+            })
+            .collect()
     }
 
     /// User plus system time of `pid`.
@@ -415,13 +491,16 @@ async fn bench() -> Result<()> {
                 })?;
                 println!(
                     "round {round} {:<26} total {:>7.3} s {:>7.0} msg/s | from consumer {:>7.3} s {:>7.0} msg/s \
-                     | CPU µs/msg: process {:>5.1}, broker {} | switches/msg: process {:.2}, broker {:.2}",
+                     | CPU µs/msg: process {:>5.1} (workers {:>4.1}, lapin I/O {:>4.1}), broker {} \
+                     | switches/msg: process {:.2}, broker {:.2}",
                     side.label(),
                     timing.total.as_secs_f64(),
                     rate(messages, timing.total),
                     timing.relaying.as_secs_f64(),
                     rate(messages, timing.relaying),
                     per_message_us(messages, timing.cpu.own),
+                    per_message_us(messages, timing.split.workers),
+                    per_message_us(messages, timing.split.lapin_io),
                     timing
                         .cpu
                         .broker
@@ -467,6 +546,8 @@ struct Medians {
     total_rate: f64,
     relaying_rate: f64,
     process_us: f64,
+    workers_us: f64,
+    lapin_io_us: f64,
     broker_us: Option<f64>,
 }
 
@@ -486,6 +567,8 @@ impl SizeReport {
             total_rate: of(|t, n| rate(n, t.total)),
             relaying_rate: of(|t, n| rate(n, t.relaying)),
             process_us: of(|t, n| per_message_us(n, t.cpu.own)),
+            workers_us: of(|t, n| per_message_us(n, t.split.workers)),
+            lapin_io_us: of(|t, n| per_message_us(n, t.split.lapin_io)),
             broker_us: timings
                 .iter()
                 .all(|t| t.cpu.broker.is_some())
@@ -510,9 +593,9 @@ impl fmt::Display for SizeReport {
         writeln!(
             f,
             "| side | msg/s total | msg/s from consumer | process CPU µs/msg \
-             | broker CPU µs/msg | CPU µs/msg, both |"
+             | of it, workers | of it, lapin I/O | broker CPU µs/msg | CPU µs/msg, both |"
         )?;
-        writeln!(f, "|---|---:|---:|---:|---:|---:|")?;
+        writeln!(f, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
         let medians: Vec<(Side, Medians)> = self
             .runs
             .iter()
@@ -521,11 +604,13 @@ impl fmt::Display for SizeReport {
         for (side, m) in &medians {
             writeln!(
                 f,
-                "| {} | {:.0} | {:.0} | {:.1} | {} | {:.1} |",
+                "| {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.1} |",
                 side.label(),
                 m.total_rate,
                 m.relaying_rate,
                 m.process_us,
+                m.workers_us,
+                m.lapin_io_us,
                 m.broker_us.map_or("n/a".into(), |b| format!("{b:.1}")),
                 m.cpu_us(),
             )?;
