@@ -301,6 +301,9 @@ async fn pair_confirms(shared: Arc<Shared>, label: String) {
     let mut returned: HashMap<i64, String> = HashMap::new();
     let mut closed = false;
     let mut woken = Vec::new();
+    // Swapped with the publisher's list of new publishes each round, so
+    // that neither list is allocated again as publishes keep coming.
+    let mut arrived: Vec<Slot> = Vec::new();
     // The number of the first publish not decided yet.
     let mut decided: i64 = 1;
     std::future::poll_fn(|cx| {
@@ -309,12 +312,12 @@ async fn pair_confirms(shared: Arc<Shared>, label: String) {
             // The publishes at the front already seen done: decided at the
             // end of this round.
             let seen_done = pending.iter().take_while(|s| s.is_done()).count();
-            let arrived = {
+            {
                 let mut numbering = lock(&shared.numbering);
                 closed = numbering.closed;
-                std::mem::take(&mut numbering.arrived)
-            };
-            for mut slot in arrived {
+                std::mem::swap(&mut arrived, &mut numbering.arrived);
+            }
+            for mut slot in arrived.drain(..) {
                 slot.waker = Some(Waker::from(Arc::new(SlotWaker {
                     number: slot.number,
                     shared: shared.clone(),
