@@ -16,7 +16,14 @@
 //! - bare lapin (`bare_lapin.rs`): in this process, from the same queue to
 //!   the exchange and routing key cellhost's router picks, with cellhost's
 //!   prefetch and publish properties, bodies forwarded unchanged: what a
-//!   relay costs with no policy, no decoding and no re-encoding.
+//!   relay costs with no policy, no decoding and no re-encoding; as is, and
+//!   publishing mandatory and stamped as cellhost does.
+//! - bare lapin + cellhost's plan: the mandatory bare relay asking cellhost's
+//!   router for each message's plan (decoding, policy, duplicate claim,
+//!   relay body) and publishing the body it plans: cellhost's work per
+//!   message in the bare relay's loop, so that the two differences between
+//!   cellhost and the bare relay, the plan and the way plans are carried
+//!   out, are measured apart.
 //! - Shovel: a dynamic shovel from `q` in one vhost to `q` in another, with
 //!   `src-prefetch-count` 1000 (Shovel's own default, and cellhost's
 //!   prefetch) and 256 (cellhost's prefetch until 2026-12).
@@ -56,7 +63,7 @@ use bare_lapin::{BareRelay, Destination};
 use cellhost::client::declare_intercell;
 use cellhost::config::{Config, TransportUrl};
 use cellhost::policy::{LoadedPolicy, PolicyEngine};
-use cellhost::router::{Stats, Target};
+use cellhost::router::{RouteWorker, Stats, Target};
 use cellhost::sched::CpuScheduling;
 use cellhost::topology::tree_configs;
 use cellhost::transport::Broker;
@@ -95,16 +102,21 @@ enum Side {
     BareLapin {
         mandatory: bool,
     },
+    /// The mandatory bare relay publishing what cellhost's router plans
+    /// for each message (`bare_lapin.rs`): cellhost's work per message in
+    /// the bare relay's loop.
+    BarePlanned,
     Shovel {
         prefetch: u16,
     },
 }
 
 impl Side {
-    const ALL: [Side; 5] = [
+    const ALL: [Side; 6] = [
         Side::Cellhost,
         Side::BareLapin { mandatory: false },
         Side::BareLapin { mandatory: true },
+        Side::BarePlanned,
         Side::Shovel {
             prefetch: SHOVEL_SMALL_PREFETCH,
         },
@@ -118,6 +130,7 @@ impl Side {
             Side::Cellhost => "cellhost".into(),
             Side::BareLapin { mandatory: false } => "bare".into(),
             Side::BareLapin { mandatory: true } => "bare-mandatory".into(),
+            Side::BarePlanned => "bare-planned".into(),
             Side::Shovel { prefetch } => format!("shovel{prefetch}"),
         }
     }
@@ -127,6 +140,7 @@ impl Side {
             Side::Cellhost => "cellhost".into(),
             Side::BareLapin { mandatory: false } => "bare lapin".into(),
             Side::BareLapin { mandatory: true } => "bare lapin (mandatory)".into(),
+            Side::BarePlanned => "bare lapin + cellhost's plan".into(),
             Side::Shovel { prefetch } => format!("shovel (prefetch {prefetch})"),
         }
     }
@@ -420,7 +434,7 @@ async fn bench() -> Result<()> {
     };
     ensure!(
         !sides.is_empty(),
-        "SIDES names none of cellhost, bare, bare-mandatory, shovel256, shovel1000"
+        "SIDES names none of cellhost, bare, bare-mandatory, bare-planned, shovel256, shovel1000"
     );
     ensure!(
         messages > 0 && rounds > 0,
@@ -482,7 +496,12 @@ async fn bench() -> Result<()> {
                     }
                     Side::BareLapin { mandatory } => {
                         let to = &planned.destination;
-                        run_bare_lapin(&bodies, &windows, to, mandatory, &meter).await
+                        run_bare_lapin(&bodies, &windows, to, mandatory, None, &meter).await
+                    }
+                    Side::BarePlanned => {
+                        let to = &planned.destination;
+                        let planner = Some(top_route_worker(&nova_cells()?));
+                        run_bare_lapin(&bodies, &windows, to, true, planner, &meter).await
                     }
                     Side::Shovel { prefetch } => run_shovel(&bodies, prefetch, &meter).await,
                 }
@@ -821,8 +840,10 @@ async fn run_bare_lapin(
     windows: &Windows,
     destination: &Destination,
     mandatory: bool,
+    planner: Option<RouteWorker>,
     meter: &CpuMeter,
 ) -> Result<Timing> {
+    let planned = planner.is_some();
     let pair = CellPair::prepare(bodies, windows).await?;
     let count = bodies.len() as u32;
     let (source_uri, destination_uri) = (
@@ -839,6 +860,7 @@ async fn run_bare_lapin(
             destination.clone(),
             pair.top.cell.prefetch,
             mandatory,
+            planner,
         ),
         watch(&pair.ends, count, started)
     )?;
@@ -855,8 +877,13 @@ async fn run_bare_lapin(
         "  (bare lapin acked its {} messages with {} multiple acks)",
         relayed.messages, relayed.acks
     );
-    // Forwarded unchanged: the message carries no hop.
-    check_relayed(&pair.ends.dst, "", 0).await?;
+    if planned {
+        // Relayed as cellhost relays it: one hop more.
+        check_relayed(&pair.ends.dst, "top", 1).await?;
+    } else {
+        // Forwarded unchanged: the message carries no hop.
+        check_relayed(&pair.ends.dst, "", 0).await?;
+    }
     pair.remove().await?;
     Ok(timing)
 }

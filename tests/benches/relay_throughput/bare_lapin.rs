@@ -14,12 +14,21 @@
 //! publish's number in the `x-cellhost-publish` header (the stamp a return
 //! is matched by). Only then does it keep cellhost's whole guarantee: without
 //! `mandatory`, a message no queue takes is confirmed and dropped.
+//!
+//! Given a planner (a cellhost [`RouteWorker`]), it asks cellhost's router
+//! for each delivery's plan (decoding, the policy's decision, the duplicate
+//! claim, the relay body) and publishes the body the plan relays instead of
+//! the one received, settling the claim once confirmed: cellhost's work per
+//! message, carried by this relay's loop. Between it and cellhost, only the
+//! way the host carries out its plans differs.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
 use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use cellhost::router::{Claim, RouteWorker};
 use futures::future::{self, Either, Ready};
 use futures::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use lapin::options::{
@@ -50,7 +59,8 @@ pub struct BareRelay {
 impl BareRelay {
     /// Connects to both brokers and starts relaying `queue` from `source_uri`
     /// to `to` on `destination_uri`, with `prefetch` deliveries in flight,
-    /// publishing `mandatory` or not.
+    /// publishing `mandatory` or not, each body as received or, with a
+    /// `planner`, as cellhost's router plans to relay it.
     pub async fn start(
         source_uri: &str,
         queue: &str,
@@ -58,6 +68,7 @@ impl BareRelay {
         to: Destination,
         prefetch: u16,
         mandatory: bool,
+        planner: Option<RouteWorker>,
     ) -> Result<BareRelay> {
         let (source, destination) =
             tokio::try_join!(connect(source_uri), connect(destination_uri))?;
@@ -80,7 +91,7 @@ impl BareRelay {
             .with_context(|| format!("consuming {queue}"))?;
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(relay(
-            consumer, consuming, publisher, to, mandatory, stopped,
+            consumer, consuming, publisher, to, mandatory, planner, stopped,
         ));
         Ok(BareRelay {
             stop,
@@ -125,6 +136,7 @@ async fn relay(
     publisher: Channel,
     to: Destination,
     mandatory: bool,
+    mut planner: Option<RouteWorker>,
     mut stop: oneshot::Receiver<()>,
 ) -> Result<Relayed> {
     let exchange = ShortString::from(to.exchange);
@@ -175,14 +187,25 @@ async fn relay(
                     );
                     properties = properties.with_headers(stamp);
                 }
+                let (body, claim) = match planner.as_mut() {
+                    Some(worker) => {
+                        let mut plan = worker.plan(&delivery.data, None);
+                        // Every message of the bench is one relay to leaf.
+                        let Some((_, publication)) = plan.sends.pop() else {
+                            bail!("the router planned no relay: {:?}", plan.disposition);
+                        };
+                        (publication.body, plan.claim.take())
+                    }
+                    None => (Bytes::from(delivery.data), None),
+                };
+                let carried = Carried { body, claim, tag: delivery.delivery_tag };
                 let publish = publish_confirmed(
                     &publisher,
                     exchange.clone(),
                     routing_key.clone(),
-                    delivery.data,
+                    carried,
                     properties,
                     BasicPublishOptions { mandatory, ..BasicPublishOptions::default() },
-                    delivery.delivery_tag,
                 );
                 unconfirmed.push_back(begun(publish).await);
             }
@@ -191,17 +214,25 @@ async fn relay(
     Ok(relayed)
 }
 
-/// Publishes `body` and waits for the destination's confirm; yields the
-/// source delivery `tag` to ack.
+/// One delivery on its way: the body to publish, the plan's claim on its
+/// uuid (with a planner), and its delivery tag on the source.
+struct Carried {
+    body: Bytes,
+    claim: Option<Claim>,
+    tag: u64,
+}
+
+/// Publishes the carried body and waits for the destination's confirm;
+/// settles the claim, if any, and yields the source delivery tag to ack.
 async fn publish_confirmed(
     publisher: &Channel,
     exchange: ShortString,
     routing_key: ShortString,
-    body: Vec<u8>,
+    carried: Carried,
     properties: BasicProperties,
     options: BasicPublishOptions,
-    tag: u64,
 ) -> Result<u64> {
+    let Carried { body, claim, tag } = carried;
     let confirm = publisher
         .basic_publish(exchange, routing_key, options, &body, properties)
         .await
@@ -210,7 +241,12 @@ async fn publish_confirmed(
         .await
         .context("awaiting the destination's confirm")?
     {
-        Confirmation::Ack(_) => Ok(tag),
+        Confirmation::Ack(_) => {
+            if let Some(claim) = claim {
+                claim.settled();
+            }
+            Ok(tag)
+        }
         other => bail!("the destination did not take a message: {other:?}"),
     }
 }
