@@ -19,13 +19,13 @@ mod bindings;
 pub mod budget;
 pub mod cache;
 mod clock;
+mod ticker;
 pub mod view;
 pub mod world;
 
 use crate::lock;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -42,8 +42,7 @@ use bindings::{host::Level, Policy, PolicyPre};
 pub use budget::Usage;
 pub use cache::{default_cache_dir, DiskCache};
 
-/// One epoch tick; deadlines are counted in ticks.
-const TICK: Duration = Duration::from_millis(1);
+use ticker::{Ticker, TICK};
 
 /// Sandbox limits of one policy's instances.
 #[derive(Debug, Clone)]
@@ -144,7 +143,7 @@ pub struct PolicyEngine {
     compiled: Mutex<HashMap<String, Component>>,
     disk: Option<DiskCache>,
     options: EngineOptions,
-    ticker_stop: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
 }
 
 impl PolicyEngine {
@@ -186,18 +185,7 @@ impl PolicyEngine {
         Policy::add_to_linker::<GuestState, HasSelf<GuestState>>(&mut linker, |s| s)
             .context("linking the host interface")?;
 
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        let ticking = engine.clone();
-        let stop = ticker_stop.clone();
-        std::thread::Builder::new()
-            .name("policy-epoch".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(TICK);
-                    ticking.increment_epoch();
-                }
-            })
-            .context("starting the epoch ticker")?;
+        let ticker = Ticker::start(engine.clone())?;
 
         Ok(Arc::new(PolicyEngine {
             engine,
@@ -205,7 +193,7 @@ impl PolicyEngine {
             compiled: Mutex::new(HashMap::new()),
             disk,
             options,
-            ticker_stop,
+            ticker,
         }))
     }
 
@@ -326,7 +314,7 @@ impl PolicyEngine {
 
 impl Drop for PolicyEngine {
     fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
+        self.ticker.stop();
     }
 }
 
@@ -419,6 +407,7 @@ impl LoadedPolicy {
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|s| &mut s.budget);
         store.epoch_deadline_callback(|mut store| Ok(store.data_mut().clock.tick()));
+        let _running = self.engine.ticker.enter();
         start_call(&mut store, self.limits.init_deadline());
         let bindings = self.pre.instantiate(&mut store).map_err(|e| {
             match budget::explain_count_limit(&e) {
@@ -485,6 +474,7 @@ impl PolicyInstance {
     /// Asks the policy what to do with `message`. After an error for which
     /// [`PolicyError::poisons_instance`] holds, drop this instance.
     pub fn route(&mut self, message: &Message, cell: &Cell) -> Result<Vec<Action>, PolicyError> {
+        let _running = self.policy.engine.ticker.enter();
         start_call(&mut self.store, self.policy.limits.deadline);
         let (bindings, store) = (&self.bindings, &mut self.store);
         let call = std::panic::AssertUnwindSafe(|| bindings.call_route(&mut *store, message, cell));
@@ -992,6 +982,32 @@ mod tests {
             }
         }
         assert!(renewals >= 4, "renewed {renewals} times in {calls} calls");
+    }
+
+    /// The epoch ticker parks on an idle engine; a policy that then loops
+    /// forever must still be stopped at its deadline.
+    #[test]
+    fn a_spinning_policy_is_stopped_after_the_engine_was_idle() {
+        let engine = PolicyEngine::new().expect("engine");
+        let wasm = std::fs::read(crate::plugins::built_path("adversary")).expect("built");
+        let policy = engine
+            .load("adversary", &wasm, "", Limits::default())
+            .expect("loads");
+        let mut instance = policy.instantiate().expect("instance");
+        let (message, cell) = solo_broadcast("spin");
+        for round in 0..3 {
+            let until = Instant::now() + Duration::from_secs(10);
+            while !engine.ticker.is_parked() {
+                assert!(Instant::now() < until, "the ticker never parked");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let result = instance.route(&message, &cell);
+            assert!(
+                matches!(result, Err(PolicyError::Deadline(_))),
+                "round {round}: {result:?}"
+            );
+            instance = policy.instantiate().expect("a fresh instance");
+        }
     }
 
     #[test]
