@@ -951,16 +951,21 @@ mod tests {
         );
     }
 
+    /// The adversary policy (`plugins/adversary`) on `engine`, default limits.
+    fn adversary(engine: &Arc<PolicyEngine>) -> Arc<LoadedPolicy> {
+        let wasm = std::fs::read(crate::plugins::built_path("adversary")).expect("built");
+        engine
+            .load("adversary", &wasm, "", Limits::default())
+            .expect("loads")
+    }
+
     /// A policy whose memory creeps up a MiB per call: kept, it traps at
     /// its cap and costs that call; renewed at its mark, as the router
     /// renews it, no call fails.
     #[test]
     fn an_instance_whose_memory_creeps_up_is_renewed_before_its_cap() {
         let engine = PolicyEngine::new().expect("engine");
-        let wasm = std::fs::read(crate::plugins::built_path("adversary")).expect("built");
-        let policy = engine
-            .load("adversary", &wasm, "", Limits::default())
-            .expect("loads");
+        let policy = adversary(&engine);
         let (message, cell) = solo_broadcast("leak");
         let calls = 40;
 
@@ -989,10 +994,7 @@ mod tests {
     #[test]
     fn a_spinning_policy_is_stopped_after_the_engine_was_idle() {
         let engine = PolicyEngine::new().expect("engine");
-        let wasm = std::fs::read(crate::plugins::built_path("adversary")).expect("built");
-        let policy = engine
-            .load("adversary", &wasm, "", Limits::default())
-            .expect("loads");
+        let policy = adversary(&engine);
         let mut instance = policy.instantiate().expect("instance");
         let (message, cell) = solo_broadcast("spin");
         for round in 0..3 {
