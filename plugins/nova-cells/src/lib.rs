@@ -12,6 +12,16 @@
 //! direction. Errors are the ones Nova raises, `CellRoutingInconsistency` and
 //! `CellMaxHopCountReached`, with Nova's wording.
 
+/// The exported component's allocator (see `Cargo.toml`). Only with
+/// `export`: a policy that reuses [`route`] keeps its own.
+#[cfg(all(
+    feature = "export",
+    target_family = "wasm",
+    not(target_feature = "atomics")
+))]
+#[global_allocator]
+static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
+
 use cellhost_guest::{
     path_parts, Action, Cell, Direction, Failure, Message, MessageType, Policy, PATH_SEPARATOR,
 };
