@@ -427,20 +427,22 @@ pub(crate) fn escaped_offsets(
 /// inner literal begins. `None` for any other escape or a control character:
 /// the caller then unescapes one level at a time.
 pub(crate) fn unescape_doubly_plain(escaped: &[u8]) -> Option<(String, usize)> {
-    let mut value = Vec::with_capacity(escaped.len());
+    // Room for the last chunk copied whole before it is cut back.
+    let mut value = Vec::with_capacity(escaped.len() + 16);
     let mut at = 0;
     loop {
-        // Eight bytes at a time: all of them are copied, then the copy is
-        // cut back to the first byte that is not plain (`"`, `\` or a
-        // control character), which is handled below.
-        if let Some(chunk) = escaped.get(at..).and_then(|rest| rest.first_chunk::<8>()) {
+        // Sixteen bytes at a time: all of them are copied (a fixed-size
+        // copy, cheaper than one of the run's length), then the copy is cut
+        // back to the first byte that is not plain (`"`, `\` or a control
+        // character), which is handled below.
+        if let Some(chunk) = escaped.get(at..).and_then(|rest| rest.first_chunk::<16>()) {
             value.extend_from_slice(chunk);
-            let plain = first_special(u64::from_le_bytes(*chunk));
-            if plain == 8 {
-                at += 8;
+            let plain = first_special16(chunk);
+            if plain == 16 {
+                at += 16;
                 continue;
             }
-            value.truncate(value.len() - 8 + plain);
+            value.truncate(value.len() - 16 + plain);
             at += plain;
         }
         match escaped.get(at..)? {
@@ -462,10 +464,76 @@ pub(crate) fn unescape_doubly_plain(escaped: &[u8]) -> Option<(String, usize)> {
     }
 }
 
-/// How many of the eight bytes of `word` (in memory order) come before the
-/// first `"`, `\` or control character: 8 when there is none.
-fn first_special(word: u64) -> usize {
+/// How many bytes `bytes` starts with that a string may hold as they are
+/// (not `"`, `\\` or a control character), sixteen at a time, then eight;
+/// it may stop short of the end when fewer than eight are left.
+pub(super) fn plain_prefix(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    while let Some(chunk) = bytes.get(at..).and_then(|rest| rest.first_chunk::<16>()) {
+        match first_special16(chunk) {
+            16 => at += 16,
+            plain => return at + plain,
+        }
+    }
+    while let Some(chunk) = bytes.get(at..).and_then(|rest| rest.first_chunk::<8>()) {
+        match first_special8(chunk) {
+            8 => at += 8,
+            plain => return at + plain,
+        }
+    }
+    at
+}
+
+/// How many of the sixteen bytes come before the first `"`, `\\` or
+/// control character: 16 when there is none. With SSE2 where the build has
+/// it (every x86-64 does), else as two words of eight.
+fn first_special16(chunk: &[u8; 16]) -> usize {
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+    {
+        // SAFETY: `special16` needs SSE2, which this build enables, so
+        // every CPU it runs on has it.
+        let found = unsafe { special16(chunk) };
+        (found | 1 << 16).trailing_zeros() as usize
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
+    {
+        let (low, high) = chunk.split_at(8);
+        let (low, high) = (low.first_chunk::<8>(), high.first_chunk::<8>());
+        match low.map_or(8, first_special8) {
+            8 => 8 + high.map_or(8, first_special8),
+            plain => plain,
+        }
+    }
+}
+
+/// [`first_special16`] for eight bytes.
+fn first_special8(chunk: &[u8; 8]) -> usize {
+    let word = u64::from_le_bytes(*chunk);
+    // The lowest marked lane is exact.
     (quote_or_backslash_lanes(word) | control_lanes(word)).trailing_zeros() as usize / 8
+}
+
+/// A bit for each of the sixteen bytes that is `"`, `\\` or below `' '`.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+#[target_feature(enable = "sse2")]
+fn special16(chunk: &[u8; 16]) -> u32 {
+    use std::arch::x86_64::{
+        _mm_cmpeq_epi8, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
+        _mm_set_epi64x,
+    };
+    let (low, high) = chunk.split_at(8);
+    let word = |half: &[u8]| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(half);
+        i64::from_le_bytes(bytes)
+    };
+    let v = _mm_set_epi64x(word(high), word(low));
+    let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+    let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+    // Below ' ' exactly when the unsigned minimum with 0x1f is the byte.
+    let control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v);
+    let found = _mm_or_si128(_mm_or_si128(quote, backslash), control);
+    _mm_movemask_epi8(found) as u32
 }
 
 /// [`escaped_offsets`] for text whose only escapes are `\"` and `\\` (what
@@ -584,6 +652,29 @@ fn ascii_to_string(bytes: Vec<u8>) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_plain_prefix_ends_at_the_first_special_byte() {
+        let text = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        // It may stop short of a special byte (never past it) only where
+        // fewer than eight bytes are left.
+        let ends_well = |bytes: &[u8], special_at: usize| {
+            let got = plain_prefix(bytes);
+            got == special_at || (got < special_at && bytes.len() - got < 8)
+        };
+        for at in 0..text.len() {
+            for special in [b'"', b'\\', 0x01, 0x1f] {
+                let mut bytes = text.to_vec();
+                bytes[at] = special;
+                assert!(ends_well(&bytes, at), "{special:#x} at {at}");
+            }
+            // DEL and non-ASCII bytes are plain.
+            let mut bytes = text.to_vec();
+            bytes[at] = 0x7f;
+            bytes[(at + 1) % text.len()] = 0xc3;
+            assert!(ends_well(&bytes, text.len()), "DEL at {at}");
+        }
+    }
 
     #[test]
     fn separators_and_nesting_match_python() {

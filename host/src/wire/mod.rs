@@ -12,6 +12,7 @@ mod cells;
 mod envelope;
 mod json;
 mod response;
+mod scan;
 mod skim;
 
 pub use cells::{CellsMessage, Direction, MessageType};

@@ -31,6 +31,7 @@ use super::json::{
     escaped_offsets, plain_escaped_offsets, unescape_doubly_plain, unescape_json_str,
     unescape_json_str_prefix, write_python_str, write_python_str_content,
 };
+use super::scan;
 
 /// Keys of `extra` the skim reads besides the cells message's own
 /// ([`KNOWN_KEYS`]); a repetition of any of them sends a message down the
@@ -114,7 +115,7 @@ impl Skim {
             }
             None => {
                 let outer: Entries<'_> = serde_json::from_str(text).ok()?;
-                if parse_str(outer.single("oslo.version")??)? != "2.0" {
+                if parse_str(outer.single("oslo.version")??.get())? != "2.0" {
                     return None;
                 }
                 unescape_json_str(outer.single("oslo.message")??.get())?
@@ -136,7 +137,7 @@ impl Skim {
             return Some(skim);
         }
         let request: RequestKeys<'_> = serde_json::from_str(&inner).ok()?;
-        if parse_str(request.single("method")??)? != "process_message" {
+        if parse_str(request.single("method")??.get())? != "process_message" {
             return None;
         }
         check_cast(&request)?;
@@ -171,16 +172,16 @@ impl Skim {
     fn read_cells(cells: String) -> Option<Skim> {
         // The fields the skim reads, found in one pass; a repeated one sends
         // the message down the full path.
-        let fields: CellsFields<'_> = serde_json::from_str(&cells).ok()?;
+        let fields = CellsFields::read(&cells)?;
         let field = |key: &str| fields.get(key);
-        let span = |raw: &RawValue| {
-            let at = raw.get().as_ptr() as usize - cells.as_ptr() as usize;
-            at..at + raw.get().len()
+        let span = |raw: &str| {
+            let at = raw.as_ptr() as usize - cells.as_ptr() as usize;
+            at..at + raw.len()
         };
         let message_type = MessageType::from_wire(&parse_str(field("message_type")?)?)?;
         let direction = Direction::from_wire(&parse_str(field("direction")?)?)?;
-        let ctxt = field("ctxt").filter(|raw| raw.get().starts_with('{'))?;
-        let method_kwargs = field("method_kwargs").filter(|raw| raw.get().starts_with('{'))?;
+        let ctxt = field("ctxt").filter(|raw| raw.starts_with('{'))?;
+        let method_kwargs = field("method_kwargs").filter(|raw| raw.starts_with('{'))?;
         let need_response = parse_bool(field("need_response")?)?;
         let fanout = parse_bool(field("fanout")?)?;
         let routing_path = field("routing_path")?;
@@ -466,7 +467,7 @@ fn check_cast(request: &RequestKeys<'_>) -> Option<()> {
     }
     for key in ["version", "_unique_id", "namespace"] {
         if let Some(raw) = request.single(key)? {
-            parse_opt_str(raw)?;
+            parse_opt_str(raw.get())?;
         }
     }
     Some(())
@@ -507,10 +508,9 @@ fn envelope(inner: &str) -> Vec<u8> {
 }
 
 /// A JSON string's value, borrowed when it holds no escapes.
-fn parse_str(raw: &RawValue) -> Option<Cow<'_, str>> {
-    // A raw value is valid JSON already: a string without escapes is its
+fn parse_str(text: &str) -> Option<Cow<'_, str>> {
+    // The text is valid JSON already: a string without escapes is its
     // text between the quotes.
-    let text = raw.get();
     if let Some(inner) = text
         .strip_prefix('"')
         .and_then(|rest| rest.strip_suffix('"'))
@@ -523,16 +523,16 @@ fn parse_str(raw: &RawValue) -> Option<Cow<'_, str>> {
 }
 
 /// A JSON string or null; `None` (the outer one) when it is neither.
-fn parse_opt_str(raw: &RawValue) -> Option<Option<Cow<'_, str>>> {
-    if raw.get() == "null" {
+fn parse_opt_str(text: &str) -> Option<Option<Cow<'_, str>>> {
+    if text == "null" {
         return Some(None);
     }
-    parse_str(raw).map(Some)
+    parse_str(text).map(Some)
 }
 
 /// A JSON boolean.
-fn parse_bool(raw: &RawValue) -> Option<bool> {
-    match raw.get() {
+fn parse_bool(text: &str) -> Option<bool> {
+    match text {
         "true" => Some(true),
         "false" => Some(false),
         _ => None,
@@ -540,57 +540,45 @@ fn parse_bool(raw: &RawValue) -> Option<bool> {
 }
 
 /// A JSON number that is a `u32`, as serde reads one into a `u32`.
-fn parse_u32(raw: &RawValue) -> Option<u32> {
+fn parse_u32(text: &str) -> Option<u32> {
     // Valid JSON digits parse as such; anything else (`-0`, an exponent,
     // a fraction) is left to serde, which decides as the full path does.
-    raw.get()
-        .parse()
+    text.parse()
         .ok()
-        .or_else(|| serde_json::from_str(raw.get()).ok())
+        .or_else(|| serde_json::from_str(text).ok())
 }
 
 /// The fields of a cells message the skim reads ([`KNOWN_KEYS`], then
-/// [`EXTRA_KEYS`]), found in one pass over its object; other keys are
-/// checked and skipped. A repeated field fails the parse.
-struct CellsFields<'a>([Option<&'a RawValue>; KNOWN_KEYS.len() + EXTRA_KEYS.len()]);
+/// [`EXTRA_KEYS`]), as the text of their values, found in one pass over its
+/// object that checks the rest of it ([`scan::object_entries`]). A repeated
+/// field fails the read.
+struct CellsFields<'a>([Option<&'a str>; KNOWN_KEYS.len() + EXTRA_KEYS.len()]);
 
 impl<'a> CellsFields<'a> {
+    fn read(cells: &'a str) -> Option<CellsFields<'a>> {
+        let mut fields = CellsFields(Default::default());
+        scan::object_entries(cells, |entry| {
+            let index = if entry.key_escaped {
+                // A key spelled with escapes names the field it spells.
+                let key = unescape_json_str(&format!("\"{}\"", entry.key))?;
+                CellsFields::index(&key)
+            } else {
+                CellsFields::index(entry.key)
+            };
+            match index {
+                Some(i) if fields.0[i].replace(entry.value).is_some() => None,
+                _ => Some(()),
+            }
+        })?;
+        Some(fields)
+    }
+
     fn index(key: &str) -> Option<usize> {
         KNOWN_KEYS.iter().chain(&EXTRA_KEYS).position(|k| *k == key)
     }
 
-    fn get(&self, key: &str) -> Option<&'a RawValue> {
+    fn get(&self, key: &str) -> Option<&'a str> {
         Self::index(key).and_then(|i| self.0[i])
-    }
-}
-
-impl<'de> Deserialize<'de> for CellsFields<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct FieldsVisitor;
-        impl<'de> Visitor<'de> for FieldsVisitor {
-            type Value = CellsFields<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a cells message")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut fields = CellsFields(Default::default());
-                while let Some(Text(key)) = map.next_key()? {
-                    match CellsFields::index(&key) {
-                        Some(i) => {
-                            let value = map.next_value::<&'de RawValue>()?;
-                            if fields.0[i].replace(value).is_some() {
-                                return Err(de::Error::custom("a repeated field"));
-                            }
-                        }
-                        None => {
-                            map.next_value::<de::IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(fields)
-            }
-        }
-        deserializer.deserialize_map(FieldsVisitor)
     }
 }
 
