@@ -22,9 +22,8 @@ use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use super::cells::{Direction, MessageType, KNOWN_KEYS};
 use super::json::{
@@ -114,11 +113,11 @@ impl Skim {
                 unescape_json_str(literal)?
             }
             None => {
-                let outer: Entries<'_> = serde_json::from_str(text).ok()?;
-                if parse_str(outer.single("oslo.version")??.get())? != "2.0" {
+                let outer = Entries::read(text)?;
+                if parse_str(outer.single("oslo.version")??)? != "2.0" {
                     return None;
                 }
-                unescape_json_str(outer.single("oslo.message")??.get())?
+                unescape_json_str(outer.single("oslo.message")??)?
             }
         };
         // Likewise the request oslo.messaging writes for `process_message`:
@@ -136,13 +135,13 @@ impl Skim {
             }
             return Some(skim);
         }
-        let request: RequestKeys<'_> = serde_json::from_str(&inner).ok()?;
-        if parse_str(request.single("method")??.get())? != "process_message" {
+        let request = RequestKeys::read(&inner)?;
+        if parse_str(request.single("method")??)? != "process_message" {
             return None;
         }
         check_cast(&request)?;
-        let args: Entries<'_> = serde_json::from_str(request.single("args")??.get()).ok()?;
-        let cells = unescape_json_str(args.single("message")??.get())?;
+        let args = Entries::read(request.single("args")??)?;
+        let cells = unescape_json_str(args.single("message")??)?;
         Skim::read_cells(cells)
     }
 
@@ -400,7 +399,7 @@ impl Skim {
     fn write_context(&self, out: &mut String, more: &[(&str, &str)]) {
         // Read once already in `read`, so it parses; should it not, the
         // context is left out rather than written broken.
-        let entries: Entries<'_> = serde_json::from_str(self.ctxt()).unwrap_or_default();
+        let entries = Entries::read(self.ctxt()).unwrap_or_default();
         let mut key = String::new();
         let mut write_key = |out: &mut String, name: &str| {
             key.clear();
@@ -412,7 +411,7 @@ impl Skim {
         };
         for (name, value) in &entries.0 {
             write_key(out, name);
-            out.push_str(value.get());
+            out.push_str(value);
         }
         for (name, value) in more {
             write_key(out, name);
@@ -444,7 +443,7 @@ fn check_request_after_cells(mut after: String) -> Option<()> {
             return None;
         }
         after.replace_range(..2, " {");
-        serde_json::from_str(&after).ok()?
+        RequestKeys::read(&after)?
     };
     if request.count("method") + request.count("args") > 0 {
         return None;
@@ -459,15 +458,12 @@ fn check_cast(request: &RequestKeys<'_>) -> Option<()> {
         return None;
     }
     // A call, or a cast whose `_msg_id` is neither null nor absent.
-    if request
-        .single("_msg_id")?
-        .is_some_and(|raw| raw.get() != "null")
-    {
+    if request.single("_msg_id")?.is_some_and(|raw| raw != "null") {
         return None;
     }
     for key in ["version", "_unique_id", "namespace"] {
         if let Some(raw) = request.single(key)? {
-            parse_opt_str(raw.get())?;
+            parse_opt_str(raw)?;
         }
     }
     Some(())
@@ -558,14 +554,8 @@ impl<'a> CellsFields<'a> {
     fn read(cells: &'a str) -> Option<CellsFields<'a>> {
         let mut fields = CellsFields(Default::default());
         scan::object_entries(cells, |entry| {
-            let index = if entry.key_escaped {
-                // A key spelled with escapes names the field it spells.
-                let key = unescape_json_str(&format!("\"{}\"", entry.key))?;
-                CellsFields::index(&key)
-            } else {
-                CellsFields::index(entry.key)
-            };
-            match index {
+            // A key spelled with escapes names the field it spells.
+            match CellsFields::index(&entry_key(&entry)?) {
                 Some(i) if fields.0[i].replace(entry.value).is_some() => None,
                 _ => Some(()),
             }
@@ -573,8 +563,27 @@ impl<'a> CellsFields<'a> {
         Some(fields)
     }
 
+    /// Where `key` is in [`KNOWN_KEYS`] then [`EXTRA_KEYS`]: a match, which
+    /// compares lengths before bytes (a test holds it to the two lists).
     fn index(key: &str) -> Option<usize> {
-        KNOWN_KEYS.iter().chain(&EXTRA_KEYS).position(|k| *k == key)
+        Some(match key {
+            "message_type" => 0,
+            "ctxt" => 1,
+            "method_name" => 2,
+            "method_kwargs" => 3,
+            "direction" => 4,
+            "need_response" => 5,
+            "fanout" => 6,
+            "uuid" => 7,
+            "routing_path" => 8,
+            "hop_count" => 9,
+            "max_hop_count" => 10,
+            "target_cell" => 11,
+            "response_uuid" => 12,
+            "run_locally" => 13,
+            "cellhost_timeout_ms" => 14,
+            _ => return None,
+        })
     }
 
     fn get(&self, key: &str) -> Option<&'a str> {
@@ -588,10 +597,23 @@ impl<'a> CellsFields<'a> {
 #[derive(Default)]
 struct RequestKeys<'a> {
     seen: [u8; REQUEST_KEYS.len()],
-    values: [Option<&'a RawValue>; REQUEST_KEYS.len()],
+    values: [Option<&'a str>; REQUEST_KEYS.len()],
 }
 
 impl<'a> RequestKeys<'a> {
+    /// The keys of the JSON object `text`; `None` when it is not one.
+    fn read(text: &'a str) -> Option<RequestKeys<'a>> {
+        let mut keys = RequestKeys::default();
+        scan::object_entries(text, |entry| {
+            if let Some(i) = Self::index(&entry_key(&entry)?) {
+                keys.seen[i] = keys.seen[i].saturating_add(1);
+                keys.values[i] = Some(entry.value);
+            }
+            Some(())
+        })?;
+        Some(keys)
+    }
+
     fn index(key: &str) -> Option<usize> {
         REQUEST_KEYS.iter().position(|k| *k == key)
     }
@@ -602,48 +624,39 @@ impl<'a> RequestKeys<'a> {
 
     /// The value of a key that appears at most once: `Some(None)` when it
     /// is absent, `None` when it is repeated.
-    fn single(&self, key: &str) -> Option<Option<&'a RawValue>> {
+    fn single(&self, key: &str) -> Option<Option<&'a str>> {
         let i = Self::index(key)?;
         (self.seen[i] <= 1).then_some(self.values[i])
     }
 }
 
-impl<'de> Deserialize<'de> for RequestKeys<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeysVisitor;
-        impl<'de> Visitor<'de> for KeysVisitor {
-            type Value = RequestKeys<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a request")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut keys = RequestKeys::default();
-                while let Some(Text(key)) = map.next_key()? {
-                    match RequestKeys::index(&key) {
-                        Some(i) => {
-                            keys.seen[i] = keys.seen[i].saturating_add(1);
-                            keys.values[i] = Some(map.next_value::<&'de RawValue>()?);
-                        }
-                        None => {
-                            map.next_value::<de::IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(keys)
-            }
-        }
-        deserializer.deserialize_map(KeysVisitor)
+/// An entry's key, unescaped when it was written with escapes.
+fn entry_key<'a>(entry: &scan::Entry<'a>) -> Option<Cow<'a, str>> {
+    if entry.key_escaped {
+        unescape_json_str(&format!("\"{}\"", entry.key)).map(Cow::Owned)
+    } else {
+        Some(Cow::Borrowed(entry.key))
     }
 }
 
-/// The entries of one JSON object in text order, values left as raw text.
+/// The entries of one JSON object in text order, values left as their text.
 #[derive(Default)]
-struct Entries<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+struct Entries<'a>(Vec<(Cow<'a, str>, &'a str)>);
 
 impl<'a> Entries<'a> {
+    /// The entries of the JSON object `text`; `None` when it is not one.
+    fn read(text: &'a str) -> Option<Entries<'a>> {
+        let mut entries = Vec::with_capacity(16);
+        scan::object_entries(text, |entry| {
+            entries.push((entry_key(&entry)?, entry.value));
+            Some(())
+        })?;
+        Some(Entries(entries))
+    }
+
     /// The value of a key that appears at most once: `Some(None)` when it
     /// is absent, `None` when it is repeated.
-    fn single(&self, key: &str) -> Option<Option<&'a RawValue>> {
+    fn single(&self, key: &str) -> Option<Option<&'a str>> {
         let mut found = None;
         for (k, v) in &self.0 {
             if k == key {
@@ -654,26 +667,6 @@ impl<'a> Entries<'a> {
             }
         }
         Some(found)
-    }
-}
-
-impl<'de> Deserialize<'de> for Entries<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct EntriesVisitor;
-        impl<'de> Visitor<'de> for EntriesVisitor {
-            type Value = Entries<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries<'de>, A::Error> {
-                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(16));
-                while let Some(Text(key)) = map.next_key()? {
-                    entries.push((key, map.next_value::<&'de RawValue>()?));
-                }
-                Ok(Entries(entries))
-            }
-        }
-        deserializer.deserialize_map(EntriesVisitor)
     }
 }
 
@@ -754,6 +747,16 @@ mod tests {
             unique_id,
         )
         .encode()
+    }
+
+    #[test]
+    fn the_fields_are_found_where_the_key_lists_have_them() {
+        let keys: Vec<&str> = KNOWN_KEYS.iter().chain(&EXTRA_KEYS).copied().collect();
+        for (at, key) in keys.iter().enumerate() {
+            assert_eq!(CellsFields::index(key), Some(at), "{key}");
+        }
+        assert_eq!(CellsFields::index("uuid2"), None);
+        assert_eq!(CellsFields::index(""), None);
     }
 
     #[test]
