@@ -265,25 +265,6 @@ fn needs_escape(word: u64) -> bool {
         != 0
 }
 
-/// Whether any byte of `bytes` is a control character (below `' '`), which a
-/// JSON string may not hold raw; eight bytes at a time.
-fn any_control(bytes: &[u8]) -> bool {
-    let mut words = bytes.chunks_exact(8);
-    for chunk in &mut words {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        if has_control(u64::from_le_bytes(word)) {
-            return true;
-        }
-    }
-    words.remainder().iter().any(|b| *b < 0x20)
-}
-
-/// Whether any of the eight bytes of `word` is a control character (below `' '`).
-fn has_control(word: u64) -> bool {
-    control_lanes(word) != 0
-}
-
 /// `\uXXXX` in lowercase hex, as Python writes it.
 fn push_unit(out: &mut Vec<u8>, unit: u16) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -314,20 +295,26 @@ pub(crate) fn unescape_json_str_prefix(raw: &str) -> Option<(String, usize)> {
     let mut out = Vec::with_capacity(inner.len());
     let mut at = 0;
     loop {
-        // The run up to the next escape, checked for what a string may not hold raw.
+        // The run up to the next escape, the closing quote or a control
+        // character (which a string may not hold raw).
         let rest = inner.get(at..)?;
-        let run = plain_run(rest).unwrap_or(rest.len());
-        let (clean, _) = rest.split_at(run);
-        if any_control(clean) {
-            return None;
-        }
-        out.extend_from_slice(clean);
+        let run = plain_prefix(rest);
+        out.extend_from_slice(&rest[..run]);
         at += run;
-        // An unterminated literal has neither.
-        let byte = *inner.get(at)?;
-        if byte == b'"' {
-            let value = String::from_utf8(out).ok()?;
-            return Some((value, at + 2));
+        // An unterminated literal has none of them.
+        match *inner.get(at)? {
+            b'"' => {
+                let value = String::from_utf8(out).ok()?;
+                return Some((value, at + 2));
+            }
+            b'\\' => {}
+            b if b < 0x20 => return None,
+            // Fewer than eight bytes were left, and this one is plain.
+            b => {
+                out.push(b);
+                at += 1;
+                continue;
+            }
         }
         let escaped = *inner.get(at + 1)?;
         at += 2;
