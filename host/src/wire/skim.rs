@@ -97,10 +97,10 @@ impl Skim {
         if body.len() > limit {
             return None;
         }
-        let text = std::str::from_utf8(body).ok()?;
-        if let Some(skim) = Skim::read_doubly_plain(text) {
+        if let Some(skim) = Skim::read_doubly_plain(body) {
             return Some(skim);
         }
+        let text = std::str::from_utf8(body).ok()?;
         // What oslo.messaging writes is read without a parse of the whole
         // envelope: its one string literal is unescaped (and checked) directly.
         let mut headed = false;
@@ -150,16 +150,24 @@ impl Skim {
     /// with nothing but `\"` and `\\` at both levels. The cells message is
     /// unescaped straight from the body, without the request's text in
     /// between; `None` leaves the body to [`Skim::read`]'s other ways.
-    fn read_doubly_plain(text: &str) -> Option<Skim> {
-        let literal = text.strip_prefix(ENVELOPE_HEAD)?.strip_suffix('}')?;
+    ///
+    /// The body is not checked as UTF-8 as a whole: its heads are ASCII,
+    /// the cells message is checked once unescaped (each escape stands for
+    /// one ASCII byte, so the unescaped text is UTF-8 exactly when the
+    /// escaped one is), and the rest of the request on its own.
+    fn read_doubly_plain(body: &[u8]) -> Option<Skim> {
+        let literal = body
+            .strip_prefix(ENVELOPE_HEAD.as_bytes())?
+            .strip_suffix(b"}")?;
         let cells_text = literal
-            .strip_prefix('"')?
-            .strip_prefix(ESCAPED_REQUEST_HEAD)?;
-        let cells_at = text.len() - 1 - cells_text.len();
-        let (cells, end) = unescape_doubly_plain(cells_text.as_bytes())?;
+            .strip_prefix(b"\"")?
+            .strip_prefix(ESCAPED_REQUEST_HEAD.as_bytes())?;
+        let cells_at = body.len() - 1 - cells_text.len();
+        let (cells, end) = unescape_doubly_plain(cells_text)?;
         // From the `"` that closes the cells message's literal in the
         // request: what follows it in the request, as one literal.
-        let after = unescape_json_str(cells_text.get(end + 1..)?)?;
+        let rest = std::str::from_utf8(cells_text.get(end + 1..)?).ok()?;
+        let after = unescape_json_str(rest)?;
         check_request_after_cells(after)?;
         let mut skim = Skim::read_cells(cells)?;
         skim.received = Some(Received::DoublyPlain {
@@ -826,6 +834,41 @@ mod tests {
             plain_escaped_offsets(b"ab", other.len(), 1, &[1], &mut Vec::new()),
             None
         );
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_is_not_skimmed() {
+        let (_, message) = meaning(CAST.as_bytes());
+        let mut args = Map::new();
+        let cells = serde_json::to_value(&message).expect("a message");
+        args.insert("message".into(), Value::String(cells.to_string()));
+        let good = Request::cast("process_message", args, Context::default(), "u").encode();
+        let skim = Skim::read(&good, DEFAULT_BODY_LIMIT).expect("the cast skims");
+        assert!(matches!(skim.received, Some(Received::DoublyPlain { .. })));
+        // A byte that starts no UTF-8 character, in the cells message, in
+        // the request after it, and a character cut short by an escape.
+        let uuid_at = find(&good, message.uuid.as_bytes());
+        let unique_id_at = find(&good, b"_unique_id");
+        for (at, bytes) in [
+            (uuid_at, &[0xff][..]),
+            (unique_id_at, &[0xff][..]),
+            (uuid_at, &[0xc3, b'\\', b'\\', b'\\', b'"', 0xa9][..]),
+        ] {
+            let mut bad = good.clone();
+            bad.splice(at..at, bytes.iter().copied());
+            assert!(
+                Skim::read(&bad, DEFAULT_BODY_LIMIT).is_none(),
+                "{bytes:?} at {at}"
+            );
+            assert!(decode_request(&bad, DEFAULT_BODY_LIMIT).is_err());
+        }
+    }
+
+    fn find(haystack: &[u8], needle: &[u8]) -> usize {
+        haystack
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("the needle is there")
     }
 
     #[test]
