@@ -563,7 +563,7 @@ impl<'a> CellsFields<'a> {
         let mut fields = CellsFields(Default::default());
         scan::object_entries(cells, |entry| {
             // A key spelled with escapes names the field it spells.
-            match CellsFields::index(&entry_key(&entry)?) {
+            match CellsFields::index(&entry.key()?) {
                 Some(i) if fields.0[i].replace(entry.value).is_some() => None,
                 _ => Some(()),
             }
@@ -613,7 +613,7 @@ impl<'a> RequestKeys<'a> {
     fn read(text: &'a str) -> Option<RequestKeys<'a>> {
         let mut keys = RequestKeys::default();
         scan::object_entries(text, |entry| {
-            if let Some(i) = Self::index(&entry_key(&entry)?) {
+            if let Some(i) = Self::index(&entry.key()?) {
                 keys.seen[i] = keys.seen[i].saturating_add(1);
                 keys.values[i] = Some(entry.value);
             }
@@ -638,15 +638,6 @@ impl<'a> RequestKeys<'a> {
     }
 }
 
-/// An entry's key, unescaped when it was written with escapes.
-fn entry_key<'a>(entry: &scan::Entry<'a>) -> Option<Cow<'a, str>> {
-    if entry.key_escaped {
-        unescape_json_str(&format!("\"{}\"", entry.key)).map(Cow::Owned)
-    } else {
-        Some(Cow::Borrowed(entry.key))
-    }
-}
-
 /// The entries of one JSON object in text order, values left as their text.
 #[derive(Default)]
 struct Entries<'a>(Vec<(Cow<'a, str>, &'a str)>);
@@ -656,7 +647,7 @@ impl<'a> Entries<'a> {
     fn read(text: &'a str) -> Option<Entries<'a>> {
         let mut entries = Vec::with_capacity(16);
         scan::object_entries(text, |entry| {
-            entries.push((entry_key(&entry)?, entry.value));
+            entries.push((entry.key()?, entry.value));
             Some(())
         })?;
         Some(Entries(entries))
