@@ -484,12 +484,18 @@ fn first_special16(chunk: &[u8; 16]) -> usize {
     }
     #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
     {
-        let (low, high) = chunk.split_at(8);
-        let (low, high) = (low.first_chunk::<8>(), high.first_chunk::<8>());
-        match low.map_or(8, first_special8) {
-            8 => 8 + high.map_or(8, first_special8),
-            plain => plain,
-        }
+        first_special16_in_words(chunk)
+    }
+}
+
+/// [`first_special16`] as two words of eight: where there is no SSE2, and,
+/// where there is, in the tests, to hold the SSE2 search to.
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2"), cfg(test))]
+fn first_special16_in_words(chunk: &[u8; 16]) -> usize {
+    let (low, high) = (chunk.first_chunk::<8>(), chunk.last_chunk::<8>());
+    match low.map_or(8, first_special8) {
+        8 => 8 + high.map_or(8, first_special8),
+        plain => plain,
     }
 }
 
@@ -639,6 +645,20 @@ fn ascii_to_string(bytes: Vec<u8>) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    proptest::proptest! {
+        #[test]
+        fn sixteen_bytes_are_searched_as_two_words_of_eight(
+            chunk in proptest::prop_oneof![
+                proptest::array::uniform16(proptest::prelude::any::<u8>()),
+                proptest::array::uniform16(proptest::sample::select(
+                    &b"ab\"\\\x00\x1f\x20\x7f\x80\xff"[..]
+                )),
+            ]
+        ) {
+            proptest::prop_assert_eq!(first_special16(&chunk), first_special16_in_words(&chunk));
+        }
+    }
 
     #[test]
     fn the_plain_prefix_ends_at_the_first_special_byte() {
