@@ -120,6 +120,8 @@ pub struct Relayed {
     pub messages: u64,
     /// `basic.ack` frames that acked them.
     pub acks: u64,
+    /// Wall time spent in the planner's `plan`, all messages together.
+    pub planning: std::time::Duration,
 }
 
 async fn connect(uri: &str) -> Result<Connection> {
@@ -189,7 +191,9 @@ async fn relay(
                 }
                 let (body, claim) = match planner.as_mut() {
                     Some(worker) => {
+                        let started = std::time::Instant::now();
                         let mut plan = worker.plan(&delivery.data, None);
+                        relayed.planning += started.elapsed();
                         // Every message of the bench is one relay to leaf.
                         let Some((_, publication)) = plan.sends.pop() else {
                             bail!("the router planned no relay: {:?}", plan.disposition);
