@@ -4,7 +4,11 @@
 //! The loop keeps up to `confirm_window` messages in flight: it plans each
 //! message as it arrives, starts its publications at once, and settles the
 //! source only when every publication is confirmed by its broker. Nothing
-//! awaits one publish before starting the next.
+//! awaits one publish before starting the next. A plan that is one plain
+//! publication goes on the consumer's own lane to its broker
+//! ([`crate::lanes`]), whose verdicts the loop collects itself; any other
+//! plan, and any publish a lane does not see through, is carried out by a
+//! future of its own on the links' road.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -20,6 +24,7 @@ use tokio::task::JoinHandle;
 use crate::client::Caller;
 use crate::config::Config;
 use crate::file_watch::FileWatch;
+use crate::lanes::{Carried, Lanes};
 use crate::links::Links;
 use crate::neighbours::{
     connect_neighbour, declare_park_queue, first_attempts, NeighbourLinks, NeighboursChanged,
@@ -28,7 +33,7 @@ use crate::policy::{LoadedPolicy, PolicyEngine};
 use crate::reload::{PolicyReloader, Reloaded};
 use crate::responses::{Answering, Waiters};
 use crate::router::{Plan, RouteWorker, Router, Target, OWN_LINK};
-use crate::transport::{Broker, Inbound, Outcome, Publication};
+use crate::transport::{Broker, Inbound, Outcome, Publication, PublishError};
 use crate::wire::MessageType;
 
 /// How long a message whose publication failed on the own broker waits
@@ -244,37 +249,80 @@ async fn serve(
     let router = worker.router().clone();
     router.consumer_running(true);
     let mut in_flight = FuturesUnordered::new();
+    let mut lanes = Lanes::new(links.clone());
+    let mut decided = Vec::new();
+    let publish_timeout = links.own.publish_timeout();
+    // How often the lanes are checked for a publish waiting past the
+    // timeout: a stalled link is given up within a quarter of it more.
+    let mut lane_check = tokio::time::interval(publish_timeout / 4);
+    lane_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut taking = true;
+    // Plans the lanes did not take, for the links' road.
+    let carry = |plan: Plan, inbound: Inbound| {
+        carry_out(plan, inbound, links.clone(), answering.clone(), None)
+    };
     loop {
+        if !taking && in_flight.is_empty() && lanes.is_empty() {
+            break;
+        }
         tokio::select! {
             biased;
-            _ = stop.changed() => break,
+            _ = stop.changed(), if taking => {
+                // Stop taking messages, but finish the ones already started.
+                taking = false;
+                router.consumer_running(false);
+                inbox = Box::pin(futures::stream::pending());
+            }
+            () = std::future::poll_fn(|cx| lanes.poll_decided(cx)), if !lanes.is_empty() => {
+                lanes.take_decided(&mut decided);
+                for (carried, outcome) in decided.drain(..) {
+                    let Carried { mut plan, inbound, .. } = carried;
+                    match outcome {
+                        Ok(()) => {
+                            // Remembered: the message was carried out.
+                            if let Some(claim) = plan.claim.take() {
+                                claim.settled();
+                            }
+                            inbound.settle(Outcome::Ack);
+                        }
+                        // Parked, dead-lettered or requeued, as the links'
+                        // road does with a publish its broker did not take.
+                        Err(e) => in_flight.push(carry_out(plan, inbound, links.clone(), answering.clone(), Some(e))),
+                    }
+                }
+            }
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-            inbound = inbox.next(), if in_flight.len() < window => {
+            _ = lane_check.tick(), if !lanes.is_empty() => lanes.expire(publish_timeout),
+            inbound = inbox.next(), if taking && in_flight.len() + lanes.len() < window => {
                 let Some(inbound) = inbound else {
                     tracing::error!(cell = %router.cell_name(), "consumer ended: the broker connection is gone");
-                    break;
+                    taking = false;
+                    router.consumer_running(false);
+                    inbox = Box::pin(futures::stream::pending());
+                    continue;
                 };
                 let plan = worker.plan(&inbound.body, inbound.expiration_ms);
-                in_flight.push(carry_out(plan, inbound, links.clone(), answering.clone()));
-                // New futures are first polled (their publications made)
-                // when the loop next polls `in_flight`.
+                if let Some((plan, inbound)) = lanes.offer(plan, inbound) {
+                    in_flight.push(carry(plan, inbound));
+                }
+                // Deliveries already at hand are planned and published
+                // together; futures of the links' road are first polled
+                // (their publications made) when the loop next polls them.
                 for _ in 1..PLAN_BATCH {
-                    if in_flight.len() >= window {
+                    if in_flight.len() + lanes.len() >= window {
                         break;
                     }
                     let Some(Some(inbound)) = inbox.next().now_or_never() else {
                         break;
                     };
                     let plan = worker.plan(&inbound.body, inbound.expiration_ms);
-                    in_flight.push(carry_out(plan, inbound, links.clone(), answering.clone()));
+                    if let Some((plan, inbound)) = lanes.offer(plan, inbound) {
+                        in_flight.push(carry(plan, inbound));
+                    }
                 }
             }
         }
     }
-    // Stop taking messages, but finish the ones already started.
-    router.consumer_running(false);
-    drop(inbox);
-    while in_flight.next().await.is_some() {}
 }
 
 /// Makes a plan's publications concurrently; acks the source once each is
@@ -283,15 +331,31 @@ async fn serve(
 /// pause if one is nowhere safe (the own broker failed). Then, if the
 /// message wants an answer, answers it in the background: the source does
 /// not wait on other cells.
-async fn carry_out(plan: Plan, inbound: Inbound, links: Arc<Links>, answering: Arc<Answering>) {
+///
+/// `published` is what became of a plan's one publication already made on
+/// a lane, when its broker did not take it: it is concluded as the links'
+/// road concludes a publication that failed, without publishing it again.
+async fn carry_out(
+    plan: Plan,
+    inbound: Inbound,
+    links: Arc<Links>,
+    answering: Arc<Answering>,
+    published: Option<PublishError>,
+) {
     let router = &answering.router;
     let listening = plan.respond.as_ref().map(|r| answering.listen(r));
     let failures: Vec<String> = match <[_; 1]>::try_from(plan.sends) {
         // Most plans make one publication: it is awaited without a join.
-        Ok([(target, publication)]) => match links.send(&target, publication).await {
-            Ok(_) => Vec::new(),
-            Err(e) => vec![e.to_string()],
-        },
+        Ok([(target, publication)]) => {
+            let sent = match published {
+                None => links.send(&target, publication).await,
+                Some(e) => Box::pin(links.failed(&target, publication, e)).await,
+            };
+            match sent {
+                Ok(_) => Vec::new(),
+                Err(e) => vec![e.to_string()],
+            }
+        }
         Err(sends) => Box::pin(send_all(&links, sends)).await,
     };
     if failures.is_empty() {

@@ -32,6 +32,7 @@ pub mod config;
 pub mod demo;
 pub mod file_watch;
 pub mod host;
+pub mod lanes;
 pub mod links;
 pub mod neighbours;
 pub mod plugins;

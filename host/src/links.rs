@@ -94,6 +94,11 @@ impl Links {
         self.neighbours.load_full()
     }
 
+    /// The broker of neighbour `name` now, if it has one.
+    pub fn neighbour(&self, name: &str) -> Option<Arc<Broker>> {
+        self.neighbours.load().get(name).cloned()
+    }
+
     /// Makes `neighbours` the brokers relays go to.
     pub fn set_neighbours(&self, neighbours: HashMap<String, Arc<Broker>>) {
         self.neighbours.store(Arc::new(neighbours));
@@ -109,16 +114,8 @@ impl Links {
         target: &Target,
         publication: Publication,
     ) -> Result<Sent, PublishError> {
-        match target {
-            Target::Own => match self.own.publish(&publication).await {
-                Ok(()) => Ok(Sent::Delivered),
-                Err(e @ PublishError::Unroutable { .. })
-                    if publication.routing_key != self.dead_letter_queue() =>
-                {
-                    Box::pin(self.dead_letter(publication.body, None, &e.to_string())).await
-                }
-                Err(e) => Err(e),
-            },
+        let published = match target {
+            Target::Own => self.own.publish(&publication).await,
             Target::Neighbour(name) => {
                 let Some(broker) = self.neighbours.load().get(name).cloned() else {
                     let reason = format!("no link to neighbour {name}");
@@ -132,15 +129,37 @@ impl Links {
                     };
                     return Box::pin(self.park(name, publication, &reason)).await;
                 }
-                match broker.publish(&publication).await {
-                    Ok(()) => Ok(Sent::Delivered),
-                    Err(e @ PublishError::Unroutable { .. }) => {
-                        Box::pin(self.dead_letter(publication.body, Some(name), &e.to_string()))
-                            .await
-                    }
-                    Err(e) => Box::pin(self.park(name, publication, &e.to_string())).await,
-                }
+                broker.publish(&publication).await
             }
+        };
+        match published {
+            Ok(()) => Ok(Sent::Delivered),
+            Err(e) => Box::pin(self.failed(target, publication, e)).await,
+        }
+    }
+
+    /// What becomes of a publication its broker did not take (`error`): one
+    /// that no queue takes is dead-lettered, a relay the neighbour could not
+    /// take is parked, and a failure of the own broker is the caller's.
+    pub async fn failed(
+        &self,
+        target: &Target,
+        publication: Publication,
+        error: PublishError,
+    ) -> Result<Sent, PublishError> {
+        match (target, error) {
+            (Target::Own, e @ PublishError::Unroutable { .. })
+                if publication.routing_key != self.dead_letter_queue() =>
+            {
+                self.dead_letter(publication.body, None, &e.to_string())
+                    .await
+            }
+            (Target::Own, e) => Err(e),
+            (Target::Neighbour(name), e @ PublishError::Unroutable { .. }) => {
+                self.dead_letter(publication.body, Some(name), &e.to_string())
+                    .await
+            }
+            (Target::Neighbour(name), e) => self.park(name, publication, &e.to_string()).await,
         }
     }
 

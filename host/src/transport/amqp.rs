@@ -45,7 +45,7 @@ use tokio::task::JoinHandle;
 use crate::config::RabbitOptions;
 use crate::lock;
 
-use super::confirms::{Publisher, Verdict};
+use super::confirms::{Lane, Publisher, Verdict};
 use super::tls::TlsSetup;
 use super::{
     ArgValue, ExchangeKind, ExchangeSpec, Inbound, Inbox, LinkState, Outcome, Publication,
@@ -661,6 +661,16 @@ impl AmqpBroker {
             Ok(Err(e)) => return Err(unavailable("publisher gone", &e)),
             Ok(Ok(verdict)) => verdict,
         };
+        self.judge(p, verdict)
+    }
+
+    /// The outcome of publishing `p` on this broker, by its verdict.
+    pub fn judge(
+        &self,
+        p: &Publication,
+        verdict: Verdict,
+    ) -> std::result::Result<(), PublishError> {
+        let label = &self.inner.label;
         match verdict {
             Verdict::Delivered => Ok(()),
             Verdict::Returned(reason) => Err(PublishError::Unroutable {
@@ -678,6 +688,38 @@ impl AmqpBroker {
                 p.routing_key
             ))),
         }
+    }
+
+    /// How long a publish may wait for its confirm before it counts as
+    /// failed (the link is then taken as stalled).
+    pub fn publish_timeout(&self) -> Duration {
+        self.inner.publish_timeout
+    }
+
+    /// Opens a confirm channel of its own on the connection in use, for
+    /// one task's [`Lane`]. It lives as long as that connection.
+    pub async fn open_lane<T>(&self) -> Result<Lane<T>> {
+        let live = self.live()?;
+        let channel = open_confirm_channel(&live.connection).await?;
+        Ok(Lane::new(channel, &self.inner.label))
+    }
+
+    /// Publishes `p` on `lane` as [`AmqpBroker::publish`] publishes it (the
+    /// same options, headers and properties); its verdict comes from the
+    /// lane with `carried`.
+    pub fn publish_on<T>(lane: &mut Lane<T>, p: &Publication, carried: T) {
+        lane.publish(
+            p.exchange.as_str().into(),
+            p.routing_key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: p.mandatory,
+                ..BasicPublishOptions::default()
+            },
+            p.body.clone(),
+            string_table(&p.headers),
+            publish_properties(p.expiration_ms),
+            carried,
+        );
     }
 
     /// The shared confirm channel, if it is open.

@@ -23,6 +23,12 @@
 //! to a confirm that resolved no later. The task polls every confirm still
 //! open after it saw that prefix resolve, so it has read every stamp the
 //! prefix's verdicts depend on before it gives them.
+//!
+//! A [`Lane`] is the same pairing owned by one task: a confirm channel of
+//! its own, whose verdicts its owner collects in its own loop with
+//! [`Lane::poll_decided`], each with what the owner carried along with the
+//! publish. No task of its own, no channel to hand a verdict over: the
+//! confirm wakes the owner directly.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -67,15 +73,29 @@ struct Shared {
     /// left for the pairing task, so that the task, once it has taken the
     /// lock, knows of every publish the broker could have confirmed.
     numbering: std::sync::Mutex<Numbering>,
-    /// Numbers of publishes whose confirm (or frames) may have moved on.
-    woken: std::sync::Mutex<Vec<i64>>,
+    wakes: Arc<Wakes>,
+}
+
+/// The publishes whose confirm (or frames) may have moved on, and the task
+/// that pairs them.
+struct Wakes {
+    numbers: std::sync::Mutex<Vec<i64>>,
     task: AtomicWaker,
+}
+
+impl Wakes {
+    fn new() -> Arc<Wakes> {
+        Arc::new(Wakes {
+            numbers: std::sync::Mutex::new(Vec::new()),
+            task: AtomicWaker::new(),
+        })
+    }
 }
 
 struct Numbering {
     next: i64,
     /// Publishes the task has not taken yet, in number order.
-    arrived: Vec<Slot>,
+    arrived: Vec<Slot<oneshot::Sender<Verdict>>>,
     /// The publisher is gone: no more will arrive.
     closed: bool,
 }
@@ -91,8 +111,7 @@ impl Publisher {
                 arrived: Vec::new(),
                 closed: false,
             }),
-            woken: std::sync::Mutex::new(Vec::new()),
-            task: AtomicWaker::new(),
+            wakes: Wakes::new(),
         });
         tokio::spawn(pair_confirms(shared.clone(), label.to_string()));
         Publisher {
@@ -118,8 +137,6 @@ impl Publisher {
         properties: BasicProperties,
     ) -> oneshot::Receiver<Verdict> {
         let (verdict, heard) = oneshot::channel();
-        let (exchange, routing_key) = (ShortString::from(exchange), ShortString::from(routing_key));
-        let channel = self.channel.clone();
         let mut numbering = lock(&self.shared.numbering);
         let number = numbering.next;
         numbering.next += 1;
@@ -127,29 +144,26 @@ impl Publisher {
         if let Some(stamp) = stamp {
             headers.insert(STAMP_HEADER.into(), AMQPValue::LongLongInt(stamp));
         }
-        let properties = properties.with_headers(headers);
-        let mut publishing: Publishing = Box::pin(async move {
-            channel
-                .basic_publish(exchange, routing_key, options, &body, properties)
-                .await
-        });
+        let publishing = begin_publish(
+            &self.channel,
+            exchange.into(),
+            routing_key.into(),
+            options,
+            body,
+            properties.with_headers(headers),
+        );
         // The first poll numbers the publish and queues its frames; the
         // pairing task polls it on from there, first when it takes it.
         let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-        let state = match publishing.as_mut().poll(&mut cx) {
-            Poll::Pending => State::Publishing(publishing),
-            Poll::Ready(Ok(confirm)) => State::Confirming(confirm),
-            Poll::Ready(Err(e)) => State::Done(Err(format!("publish failed: {e}"))),
-        };
         numbering.arrived.push(Slot {
             number,
             stamp,
-            state,
-            verdict,
+            state: first_poll(publishing, &mut cx),
+            to: verdict,
             waker: None,
         });
         drop(numbering);
-        self.shared.task.wake();
+        self.shared.wakes.task.wake();
         heard
     }
 }
@@ -157,19 +171,47 @@ impl Publisher {
 impl Drop for Publisher {
     fn drop(&mut self) {
         lock(&self.shared.numbering).closed = true;
-        self.shared.task.wake();
+        self.shared.wakes.task.wake();
     }
 }
 
 type Publishing = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
 
-/// One publish on its way to its verdict.
-struct Slot {
+/// A publish's future, not yet polled: lapin numbers it and queues its
+/// frames on the first poll.
+fn begin_publish(
+    channel: &Arc<Channel>,
+    exchange: ShortString,
+    routing_key: ShortString,
+    options: BasicPublishOptions,
+    body: Bytes,
+    properties: BasicProperties,
+) -> Publishing {
+    let channel = channel.clone();
+    Box::pin(async move {
+        channel
+            .basic_publish(exchange, routing_key, options, &body, properties)
+            .await
+    })
+}
+
+/// Polls a publish for the first time, which numbers it and queues its
+/// frames: where it stands after that.
+fn first_poll(mut publishing: Publishing, cx: &mut Context<'_>) -> State {
+    match publishing.as_mut().poll(cx) {
+        Poll::Pending => State::Publishing(publishing),
+        Poll::Ready(Ok(confirm)) => State::Confirming(confirm),
+        Poll::Ready(Err(e)) => State::Done(Err(format!("publish failed: {e}"))),
+    }
+}
+
+/// One publish on its way to its verdict, and `to`, who hears it.
+struct Slot<R> {
     number: i64,
     stamp: Option<i64>,
     state: State,
-    verdict: oneshot::Sender<Verdict>,
-    /// Files the slot's number in [`Shared::woken`]; given when the task
+    to: R,
+    /// Files the slot's number in [`Wakes`]; given when the pairing task
     /// takes the slot.
     waker: Option<Waker>,
 }
@@ -186,7 +228,16 @@ enum State {
 /// Wakes the pairing task with the number of the publish that moved.
 struct SlotWaker {
     number: i64,
-    shared: Arc<Shared>,
+    wakes: Arc<Wakes>,
+}
+
+impl SlotWaker {
+    fn waker(number: i64, wakes: &Arc<Wakes>) -> Waker {
+        Waker::from(Arc::new(SlotWaker {
+            number,
+            wakes: wakes.clone(),
+        }))
+    }
 }
 
 impl Wake for SlotWaker {
@@ -195,12 +246,12 @@ impl Wake for SlotWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        lock(&self.shared.woken).push(self.number);
-        self.shared.task.wake();
+        lock(&self.wakes.numbers).push(self.number);
+        self.wakes.task.wake();
     }
 }
 
-impl Slot {
+impl<R> Slot<R> {
     fn is_done(&self) -> bool {
         matches!(self.state, State::Done(_))
     }
@@ -261,21 +312,19 @@ impl Slot {
         });
     }
 
-    /// Gives the verdict; every return filed so far is all there will be for
-    /// this publish.
-    fn decide(self, returned: &mut HashMap<i64, String>) {
-        let State::Done(done) = self.state else {
-            return;
-        };
+    /// The verdict, once done; every return filed so far is all there will
+    /// be for this publish.
+    fn decide(self, returned: &mut HashMap<i64, String>) -> (R, Verdict) {
         let return_reason = self.stamp.and_then(|stamp| returned.remove(&stamp));
-        let verdict = match (done, return_reason) {
-            (Err(e), _) => Verdict::Failed(e),
-            (Ok(false), _) => Verdict::Refused,
-            (Ok(true), Some(reason)) => Verdict::Returned(reason),
-            (Ok(true), None) => Verdict::Delivered,
+        let verdict = match (self.state, return_reason) {
+            (State::Done(Err(e)), _) => Verdict::Failed(e),
+            (State::Done(Ok(false)), _) => Verdict::Refused,
+            (State::Done(Ok(true)), Some(reason)) => Verdict::Returned(reason),
+            (State::Done(Ok(true)), None) => Verdict::Delivered,
+            // Not reached: only a slot seen done is decided.
+            (_, _) => Verdict::Failed("decided before its confirm".into()),
         };
-        // The caller may have given up waiting (publish timeout).
-        let _ = self.verdict.send(verdict);
+        (self.to, verdict)
     }
 }
 
@@ -295,7 +344,7 @@ fn stamp_of(headers: Option<&FieldTable>) -> Option<i64> {
 /// thread and before it resolves the next, so by then every confirm lapin
 /// resolved before the decided ones has been seen, with its return.
 async fn pair_confirms(shared: Arc<Shared>, label: String) {
-    let mut pending: VecDeque<Slot> = VecDeque::new();
+    let mut pending: VecDeque<Slot<oneshot::Sender<Verdict>>> = VecDeque::new();
     // Stamps of returned messages, with the broker's reason, until their
     // publish is decided.
     let mut returned: HashMap<i64, String> = HashMap::new();
@@ -303,11 +352,11 @@ async fn pair_confirms(shared: Arc<Shared>, label: String) {
     let mut woken = Vec::new();
     // Swapped with the publisher's list of new publishes each round, so
     // that neither list is allocated again as publishes keep coming.
-    let mut arrived: Vec<Slot> = Vec::new();
+    let mut arrived: Vec<Slot<oneshot::Sender<Verdict>>> = Vec::new();
     // The number of the first publish not decided yet.
     let mut decided: i64 = 1;
     std::future::poll_fn(|cx| {
-        shared.task.register(cx.waker());
+        shared.wakes.task.register(cx.waker());
         loop {
             // The publishes at the front already seen done: decided at the
             // end of this round.
@@ -318,29 +367,23 @@ async fn pair_confirms(shared: Arc<Shared>, label: String) {
                 std::mem::swap(&mut arrived, &mut numbering.arrived);
             }
             for mut slot in arrived.drain(..) {
-                slot.waker = Some(Waker::from(Arc::new(SlotWaker {
-                    number: slot.number,
-                    shared: shared.clone(),
-                })));
+                slot.waker = Some(SlotWaker::waker(slot.number, &shared.wakes));
                 slot.poll(&mut returned, decided, &label);
                 pending.push_back(slot);
             }
-            let first = pending.front().map_or(0, |s| s.number);
-            loop {
-                std::mem::swap(&mut woken, &mut *lock(&shared.woken));
-                if woken.is_empty() {
-                    break;
-                }
-                for number in woken.drain(..) {
-                    let at = usize::try_from(number - first).ok();
-                    if let Some(slot) = at.and_then(|at| pending.get_mut(at)) {
-                        slot.poll(&mut returned, decided, &label);
-                    }
-                }
-            }
+            poll_woken(
+                &shared.wakes,
+                &mut woken,
+                &mut pending,
+                &mut returned,
+                decided,
+                &label,
+            );
             for slot in pending.drain(..seen_done) {
                 decided = slot.number + 1;
-                slot.decide(&mut returned);
+                let (verdict, given) = slot.decide(&mut returned);
+                // The caller may have given up waiting (publish timeout).
+                let _ = verdict.send(given);
             }
             if !pending.front().is_some_and(Slot::is_done) {
                 break;
@@ -355,5 +398,171 @@ async fn pair_confirms(shared: Arc<Shared>, label: String) {
     .await;
     if !returned.is_empty() {
         tracing::warn!(broker = %label, stamps = ?returned.keys().collect::<Vec<_>>(), "returned messages matched no publish");
+    }
+}
+
+/// Polls every publish woken since the last call (and any woken meanwhile)
+/// until no more wakes are filed.
+fn poll_woken<R>(
+    wakes: &Wakes,
+    woken: &mut Vec<i64>,
+    pending: &mut VecDeque<Slot<R>>,
+    returned: &mut HashMap<i64, String>,
+    decided: i64,
+    label: &str,
+) {
+    let first = pending.front().map_or(0, |s| s.number);
+    loop {
+        std::mem::swap(woken, &mut *lock(&wakes.numbers));
+        if woken.is_empty() {
+            return;
+        }
+        for number in woken.drain(..) {
+            let at = usize::try_from(number - first).ok();
+            if let Some(slot) = at.and_then(|at| pending.get_mut(at)) {
+                slot.poll(returned, decided, label);
+            }
+        }
+    }
+}
+
+/// A confirm channel owned by one task, which publishes on it and collects
+/// each publish's verdict in order, with the `T` it carried along, by
+/// polling [`Lane::poll_decided`] in its own loop. Verdicts are given by
+/// the same rule as the shared [`Publisher`]'s pairing task.
+pub struct Lane<T> {
+    channel: Arc<Channel>,
+    label: String,
+    wakes: Arc<Wakes>,
+    next: i64,
+    /// Publishes not decided yet, in number order.
+    pending: VecDeque<Slot<T>>,
+    returned: HashMap<i64, String>,
+    decided: i64,
+    woken: Vec<i64>,
+}
+
+impl<T> Lane<T> {
+    /// Wraps `channel`, already in confirm mode and used by nothing else.
+    pub fn new(channel: Channel, label: &str) -> Lane<T> {
+        Lane {
+            channel: Arc::new(channel),
+            label: label.to_string(),
+            wakes: Wakes::new(),
+            next: 1,
+            pending: VecDeque::new(),
+            returned: HashMap::new(),
+            decided: 1,
+            woken: Vec::new(),
+        }
+    }
+
+    /// Whether the channel is open: a lane whose channel closed publishes
+    /// nothing more, and gives its undecided publishes failed verdicts.
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Publishes not decided yet.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// What the oldest undecided publish carries.
+    pub fn oldest(&self) -> Option<&T> {
+        self.pending.front().map(|slot| &slot.to)
+    }
+
+    /// Publishes `body`, stamped when mandatory; its verdict comes with
+    /// `carried` from [`Lane::poll_decided`]. The frames are queued before
+    /// this returns.
+    #[allow(clippy::too_many_arguments)]
+    pub fn publish(
+        &mut self,
+        exchange: ShortString,
+        routing_key: ShortString,
+        options: BasicPublishOptions,
+        body: Bytes,
+        mut headers: FieldTable,
+        properties: BasicProperties,
+        carried: T,
+    ) {
+        let number = self.next;
+        self.next += 1;
+        let stamp = options.mandatory.then_some(number);
+        if let Some(stamp) = stamp {
+            headers.insert(STAMP_HEADER.into(), AMQPValue::LongLongInt(stamp));
+        }
+        let publishing = begin_publish(
+            &self.channel,
+            exchange,
+            routing_key,
+            options,
+            body,
+            properties.with_headers(headers),
+        );
+        let waker = SlotWaker::waker(number, &self.wakes);
+        let state = first_poll(publishing, &mut Context::from_waker(&waker));
+        let mut slot = Slot {
+            number,
+            stamp,
+            state,
+            to: carried,
+            waker: Some(waker),
+        };
+        if let State::Confirming(_) = slot.state {
+            // Its frames are queued: poll the confirm, so a confirm lapin
+            // resolves from now on files a wake.
+            slot.poll(&mut self.returned, self.decided, &self.label);
+        }
+        self.pending.push_back(slot);
+    }
+
+    /// Moves every verdict that can be given now into `decided`, in
+    /// publication order; pending while there is none.
+    pub fn poll_decided(
+        &mut self,
+        cx: &mut Context<'_>,
+        decided: &mut Vec<(T, Verdict)>,
+    ) -> Poll<()> {
+        self.wakes.task.register(cx.waker());
+        let before = decided.len();
+        loop {
+            // As the pairing task: what is seen done before the wakes are
+            // drained is decided after.
+            let seen_done = self.pending.iter().take_while(|s| s.is_done()).count();
+            poll_woken(
+                &self.wakes,
+                &mut self.woken,
+                &mut self.pending,
+                &mut self.returned,
+                self.decided,
+                &self.label,
+            );
+            for slot in self.pending.drain(..seen_done) {
+                self.decided = slot.number + 1;
+                decided.push(slot.decide(&mut self.returned));
+            }
+            if !self.pending.front().is_some_and(Slot::is_done) {
+                break;
+            }
+        }
+        if decided.len() > before {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Gives up on the lane: what every undecided publish carried, in
+    /// order, and the channel, for the caller to close (its publishes may
+    /// still reach the broker).
+    pub fn abandon(self) -> (Vec<T>, Arc<Channel>) {
+        let carried = self.pending.into_iter().map(|slot| slot.to).collect();
+        (carried, self.channel)
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::config::{RabbitOptions, TransportUrl};
 
-pub use confirms::STAMP_HEADER;
+pub use confirms::{Lane, Verdict, STAMP_HEADER};
 pub use oslo_declare::{OsloDeclarations, Role};
 
 /// One message to publish.
@@ -267,6 +267,15 @@ impl Broker {
         match self {
             Broker::Amqp(b) => b.down_because(),
             Broker::Memory(_) => None,
+        }
+    }
+
+    /// How long a publish may wait for its confirm before it counts as
+    /// failed.
+    pub fn publish_timeout(&self) -> Duration {
+        match self {
+            Broker::Amqp(b) => b.publish_timeout(),
+            Broker::Memory(_) => PUBLISH_TIMEOUT,
         }
     }
 

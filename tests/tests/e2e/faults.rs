@@ -29,7 +29,8 @@ use cellhost::config::RabbitOptions;
 use cellhost::config::{Config, TransportUrl};
 use cellhost::router::{REASON_CODE_HEADER, REASON_HEADER};
 use cellhost::topology::tree_configs;
-use cellhost::transport::{Broker, Publication, PublishError};
+use cellhost::transport::amqp::AmqpBroker;
+use cellhost::transport::{Broker, Publication, PublishError, Verdict};
 use cellhost::CellHost;
 use cellhost_tests::fault_proxy::FaultProxy;
 use cellhost_tests::stream::{self, messages, App, Tally, EXCHANGE, QUEUE_BASE};
@@ -685,6 +686,80 @@ async fn concurrent_publishes_each_hear_their_own_confirm_or_return() {
         .expect("queue drained")
         .len();
     assert_eq!(ready, taken, "every confirmed message is in its queue");
+    broker.close().await;
+    vhosts.remove().expect("vhost removed");
+}
+
+/// A consumer's own lane pairs each publish with its own confirm or return
+/// too, and gives the verdicts in publication order: 3,200 mandatory
+/// publishes in flight at once on one lane, every other one to a queue that
+/// does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_gives_each_publish_its_own_verdict_in_order() {
+    let _serial = SERIAL.lock().await;
+    const PUBLISHES: usize = 3_200;
+    let vhosts = Vhosts::create(vec![format!("{}-lane", fresh_prefix())]).expect("vhost");
+    let vhost = vhosts.names()[0].clone();
+    let broker = Broker::connect(&url(5672, &vhost), &RabbitOptions::default(), "lane")
+        .await
+        .expect("connected");
+    let queue = "taken";
+    broker
+        .declare_queue(&broker.oslo().topic_queue(queue), "", "")
+        .await
+        .expect("queue declared");
+    let Broker::Amqp(amqp) = &broker else {
+        panic!("an amqp:// URL gives an AMQP broker");
+    };
+    let mut lane = amqp
+        .open_lane::<(usize, bool)>()
+        .await
+        .expect("lane opened");
+    let body = vec![b'x'; 4096];
+    for i in 0..PUBLISHES {
+        let routable = i % 2 == 0;
+        let key = if routable {
+            queue.to_string()
+        } else {
+            format!("nowhere-{i}")
+        };
+        let publication = Publication::new("", key, body.clone()).mandatory();
+        AmqpBroker::publish_on(&mut lane, &publication, (i, routable));
+    }
+    let mut verdicts = Vec::new();
+    let waiting = std::future::poll_fn(|cx| {
+        let _ = lane.poll_decided(cx, &mut verdicts);
+        if verdicts.len() == PUBLISHES {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("every publish decided within a minute");
+    let (mut taken, mut wrong) = (0, Vec::new());
+    for (at, ((i, routable), verdict)) in verdicts.into_iter().enumerate() {
+        match (routable, &verdict) {
+            _ if at != i => wrong.push(format!("publish {i} decided in place {at}")),
+            (true, Verdict::Delivered) => taken += 1,
+            (false, Verdict::Returned(_)) => {}
+            _ => wrong.push(format!("publish {i}, routable {routable}: {verdict:?}")),
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {PUBLISHES} publishes heard the wrong verdict, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(3)]
+    );
+    let ready = drain_queue(&local_amqp_uri(&vhost), queue)
+        .await
+        .expect("queue drained")
+        .len();
+    assert_eq!(ready, taken, "every confirmed message is in its queue");
+    assert_eq!(taken, PUBLISHES / 2);
+    drop(lane);
     broker.close().await;
     vhosts.remove().expect("vhost removed");
 }
