@@ -9,11 +9,13 @@
 //!
 //! Anything else takes the links' road ([`crate::links::Links::send`]), which
 //! parks, dead-letters and requeues: a plan that is more than one plain
-//! publication, a target whose link is down or has no lane open yet, and
-//! every publish a lane does not see confirmed and routed. Those are
-//! published again by that road, which decides what becomes of them as it
-//! does for any message; a copy the lane's broker took after all is a
-//! duplicate, which the next cell drops by its uuid.
+//! publication, and a target whose link is down or has no lane open yet.
+//! A publish a lane does not see confirmed and routed is concluded there
+//! too ([`crate::links::Links::failed`]) without being published again:
+//! parked, dead-lettered or requeued as the links' road decides for any
+//! publication its broker did not take. A parked copy of one the lane's
+//! broker took after all is a duplicate, which the next cell drops by its
+//! uuid.
 //!
 //! A lane is opened in the background the first time a target is used, and
 //! again whenever its channel or its connection is gone. A lane whose
@@ -125,13 +127,13 @@ impl Lanes {
         let LaneState::Open { lane, .. } = &mut self.lanes[at].1 else {
             return Some((plan, inbound));
         };
-        let publication = plan.sends[0].1.clone();
+        let outgoing = AmqpBroker::outgoing(&plan.sends[0].1);
         let carried = Carried {
             plan,
             inbound,
             at: Instant::now(),
         };
-        AmqpBroker::publish_on(lane, &publication, carried);
+        lane.publish(outgoing, carried);
         self.in_flight += 1;
         None
     }
@@ -254,10 +256,7 @@ impl Lanes {
                 self.in_flight -= self.verdicts.len();
                 self.decided
                     .extend(self.verdicts.drain(..).map(|(c, verdict)| {
-                        let outcome = match verdict {
-                            Verdict::Delivered => Ok(()),
-                            verdict => amqp.judge(&c.plan.sends[0].1, verdict),
-                        };
+                        let outcome = amqp.judge(&c.plan.sends[0].1, verdict);
                         (c, outcome)
                     }));
             }

@@ -45,7 +45,7 @@ use tokio::task::JoinHandle;
 use crate::config::RabbitOptions;
 use crate::lock;
 
-use super::confirms::{Lane, Publisher, Verdict};
+use super::confirms::{Lane, Outgoing, Publisher, Verdict};
 use super::tls::TlsSetup;
 use super::{
     ArgValue, ExchangeKind, ExchangeSpec, Inbound, Inbox, LinkState, Outcome, Publication,
@@ -645,17 +645,7 @@ impl AmqpBroker {
                 }
             }
         };
-        let heard = publisher.publish(
-            &p.exchange,
-            &p.routing_key,
-            BasicPublishOptions {
-                mandatory: p.mandatory,
-                ..BasicPublishOptions::default()
-            },
-            p.body.clone(),
-            string_table(&p.headers),
-            publish_properties(p.expiration_ms),
-        );
+        let heard = publisher.publish(Self::outgoing(p));
         let verdict = match tokio::time::timeout_at(deadline, heard).await {
             Err(_) => return Err(timed_out()),
             Ok(Err(e)) => return Err(unavailable("publisher gone", &e)),
@@ -704,22 +694,21 @@ impl AmqpBroker {
         Ok(Lane::new(channel, &self.inner.label))
     }
 
-    /// Publishes `p` on `lane` as [`AmqpBroker::publish`] publishes it (the
-    /// same options, headers and properties); its verdict comes from the
-    /// lane with `carried`.
-    pub fn publish_on<T>(lane: &mut Lane<T>, p: &Publication, carried: T) {
-        lane.publish(
-            p.exchange.as_str().into(),
-            p.routing_key.as_str().into(),
-            BasicPublishOptions {
+    /// `p` as every publish here sends it (mandatory as it says, its
+    /// headers, oslo.messaging's properties), for a [`Publisher`] or a
+    /// [`Lane`].
+    pub fn outgoing(p: &Publication) -> Outgoing {
+        Outgoing {
+            exchange: p.exchange.as_str().into(),
+            routing_key: p.routing_key.as_str().into(),
+            options: BasicPublishOptions {
                 mandatory: p.mandatory,
                 ..BasicPublishOptions::default()
             },
-            p.body.clone(),
-            string_table(&p.headers),
-            publish_properties(p.expiration_ms),
-            carried,
-        );
+            body: p.body.clone(),
+            headers: string_table(&p.headers),
+            properties: publish_properties(p.expiration_ms),
+        }
     }
 
     /// The shared confirm channel, if it is open.

@@ -124,34 +124,15 @@ impl Publisher {
         &self.channel
     }
 
-    /// Publishes `body`; the receiver hears the verdict. Dropping the
+    /// Publishes `outgoing`; the receiver hears the verdict. Dropping the
     /// receiver does not stop the publish: its confirm is still awaited, so
     /// that it cannot take another publish's return.
-    pub fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        options: BasicPublishOptions,
-        body: Bytes,
-        mut headers: FieldTable,
-        properties: BasicProperties,
-    ) -> oneshot::Receiver<Verdict> {
+    pub fn publish(&self, outgoing: Outgoing) -> oneshot::Receiver<Verdict> {
         let (verdict, heard) = oneshot::channel();
         let mut numbering = lock(&self.shared.numbering);
         let number = numbering.next;
         numbering.next += 1;
-        let stamp = options.mandatory.then_some(number);
-        if let Some(stamp) = stamp {
-            headers.insert(STAMP_HEADER.into(), AMQPValue::LongLongInt(stamp));
-        }
-        let publishing = begin_publish(
-            &self.channel,
-            exchange.into(),
-            routing_key.into(),
-            options,
-            body,
-            properties.with_headers(headers),
-        );
+        let (stamp, publishing) = outgoing.begin(&self.channel, number);
         // The first poll numbers the publish and queues its frames; the
         // pairing task polls it on from there, first when it takes it.
         let mut cx = Context::from_waker(futures::task::noop_waker_ref());
@@ -177,22 +158,42 @@ impl Drop for Publisher {
 
 type Publishing = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
 
-/// A publish's future, not yet polled: lapin numbers it and queues its
-/// frames on the first poll.
-fn begin_publish(
-    channel: &Arc<Channel>,
-    exchange: ShortString,
-    routing_key: ShortString,
-    options: BasicPublishOptions,
-    body: Bytes,
-    properties: BasicProperties,
-) -> Publishing {
-    let channel = channel.clone();
-    Box::pin(async move {
-        channel
-            .basic_publish(exchange, routing_key, options, &body, properties)
-            .await
-    })
+/// One publish as it goes to the broker, before its number is stamped.
+pub struct Outgoing {
+    pub(super) exchange: ShortString,
+    pub(super) routing_key: ShortString,
+    pub(super) options: BasicPublishOptions,
+    pub(super) body: Bytes,
+    pub(super) headers: FieldTable,
+    pub(super) properties: BasicProperties,
+}
+
+impl Outgoing {
+    /// Its stamp (`number`, when it is mandatory) and its future on
+    /// `channel`, not yet polled: lapin numbers it and queues its frames on
+    /// the first poll.
+    fn begin(self, channel: &Arc<Channel>, number: i64) -> (Option<i64>, Publishing) {
+        let Outgoing {
+            exchange,
+            routing_key,
+            options,
+            body,
+            mut headers,
+            properties,
+        } = self;
+        let stamp = options.mandatory.then_some(number);
+        if let Some(stamp) = stamp {
+            headers.insert(STAMP_HEADER.into(), AMQPValue::LongLongInt(stamp));
+        }
+        let properties = properties.with_headers(headers);
+        let channel = channel.clone();
+        let publishing = Box::pin(async move {
+            channel
+                .basic_publish(exchange, routing_key, options, &body, properties)
+                .await
+        });
+        (stamp, publishing)
+    }
 }
 
 /// Polls a publish for the first time, which numbers it and queues its
@@ -477,34 +478,13 @@ impl<T> Lane<T> {
         self.pending.front().map(|slot| &slot.to)
     }
 
-    /// Publishes `body`, stamped when mandatory; its verdict comes with
-    /// `carried` from [`Lane::poll_decided`]. The frames are queued before
-    /// this returns.
-    #[allow(clippy::too_many_arguments)]
-    pub fn publish(
-        &mut self,
-        exchange: ShortString,
-        routing_key: ShortString,
-        options: BasicPublishOptions,
-        body: Bytes,
-        mut headers: FieldTable,
-        properties: BasicProperties,
-        carried: T,
-    ) {
+    /// Publishes `outgoing`, stamped when mandatory; its verdict comes
+    /// with `carried` from [`Lane::poll_decided`]. The frames are queued
+    /// before this returns.
+    pub fn publish(&mut self, outgoing: Outgoing, carried: T) {
         let number = self.next;
         self.next += 1;
-        let stamp = options.mandatory.then_some(number);
-        if let Some(stamp) = stamp {
-            headers.insert(STAMP_HEADER.into(), AMQPValue::LongLongInt(stamp));
-        }
-        let publishing = begin_publish(
-            &self.channel,
-            exchange,
-            routing_key,
-            options,
-            body,
-            properties.with_headers(headers),
-        );
+        let (stamp, publishing) = outgoing.begin(&self.channel, number);
         let waker = SlotWaker::waker(number, &self.wakes);
         let state = first_poll(publishing, &mut Context::from_waker(&waker));
         let mut slot = Slot {

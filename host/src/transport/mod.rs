@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::config::{RabbitOptions, TransportUrl};
 
-pub use confirms::{Lane, Verdict, STAMP_HEADER};
+pub use confirms::{Lane, Outgoing, Verdict, STAMP_HEADER};
 pub use oslo_declare::{OsloDeclarations, Role};
 
 /// One message to publish.

@@ -724,7 +724,7 @@ async fn a_lane_gives_each_publish_its_own_verdict_in_order() {
             format!("nowhere-{i}")
         };
         let publication = Publication::new("", key, body.clone()).mandatory();
-        AmqpBroker::publish_on(&mut lane, &publication, (i, routable));
+        lane.publish(AmqpBroker::outgoing(&publication), (i, routable));
     }
     let mut verdicts = Vec::new();
     let waiting = std::future::poll_fn(|cx| {
