@@ -50,6 +50,7 @@
 //! Build it with `cargo build --release --target wasm32-wasip2`; the `.wasm`
 //! file cargo writes is already a component the host can load.
 
+pub mod alloc;
 mod builders;
 #[cfg(all(feature = "harness", not(target_arch = "wasm32")))]
 pub mod harness;

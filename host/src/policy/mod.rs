@@ -755,6 +755,47 @@ mod tests {
         assert!(matches!(actions.as_slice(), [Action::ProcessHere]));
     }
 
+    /// nova-cells allocates in power-of-two classes that it keeps (see
+    /// `cellhost_guest::alloc`): messages of every size up to the body cap,
+    /// over and over, leave its instance the same size after the first
+    /// round, well under the renewal mark, and every one is routed.
+    #[test]
+    fn nova_cells_memory_stays_flat_over_messages_of_every_size() {
+        let policy = load(&PolicyEngine::new().expect("engine"));
+        let mut instance = policy.instantiate().expect("instance");
+        let sizes = [
+            0,
+            10,
+            1_000,
+            4_000,
+            33_000,
+            70_000,
+            300_000,
+            700_000,
+            1 << 20,
+        ];
+        let mut after_first_round = None;
+        for round in 0..5 {
+            for size in sizes {
+                let (mut message, cell) = solo_broadcast("m");
+                message.method_kwargs = format!("{{\"k\": \"{}\"}}", "x".repeat(size));
+                let actions = instance.route(&message, &cell).expect("routes");
+                assert!(matches!(actions.as_slice(), [Action::ProcessHere]));
+                assert!(!instance.worn_out(), "round {round}, {size} bytes");
+            }
+            let held = instance.usage().memory_bytes;
+            match after_first_round {
+                None => after_first_round = Some(held),
+                Some(first) => assert_eq!(held, first, "round {round} grew the instance"),
+            }
+        }
+        let held = after_first_round.expect("five rounds ran");
+        assert!(
+            held < 8 << 20,
+            "{held} bytes held for one message of 1 MiB at a time"
+        );
+    }
+
     #[test]
     fn a_fresh_engine_loads_the_compiled_policy_from_disk() {
         let root = cache_root("fresh");

@@ -101,6 +101,10 @@ const SDK: &[(&str, &str)] = &[
     ("README.md", include_str!("../../../guest-sdk/README.md")),
     ("src/lib.rs", include_str!("../../../guest-sdk/src/lib.rs")),
     (
+        "src/alloc.rs",
+        include_str!("../../../guest-sdk/src/alloc.rs"),
+    ),
+    (
         "src/builders.rs",
         include_str!("../../../guest-sdk/src/builders.rs"),
     ),

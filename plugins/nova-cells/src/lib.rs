@@ -12,15 +12,18 @@
 //! direction. Errors are the ones Nova raises, `CellRoutingInconsistency` and
 //! `CellMaxHopCountReached`, with Nova's wording.
 
-/// The exported component's allocator (see `Cargo.toml`). Only with
-/// `export`: a policy that reuses [`route`] keeps its own.
+/// The exported component's allocator: the SDK's size classes, which serve
+/// the dozen strings and lists the host hands each call, and frees after it,
+/// in fewer instructions than wasm32-wasip2's dlmalloc or talc (see
+/// `cellhost_guest::alloc`). Only with `export`: a policy that reuses
+/// [`route`] keeps its own.
 #[cfg(all(
     feature = "export",
-    target_family = "wasm",
+    target_arch = "wasm32",
     not(target_feature = "atomics")
 ))]
 #[global_allocator]
-static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
+static ALLOCATOR: cellhost_guest::alloc::Allocator = cellhost_guest::alloc::Allocator::new();
 
 use cellhost_guest::{
     path_parts, Action, Cell, Direction, Failure, Message, MessageType, Policy, PATH_SEPARATOR,
