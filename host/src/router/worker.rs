@@ -343,9 +343,9 @@ impl RouteWorker {
             let relay = skim.relay_body(body, &hop, &new_unique_id());
             if let Some((last, others)) = relays.split_last() {
                 for to in others {
-                    sends.push(self.relay_to(to, &topic, skim.fanout, relay.clone()));
+                    sends.push(self.relay_to(to, topic, skim.fanout, relay.clone()));
                 }
-                sends.push(self.relay_to(last, &topic, skim.fanout, relay));
+                sends.push(self.relay_to(last, topic, skim.fanout, relay));
             }
         }
         if local {
@@ -672,7 +672,7 @@ impl RouteWorker {
             let body = wire::relay_cast(&message, &new_unique_id());
             for to in &relays {
                 let fanout = message.fanout || self.last_hop_of_response(&message, to);
-                sends.push(self.relay_to(to, &topic, fanout, body.clone()));
+                sends.push(self.relay_to(to, topic, fanout, body.clone()));
             }
         }
         let mut local_call = None;
