@@ -5,7 +5,8 @@
 //! crates need not depend on `wit-bindgen`), friendly names for the WIT types,
 //! the [`Policy`] trait, the [`export_policy!`] macro that turns a `Policy`
 //! into the component's exports, logging and the clock granted by the host,
-//! and helpers for Nova's `!`-separated cell paths.
+//! helpers for Nova's `!`-separated cell paths, and an allocator made for the
+//! way the host hands a policy its calls ([`alloc`]).
 //!
 //! # A whole policy
 //!
