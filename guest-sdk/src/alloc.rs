@@ -23,9 +23,11 @@
 //! larger ones). A policy whose memory grows past the host's renewal mark is
 //! replaced by a fresh instance, so that waste cannot build up without bound.
 //!
-//! Use it in a policy's crate with
+//! Use it in a policy's crate with (the allocator exists for wasm32 only; the
+//! `cfg` lets the crate's native tests build too)
 //!
-//! ```ignore
+//! ```
+//! #[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
 //! #[global_allocator]
 //! static ALLOCATOR: cellhost_guest::alloc::Allocator = cellhost_guest::alloc::Allocator::new();
 //! ```
