@@ -55,7 +55,7 @@ pub const CELL_HEADER: &str = "x-cellhost-cell";
 pub struct Router {
     cell_name: String,
     /// `<queue_base>.<type>` for each message type, at its
-    /// [`topic_index`]: every relay publishes to one.
+    /// [`MessageType::index`]: every relay publishes to one.
     topics: [String; 3],
     config: Config,
     /// The neighbours new messages route with; swapped whole when the
@@ -100,27 +100,12 @@ impl NeighbourSet {
     }
 }
 
-/// The message types in the order [`Router`] keeps their topics.
-const TOPIC_ORDER: [MessageType; 3] = [
-    MessageType::Targeted,
-    MessageType::Broadcast,
-    MessageType::Response,
-];
-
-/// Where `kind` is in [`TOPIC_ORDER`].
-const fn topic_index(kind: MessageType) -> usize {
-    match kind {
-        MessageType::Targeted => 0,
-        MessageType::Broadcast => 1,
-        MessageType::Response => 2,
-    }
-}
-
 impl Router {
     pub fn new(config: Config, policy: Arc<LoadedPolicy>, reply_queue: String) -> Arc<Router> {
         Arc::new(Router {
             cell_name: config.cell.name.clone(),
-            topics: TOPIC_ORDER.map(|kind| format!("{}.{}", config.cell.queue_base, kind.as_str())),
+            topics: MessageType::all()
+                .map(|kind| format!("{}.{}", config.cell.queue_base, kind.as_str())),
             neighbours: ArcSwap::from_pointee(NeighbourSet::new(&config, &config.neighbours)),
             neighbours_error: Mutex::new(None),
             dedupe: Dedupe::new(
@@ -279,23 +264,11 @@ impl Router {
 
     /// The topic neighbours publish messages of `kind` to.
     pub fn intercell_topic(&self, kind: MessageType) -> &str {
-        &self.topics[topic_index(kind)]
+        &self.topics[kind.index()]
     }
 
     /// The dead-letter queue on this cell's broker.
     pub fn dead_letter_queue(&self) -> String {
         format!("{}.dead", self.config.cell.queue_base)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn each_message_type_finds_its_own_topic() {
-        for kind in MessageType::all() {
-            assert_eq!(TOPIC_ORDER[topic_index(kind)], kind);
-        }
     }
 }

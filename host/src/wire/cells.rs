@@ -45,6 +45,16 @@ impl MessageType {
         ]
     }
 
+    /// Where this type is in [`MessageType::all`], e.g. to keep something
+    /// per type in an array.
+    pub const fn index(self) -> usize {
+        match self {
+            MessageType::Targeted => 0,
+            MessageType::Broadcast => 1,
+            MessageType::Response => 2,
+        }
+    }
+
     /// The type with wire name `name`, if there is one.
     pub fn from_wire(name: &str) -> Option<Self> {
         Self::all().into_iter().find(|kind| kind.as_str() == name)
@@ -372,6 +382,13 @@ fn req_count(field: &'static str, value: Option<Value>) -> Result<u32, WireError
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn each_message_type_is_at_its_index_in_all() {
+        for (at, kind) in MessageType::all().into_iter().enumerate() {
+            assert_eq!(kind.index(), at, "{kind:?}");
+        }
+    }
 
     /// The cells message inside the observed cast sample, as Nova wrote it.
     fn sample_text() -> String {
