@@ -251,6 +251,7 @@ async fn serve(
     let mut in_flight = FuturesUnordered::new();
     let mut lanes = Lanes::new(links.clone());
     let mut decided = Vec::new();
+    let mut planned = Vec::with_capacity(PLAN_BATCH);
     let publish_timeout = links.own.publish_timeout();
     // How often the lanes are checked for a publish waiting past the
     // timeout: a stalled link is given up within a quarter of it more.
@@ -301,21 +302,22 @@ async fn serve(
                     inbox = Box::pin(futures::stream::pending());
                     continue;
                 };
+                // Deliveries already at hand are all planned first, then
+                // published back to back (on a lane, at once; on the links'
+                // road, when the loop next polls their futures), so the
+                // client finds them together rather than one per plan.
                 let plan = worker.plan(&inbound.body, inbound.expiration_ms);
-                if let Some((plan, inbound)) = lanes.offer(plan, inbound) {
-                    in_flight.push(carry(plan, inbound));
-                }
-                // Deliveries already at hand are planned and published
-                // together; futures of the links' road are first polled
-                // (their publications made) when the loop next polls them.
-                for _ in 1..PLAN_BATCH {
-                    if in_flight.len() + lanes.len() >= window {
-                        break;
-                    }
+                planned.push((plan, inbound));
+                while planned.len() < PLAN_BATCH
+                    && in_flight.len() + lanes.len() + planned.len() < window
+                {
                     let Some(Some(inbound)) = inbox.next().now_or_never() else {
                         break;
                     };
                     let plan = worker.plan(&inbound.body, inbound.expiration_ms);
+                    planned.push((plan, inbound));
+                }
+                for (plan, inbound) in planned.drain(..) {
                     if let Some((plan, inbound)) = lanes.offer(plan, inbound) {
                         in_flight.push(carry(plan, inbound));
                     }
