@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde_json::ser::Formatter;
 use serde_json::Value;
 use std::io;
+use std::mem::MaybeUninit;
 
 /// A `serde_json` formatter producing Python's `json.dumps` default output.
 ///
@@ -405,6 +406,11 @@ pub(crate) fn escaped_offsets(
     }
 }
 
+/// `\\\"`, the escape of a `"` inside a literal inside a literal, as a word.
+const ESCAPED_QUOTE: u32 = u32::from_le_bytes(*b"\\\\\\\"");
+/// `\\\\`, the escape of a `\` inside a literal inside a literal, as a word.
+const ESCAPED_BACKSLASH: u32 = u32::from_le_bytes(*b"\\\\\\\\");
+
 /// The value of a string literal nested in another (a JSON text held as a
 /// string inside a JSON text held as a string), read straight from the outer
 /// literal's escaped text, when every escape at both levels is `\"` or `\\`:
@@ -414,41 +420,87 @@ pub(crate) fn escaped_offsets(
 /// inner literal begins. `None` for any other escape or a control character:
 /// the caller then unescapes one level at a time.
 pub(crate) fn unescape_doubly_plain(escaped: &[u8]) -> Option<(String, usize)> {
-    // Room for the last chunk copied whole before it is cut back.
+    // Written by index into the spare room (`w` never passes `r`, so a chunk
+    // copied whole at the last place one fits still fits), then given the
+    // length written.
     let mut value = Vec::with_capacity(escaped.len() + 16);
-    let mut at = 0;
+    let room = value.spare_capacity_mut();
+    let (mut r, mut w) = (0, 0);
     loop {
-        // Sixteen bytes at a time: all of them are copied (a fixed-size
-        // copy, cheaper than one of the run's length), then the copy is cut
-        // back to the first byte that is not plain (`"`, `\` or a control
-        // character), which is handled below.
-        if let Some(chunk) = escaped.get(at..).and_then(|rest| rest.first_chunk::<16>()) {
-            value.extend_from_slice(chunk);
-            let plain = first_special16(chunk);
-            if plain == 16 {
-                at += 16;
-                continue;
+        // Sixteen bytes at a time: each chunk is copied whole (a fixed-size
+        // copy, cheaper than one of a run's length), then its special bytes
+        // are walked by their bits. An escape takes four bytes and leaves
+        // one, so what follows it is copied again, three bytes back; the
+        // chunk's bits still say where the next special byte is.
+        while let Some(chunk) = escaped.get(r..).and_then(|rest| rest.first_chunk::<16>()) {
+            let start = r;
+            put16(room, w, chunk)?;
+            let mut specials = specials16(chunk);
+            let other = loop {
+                if specials == 0 {
+                    w += start + 16 - r;
+                    r = start + 16;
+                    break false;
+                }
+                let next = start + specials.trailing_zeros() as usize;
+                w += next - r;
+                r = next;
+                // The four bytes as one word: two comparisons.
+                let byte = match escaped.get(r..).and_then(|rest| rest.first_chunk::<4>()) {
+                    Some(four) if u32::from_le_bytes(*four) == ESCAPED_QUOTE => b'"',
+                    Some(four) if u32::from_le_bytes(*four) == ESCAPED_BACKSLASH => b'\\',
+                    _ => break true,
+                };
+                room.get_mut(w)?.write(byte);
+                w += 1;
+                r += 4;
+                if r >= start + 16 {
+                    break false;
+                }
+                let Some(rest) = escaped.get(r..).and_then(|rest| rest.first_chunk::<16>()) else {
+                    break false;
+                };
+                put16(room, w, rest)?;
+                specials &= u32::MAX << (r - start);
+            };
+            if other {
+                break;
             }
-            value.truncate(value.len() - 16 + plain);
-            at += plain;
         }
-        match escaped.get(at..)? {
-            [b'\\', b'\\', b'\\', b'"', ..] => value.push(b'"'),
-            [b'\\', b'\\', b'\\', b'\\', ..] => value.push(b'\\'),
+        // A special byte that is no escape of a plain value, or one of the
+        // last fifteen bytes.
+        let byte = match escaped.get(r..)? {
+            [b'\\', b'\\', b'\\', b'"', ..] => b'"',
+            [b'\\', b'\\', b'\\', b'\\', ..] => b'\\',
             // `\"` closes the inner literal; a bare `"` would close the outer.
-            [b'\\', b'"', ..] => return Some((String::from_utf8(value).ok()?, at)),
+            [b'\\', b'"', ..] => {
+                // SAFETY: the first `w` bytes of the room were written (each
+                // write above leaves every byte before `w` written), and `w`
+                // is within the capacity (`room.get_mut` checked it).
+                unsafe { value.set_len(w) };
+                return Some((String::from_utf8(value).ok()?, r));
+            }
             [b'\\' | b'"', ..] => return None,
             [b, ..] if *b < 0x20 => return None,
-            // Fewer than eight bytes are left, and this one is plain.
             [b, ..] => {
-                value.push(*b);
-                at += 1;
+                room.get_mut(w)?.write(*b);
+                w += 1;
+                r += 1;
                 continue;
             }
             [] => return None,
-        }
-        at += 4;
+        };
+        room.get_mut(w)?.write(byte);
+        w += 1;
+        r += 4;
     }
+}
+
+/// Writes sixteen bytes into `room` at `at`; `None` when they do not fit.
+fn put16(room: &mut [MaybeUninit<u8>], at: usize, bytes: &[u8; 16]) -> Option<()> {
+    let slot = room.get_mut(at..)?.first_chunk_mut::<16>()?;
+    *slot = bytes.map(MaybeUninit::new);
+    Some(())
 }
 
 /// How many bytes `bytes` starts with that a string may hold as they are
@@ -472,31 +524,36 @@ pub(super) fn plain_prefix(bytes: &[u8]) -> usize {
 }
 
 /// How many of the sixteen bytes come before the first `"`, `\\` or
-/// control character: 16 when there is none. With SSE2 where the build has
-/// it (every x86-64 does), else as two words of eight.
+/// control character: 16 when there is none.
 fn first_special16(chunk: &[u8; 16]) -> usize {
+    (specials16(chunk) | 1 << 16).trailing_zeros() as usize
+}
+
+/// A bit for each of the sixteen bytes that is `"`, `\\` or a control
+/// character (bit 0 for the first byte). With SSE2 where the build has it
+/// (every x86-64 does), else a byte at a time.
+fn specials16(chunk: &[u8; 16]) -> u32 {
     #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
     {
         // SAFETY: `special16` needs SSE2, which this build enables, so
         // every CPU it runs on has it.
-        let found = unsafe { special16(chunk) };
-        (found | 1 << 16).trailing_zeros() as usize
+        unsafe { special16(chunk) }
     }
     #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
     {
-        first_special16_in_words(chunk)
+        specials16_bytewise(chunk)
     }
 }
 
-/// [`first_special16`] as two words of eight: where there is no SSE2, and,
-/// where there is, in the tests, to hold the SSE2 search to.
+/// [`specials16`] a byte at a time: where there is no SSE2, and, where
+/// there is, in the tests, to hold the SSE2 search to.
 #[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2"), cfg(test))]
-fn first_special16_in_words(chunk: &[u8; 16]) -> usize {
-    let (low, high) = (chunk.first_chunk::<8>(), chunk.last_chunk::<8>());
-    match low.map_or(8, first_special8) {
-        8 => 8 + high.map_or(8, first_special8),
-        plain => plain,
-    }
+fn specials16_bytewise(chunk: &[u8; 16]) -> u32 {
+    chunk
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| matches!(**b, b'"' | b'\\' | 0..=0x1f))
+        .fold(0, |mask, (i, _)| mask | 1 << i)
 }
 
 /// [`first_special16`] for eight bytes.
@@ -554,8 +611,66 @@ pub(crate) fn plain_escaped_offsets(
     (escaped_len == value.len() + extra * escapes).then_some(())
 }
 
-/// How many bytes of `bytes` are `"` or `\\`, eight at a time.
+/// How many bytes of `bytes` are `"` or `\\`: sixteen at a time with SSE2
+/// where the build has it (every x86-64 does), else eight at a time.
 fn quotes_and_backslashes(bytes: &[u8]) -> usize {
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+    {
+        let mut chunks = bytes.chunks_exact(16);
+        let mut count = 0;
+        loop {
+            // SAFETY: `count_chunks` needs SSE2, which this build enables,
+            // so every CPU it runs on has it.
+            let (found, taken) = unsafe { count_chunks(&mut chunks) };
+            count += found;
+            if taken < LANE_MOST {
+                break;
+            }
+        }
+        count + quotes_and_backslashes_in_words(chunks.remainder())
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
+    {
+        quotes_and_backslashes_in_words(bytes)
+    }
+}
+
+/// How many chunks [`count_chunks`] takes at most: a byte lane counts to 255.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+const LANE_MOST: usize = 255;
+
+/// The `"` and `\\` in up to [`LANE_MOST`] chunks of sixteen, counted in
+/// byte lanes and summed at the end; how many there were, and how many
+/// chunks were taken.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+#[target_feature(enable = "sse2")]
+fn count_chunks(chunks: &mut std::slice::ChunksExact<'_, u8>) -> (usize, usize) {
+    use std::arch::x86_64::{
+        _mm_cmpeq_epi8, _mm_cvtsi128_si32, _mm_extract_epi16, _mm_loadu_si128, _mm_or_si128,
+        _mm_sad_epu8, _mm_set1_epi8, _mm_setzero_si128, _mm_sub_epi8,
+    };
+    let (quote, backslash) = (_mm_set1_epi8(b'"' as i8), _mm_set1_epi8(b'\\' as i8));
+    let mut lanes = _mm_setzero_si128();
+    let mut taken = 0;
+    while taken < LANE_MOST {
+        let Some(chunk) = chunks.next() else { break };
+        // SAFETY: `chunk` is sixteen bytes, what an unaligned load reads.
+        let v = unsafe { _mm_loadu_si128(chunk.as_ptr().cast()) };
+        // A found byte compares to -1: subtracting it counts one.
+        let found = _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash));
+        lanes = _mm_sub_epi8(lanes, found);
+        taken += 1;
+    }
+    // The lanes summed by halves, each sum in the low 16 bits of its half.
+    let sums = _mm_sad_epu8(lanes, _mm_setzero_si128());
+    let low = _mm_cvtsi128_si32(sums) as u32 as usize;
+    let high = _mm_extract_epi16::<4>(sums) as u32 as usize;
+    (low + high, taken)
+}
+
+/// [`quotes_and_backslashes`] eight bytes at a time: where there is no
+/// SSE2, for the last bytes where there is, and in the tests.
+fn quotes_and_backslashes_in_words(bytes: &[u8]) -> usize {
     const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
     // The high bit of each lane that is zero, exactly (no borrow between lanes).
     let zero_lanes = |w: u64| !(((w & LOW) + LOW) | w | LOW);
@@ -648,7 +763,7 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn sixteen_bytes_are_searched_as_two_words_of_eight(
+        fn sixteen_bytes_are_searched_as_one_at_a_time(
             chunk in proptest::prop_oneof![
                 proptest::array::uniform16(proptest::prelude::any::<u8>()),
                 proptest::array::uniform16(proptest::sample::select(
@@ -656,7 +771,18 @@ mod tests {
                 )),
             ]
         ) {
-            proptest::prop_assert_eq!(first_special16(&chunk), first_special16_in_words(&chunk));
+            proptest::prop_assert_eq!(specials16(&chunk), specials16_bytewise(&chunk));
+        }
+
+        #[test]
+        fn quotes_and_backslashes_are_counted_as_one_at_a_time(
+            bytes in proptest::collection::vec(
+                proptest::sample::select(&b"a\"\\\x00\xff"[..]),
+                0..5000,
+            )
+        ) {
+            let one_at_a_time = bytes.iter().filter(|b| matches!(**b, b'"' | b'\\')).count();
+            proptest::prop_assert_eq!(quotes_and_backslashes(&bytes), one_at_a_time);
         }
     }
 
