@@ -532,7 +532,7 @@ fn first_special16(chunk: &[u8; 16]) -> usize {
 /// A bit for each of the sixteen bytes that is `"`, `\\` or a control
 /// character (bit 0 for the first byte). With SSE2 where the build has it
 /// (every x86-64 does), else a byte at a time.
-fn specials16(chunk: &[u8; 16]) -> u32 {
+pub(super) fn specials16(chunk: &[u8; 16]) -> u32 {
     #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
     {
         // SAFETY: `special16` needs SSE2, which this build enables, so

@@ -17,7 +17,7 @@
 
 use std::borrow::Cow;
 
-use super::json::{plain_prefix, unescape_json_str};
+use super::json::{plain_prefix, specials16, unescape_json_str};
 
 /// The deepest nesting scanned; deeper text is left to serde_json.
 pub const MAX_DEPTH: u32 = 64;
@@ -188,7 +188,18 @@ impl Scanner<'_> {
         self.eat(b'"')?;
         let mut escaped = false;
         loop {
-            self.at += plain_prefix(self.bytes.get(self.at..)?);
+            // To the next special byte, sixteen bytes at a time while
+            // sixteen are left (most strings end in their first sixteen).
+            match self.bytes.get(self.at..)?.first_chunk::<16>() {
+                Some(chunk) => match specials16(chunk) {
+                    0 => {
+                        self.at += 16;
+                        continue;
+                    }
+                    specials => self.at += specials.trailing_zeros() as usize,
+                },
+                None => self.at += plain_prefix(self.bytes.get(self.at..)?),
+            }
             match self.peek()? {
                 b'"' => {
                     self.at += 1;
