@@ -293,62 +293,163 @@ pub(crate) fn unescape_json_str(raw: &str) -> Option<String> {
 /// (quotes included): [`unescape_json_str`] for a literal followed by more text.
 pub(crate) fn unescape_json_str_prefix(raw: &str) -> Option<(String, usize)> {
     let inner = raw.strip_prefix('"')?.as_bytes();
-    let mut out = Vec::with_capacity(inner.len());
-    let mut at = 0;
+    // No escape is shorter than what it stands for, so the value fits in
+    // as many bytes as the literal (see [`Unescaped`]).
+    let mut value = Unescaped::for_input(inner);
     loop {
-        // The run up to the next escape, the closing quote or a control
-        // character (which a string may not hold raw).
-        let rest = inner.get(at..)?;
-        let run = plain_prefix(rest);
-        out.extend_from_slice(&rest[..run]);
-        at += run;
-        // An unterminated literal has none of them.
-        match *inner.get(at)? {
-            b'"' => {
-                let value = String::from_utf8(out).ok()?;
-                return Some((value, at + 2));
-            }
+        // Plain runs and the escapes of one byte.
+        value.walk(inner, |bytes| match bytes.first_chunk::<2>()? {
+            [b'\\', escaped] => Some((short_escape(*escaped)?, 2)),
+            _ => None,
+        })?;
+        // The closing quote, a `\u` escape, a byte a string may not hold, or
+        // one of the last fifteen bytes.
+        let r = value.read;
+        match *inner.get(r)? {
+            b'"' => return Some((value.finish()?, r + 2)),
             b'\\' => {}
             b if b < 0x20 => return None,
-            // Fewer than eight bytes were left, and this one is plain.
             b => {
-                out.push(b);
-                at += 1;
+                value.put(b, 1)?;
                 continue;
             }
         }
-        let escaped = *inner.get(at + 1)?;
-        at += 2;
-        let short = match escaped {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            b'/' => b'/',
-            b'n' => b'\n',
-            b'r' => b'\r',
-            b't' => b'\t',
-            b'b' => 0x08,
-            b'f' => 0x0c,
-            b'u' => {
-                let first = hex_unit(inner.get(at..at + 4)?)?;
-                at += 4;
-                let ch = if (0xd800..0xdc00).contains(&first) {
-                    // A high surrogate must be followed by `\u` and a low one.
-                    if inner.get(at..at + 2)? != b"\\u" {
-                        return None;
-                    }
-                    let second = hex_unit(inner.get(at + 2..at + 6)?)?;
-                    at += 6;
-                    char::decode_utf16([first, second]).next()?.ok()?
-                } else {
-                    char::from_u32(u32::from(first))?
-                };
-                let mut buf = [0u8; 4];
-                out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
-                continue;
+        let escaped = *inner.get(r + 1)?;
+        if let Some(byte) = short_escape(escaped) {
+            value.put(byte, 2)?;
+            continue;
+        }
+        if escaped != b'u' {
+            return None;
+        }
+        let first = hex_unit(inner.get(r + 2..r + 6)?)?;
+        let (ch, used) = if (0xd800..0xdc00).contains(&first) {
+            // A high surrogate must be followed by `\u` and a low one.
+            if inner.get(r + 6..r + 8)? != b"\\u" {
+                return None;
             }
-            _ => return None,
+            let second = hex_unit(inner.get(r + 8..r + 12)?)?;
+            (char::decode_utf16([first, second]).next()?.ok()?, 12)
+        } else {
+            (char::from_u32(u32::from(first))?, 6)
         };
-        out.push(short);
+        let mut buf = [0u8; 4];
+        value.put_all(ch.encode_utf8(&mut buf).as_bytes(), used)?;
+    }
+}
+
+/// The byte a two-byte escape `\` + `escaped` stands for, if it is one.
+fn short_escape(escaped: u8) -> Option<u8> {
+    Some(match escaped {
+        b'"' => b'"',
+        b'\\' => b'\\',
+        b'/' => b'/',
+        b'n' => b'\n',
+        b'r' => b'\r',
+        b't' => b'\t',
+        b'b' => 0x08,
+        b'f' => 0x0c,
+        _ => return None,
+    })
+}
+
+/// A string's value being unescaped from its literal: written by index into
+/// the spare room of a buffer as long as the literal plus sixteen bytes,
+/// then given the length written. `read` is where the literal is read,
+/// `written` how much of the value is written; `written` never passes
+/// `read` (no escape is shorter than what it stands for), so a chunk of
+/// sixteen copied whole wherever one can be read still fits.
+struct Unescaped {
+    buffer: Vec<u8>,
+    read: usize,
+    written: usize,
+}
+
+impl Unescaped {
+    fn for_input(input: &[u8]) -> Unescaped {
+        Unescaped {
+            buffer: Vec::with_capacity(input.len() + 16),
+            read: 0,
+            written: 0,
+        }
+    }
+
+    /// Copies `input` from `read` on: sixteen bytes at a time, each chunk
+    /// copied whole (a fixed-size copy, cheaper than one of a run's length),
+    /// its special bytes (`"`, `\\`, control characters) then walked by
+    /// their bits. At each, `escape` gives the byte the escape there stands
+    /// for and its length; what follows it is copied again, further back,
+    /// and the chunk's bits still say where the next special byte is. Stops
+    /// at a special byte `escape` does not take, or where fewer than sixteen
+    /// bytes are left.
+    #[inline(always)]
+    fn walk(&mut self, input: &[u8], escape: impl Fn(&[u8]) -> Option<(u8, usize)>) -> Option<()> {
+        let room = self.buffer.spare_capacity_mut();
+        let (mut r, mut w) = (self.read, self.written);
+        while let Some(chunk) = input.get(r..).and_then(|rest| rest.first_chunk::<16>()) {
+            let start = r;
+            put16(room, w, chunk)?;
+            let mut specials = specials16(chunk);
+            let taken = loop {
+                if specials == 0 {
+                    w += start + 16 - r;
+                    r = start + 16;
+                    break true;
+                }
+                let next = start + specials.trailing_zeros() as usize;
+                w += next - r;
+                r = next;
+                let Some((byte, len)) = input.get(r..).and_then(&escape) else {
+                    break false;
+                };
+                room.get_mut(w)?.write(byte);
+                w += 1;
+                r += len;
+                if r >= start + 16 {
+                    break true;
+                }
+                let Some(rest) = input.get(r..).and_then(|rest| rest.first_chunk::<16>()) else {
+                    break true;
+                };
+                put16(room, w, rest)?;
+                specials &= u32::MAX << (r - start);
+            };
+            if !taken {
+                break;
+            }
+        }
+        (self.read, self.written) = (r, w);
+        Some(())
+    }
+
+    /// Writes `byte`, standing for `len` bytes of the input.
+    fn put(&mut self, byte: u8, len: usize) -> Option<()> {
+        self.put_all(&[byte], len)
+    }
+
+    /// Writes `bytes`, standing for `len` bytes of the input (no fewer).
+    fn put_all(&mut self, bytes: &[u8], len: usize) -> Option<()> {
+        if bytes.len() > len {
+            return None;
+        }
+        let room = self.buffer.spare_capacity_mut();
+        let slots = room.get_mut(self.written..self.written + bytes.len())?;
+        for (slot, byte) in slots.iter_mut().zip(bytes) {
+            slot.write(*byte);
+        }
+        self.written += bytes.len();
+        self.read += len;
+        Some(())
+    }
+
+    /// The value written, if it is UTF-8.
+    fn finish(mut self) -> Option<String> {
+        // SAFETY: every byte before `written` was written (`walk` and
+        // `put_all` only move `written` past bytes they wrote; a run `walk`
+        // skips over lies in the chunk it copied last), and `written` is
+        // within the capacity, which every write checked.
+        unsafe { self.buffer.set_len(self.written) };
+        String::from_utf8(self.buffer).ok()
     }
 }
 
@@ -420,79 +521,28 @@ const ESCAPED_BACKSLASH: u32 = u32::from_le_bytes(*b"\\\\\\\\");
 /// inner literal begins. `None` for any other escape or a control character:
 /// the caller then unescapes one level at a time.
 pub(crate) fn unescape_doubly_plain(escaped: &[u8]) -> Option<(String, usize)> {
-    // Written by index into the spare room (`w` never passes `r`, so a chunk
-    // copied whole at the last place one fits still fits), then given the
-    // length written.
-    let mut value = Vec::with_capacity(escaped.len() + 16);
-    let room = value.spare_capacity_mut();
-    let (mut r, mut w) = (0, 0);
+    // Each escape as one word: two comparisons.
+    let one = |bytes: &[u8]| match u32::from_le_bytes(*bytes.first_chunk::<4>()?) {
+        ESCAPED_QUOTE => Some((b'"', 4)),
+        ESCAPED_BACKSLASH => Some((b'\\', 4)),
+        _ => None,
+    };
+    let mut value = Unescaped::for_input(escaped);
     loop {
-        // Sixteen bytes at a time: each chunk is copied whole (a fixed-size
-        // copy, cheaper than one of a run's length), then its special bytes
-        // are walked by their bits. An escape takes four bytes and leaves
-        // one, so what follows it is copied again, three bytes back; the
-        // chunk's bits still say where the next special byte is.
-        while let Some(chunk) = escaped.get(r..).and_then(|rest| rest.first_chunk::<16>()) {
-            let start = r;
-            put16(room, w, chunk)?;
-            let mut specials = specials16(chunk);
-            let other = loop {
-                if specials == 0 {
-                    w += start + 16 - r;
-                    r = start + 16;
-                    break false;
-                }
-                let next = start + specials.trailing_zeros() as usize;
-                w += next - r;
-                r = next;
-                // The four bytes as one word: two comparisons.
-                let byte = match escaped.get(r..).and_then(|rest| rest.first_chunk::<4>()) {
-                    Some(four) if u32::from_le_bytes(*four) == ESCAPED_QUOTE => b'"',
-                    Some(four) if u32::from_le_bytes(*four) == ESCAPED_BACKSLASH => b'\\',
-                    _ => break true,
-                };
-                room.get_mut(w)?.write(byte);
-                w += 1;
-                r += 4;
-                if r >= start + 16 {
-                    break false;
-                }
-                let Some(rest) = escaped.get(r..).and_then(|rest| rest.first_chunk::<16>()) else {
-                    break false;
-                };
-                put16(room, w, rest)?;
-                specials &= u32::MAX << (r - start);
-            };
-            if other {
-                break;
-            }
-        }
-        // A special byte that is no escape of a plain value, or one of the
-        // last fifteen bytes.
-        let byte = match escaped.get(r..)? {
-            [b'\\', b'\\', b'\\', b'"', ..] => b'"',
-            [b'\\', b'\\', b'\\', b'\\', ..] => b'\\',
+        value.walk(escaped, one)?;
+        // Another special byte, or one of the last fifteen bytes.
+        let r = value.read;
+        match escaped.get(r..)? {
             // `\"` closes the inner literal; a bare `"` would close the outer.
-            [b'\\', b'"', ..] => {
-                // SAFETY: the first `w` bytes of the room were written (each
-                // write above leaves every byte before `w` written), and `w`
-                // is within the capacity (`room.get_mut` checked it).
-                unsafe { value.set_len(w) };
-                return Some((String::from_utf8(value).ok()?, r));
+            [b'\\', b'"', ..] => return Some((value.finish()?, r)),
+            rest @ [b'\\', ..] => {
+                let (byte, len) = one(rest)?;
+                value.put(byte, len)?;
             }
-            [b'\\' | b'"', ..] => return None,
+            [b'"', ..] | [] => return None,
             [b, ..] if *b < 0x20 => return None,
-            [b, ..] => {
-                room.get_mut(w)?.write(*b);
-                w += 1;
-                r += 1;
-                continue;
-            }
-            [] => return None,
-        };
-        room.get_mut(w)?.write(byte);
-        w += 1;
-        r += 4;
+            [b, ..] => value.put(*b, 1)?,
+        }
     }
 }
 
