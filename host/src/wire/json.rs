@@ -156,14 +156,18 @@ fn python_float_repr(value: f64) -> String {
 /// ASCII. The same bytes as serializing the string with [`PythonFormatter`], written without
 /// going through serde, for the relay's fast path.
 pub fn write_python_str(out: &mut String, text: &str) {
-    let mut bytes = std::mem::take(out).into_bytes();
-    bytes.reserve(text.len() + text.len() / 4 + 2);
-    bytes.push(b'"');
-    write_python_str_content(&mut bytes, text);
-    bytes.push(b'"');
-    // Only ASCII was added to what was a String.
-    *out = String::from_utf8(bytes)
-        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    out.reserve(text.len() + 2);
+    out.push('"');
+    if text.bytes().all(|byte| ESCAPE[usize::from(byte)] == 0) {
+        // Nothing to escape (the common case of a key or an id).
+        out.push_str(text);
+    } else {
+        let mut bytes = Vec::with_capacity(text.len() + text.len() / 4);
+        write_python_str_content(&mut bytes, text);
+        // The escaped text is ASCII; only it is checked, not all of `out`.
+        out.push_str(&String::from_utf8_lossy(&bytes));
+    }
+    out.push('"');
 }
 
 /// [`write_python_str`] without the quotes: `text` escaped for the inside of a
