@@ -404,25 +404,30 @@ impl Skim {
     }
 
     /// Each context entry as a flat `_context_<key>` request key, then `more`.
+    ///
+    /// A key is written as its received literal with `_context_` put in
+    /// after the opening quote, its escapes left as the sender wrote them
+    /// (a literal means the same with text put in front of its content), and
+    /// a value as its received text.
     fn write_context(&self, out: &mut String, more: &[(&str, &str)]) {
-        // Read once already in `read`, so it parses; should it not, the
-        // context is left out rather than written broken.
-        let entries = Entries::read(self.ctxt()).unwrap_or_default();
-        let mut key = String::new();
-        let mut write_key = |out: &mut String, name: &str| {
-            key.clear();
-            key.push_str("_context_");
-            key.push_str(name);
-            out.push_str(", ");
-            write_python_str(out, &key);
+        let before = out.len();
+        let written = scan::object_entries(self.ctxt(), |entry| {
+            out.push_str(", \"_context_");
+            out.push_str(entry.key_literal.strip_prefix('"')?);
             out.push_str(": ");
-        };
-        for (name, value) in &entries.0 {
-            write_key(out, name);
-            out.push_str(value);
+            out.push_str(entry.value);
+            Some(())
+        });
+        // Scanned once already in `read`, so it scans; should it not, the
+        // context is left out rather than written broken.
+        if written.is_none() {
+            out.truncate(before);
         }
         for (name, value) in more {
-            write_key(out, name);
+            out.push_str(", \"_context_");
+            // The names are the host's own: nothing in them to escape.
+            out.push_str(name);
+            out.push_str("\": ");
             write_python_str(out, value);
         }
     }
