@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use wasmtime::component::types::ComponentItem;
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, Func, HasSelf, Linker, ResourceTable, TypedFunc};
 use wasmtime::error::Context as _;
 use wasmtime::{Engine, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -43,6 +43,10 @@ pub use budget::Usage;
 pub use cache::{default_cache_dir, DiskCache};
 
 use ticker::{Ticker, TICK};
+use view::MessageView;
+
+/// `route` as the host calls it: the message borrowed, the cell by reference.
+type RouteFunc<'a, 'c> = TypedFunc<(MessageView<'a>, &'c Cell), (Result<Vec<Action>, String>,)>;
 
 /// Sandbox limits of one policy's instances.
 #[derive(Debug, Clone)]
@@ -424,10 +428,16 @@ impl LoadedPolicy {
                 anyhow::bail!("init failed: {reason}")
             }
         }
+        // Checks `MessageView` against the policy's own `route` once, so
+        // that each call can skip the check (see `PolicyInstance::route`).
+        let route = *bindings.func_route().func();
+        route
+            .typed::<(MessageView<'_>, &Cell), (Result<Vec<Action>, String>,)>(&store)
+            .context("the host's view of `route` does not match the policy's")?;
         let renew_above = renewal_mark(store.data().budget.usage().memory_bytes, &self.limits);
         Ok(PolicyInstance {
             store,
-            bindings,
+            route,
             policy: self.clone(),
             renew_above,
         })
@@ -446,7 +456,8 @@ fn renewal_mark(after_init: usize, limits: &Limits) -> usize {
 /// A live instance of a policy, reused for call after call.
 pub struct PolicyInstance {
     store: Store<GuestState>,
-    bindings: Policy,
+    /// The policy's `route` export, checked against [`RouteFunc`].
+    route: Func,
     policy: Arc<LoadedPolicy>,
     /// See [`renewal_mark`].
     renew_above: usize,
@@ -471,13 +482,27 @@ impl PolicyInstance {
         self.usage().memory_bytes > self.renew_above
     }
 
-    /// Asks the policy what to do with `message`. After an error for which
+    /// Asks the policy what to do with `message` (a [`MessageView`], or a
+    /// `&Message`). After an error for which
     /// [`PolicyError::poisons_instance`] holds, drop this instance.
-    pub fn route(&mut self, message: &Message, cell: &Cell) -> Result<Vec<Action>, PolicyError> {
+    pub fn route<'a>(
+        &mut self,
+        message: impl Into<MessageView<'a>>,
+        cell: &Cell,
+    ) -> Result<Vec<Action>, PolicyError> {
+        let message = message.into();
         let _running = self.policy.engine.ticker.enter();
         start_call(&mut self.store, self.policy.limits.deadline);
-        let (bindings, store) = (&self.bindings, &mut self.store);
-        let call = std::panic::AssertUnwindSafe(|| bindings.call_route(&mut *store, message, cell));
+        // SAFETY: `route` was checked against these very parameter and
+        // result types (lifetimes aside, which the check does not see) when
+        // the instance was made, in `LoadedPolicy::instantiate`.
+        let route: RouteFunc<'_, '_> = unsafe { TypedFunc::new_unchecked(self.route) };
+        let store = &mut self.store;
+        let call = std::panic::AssertUnwindSafe(|| {
+            route
+                .call(&mut *store, (message, cell))
+                .map(|(result,)| result)
+        });
         // WASI's synchronous host functions that block (a file read, a sleep,
         // a poll) drive tokio with `block_on`, which panics on a runtime
         // worker. A granted folder is read through such calls, so those run

@@ -2,8 +2,13 @@
 //! the host's messages and cells and the WIT records of the policy
 //! interface, and the one-line notation of a decision that logs, the shadow
 //! comparison and the policy tools share.
+//!
+//! A message is lowered into the policy from a [`MessageView`], which
+//! borrows its text from wherever the host holds it: the relay's fast path
+//! copies nothing out of the body for the call.
 
 use serde_json::Value;
+use wasmtime::component::{ComponentType, Lower};
 
 use super::{
     Action, Cell, Direction as WitDirection, Message, MessageType as WitType, Neighbour,
@@ -33,26 +38,85 @@ pub fn message_view(m: &CellsMessage, is_origin: bool) -> Message {
     }
 }
 
+/// The WIT `message` record, borrowing its text: what the host lowers into
+/// each `route` call. Its fields, their names and order are the record's,
+/// and wasmtime checks them against the policy's `route` when an instance
+/// is made ([`super::PolicyInstance`]).
+#[derive(Debug, Clone, Copy, ComponentType, Lower)]
+#[component(record)]
+pub struct MessageView<'a> {
+    #[component(name = "uuid")]
+    pub uuid: &'a str,
+    #[component(name = "message-type")]
+    pub message_type: WitType,
+    #[component(name = "direction")]
+    pub direction: WitDirection,
+    #[component(name = "method-name")]
+    pub method_name: &'a str,
+    #[component(name = "routing-path")]
+    pub routing_path: &'a str,
+    #[component(name = "hop-count")]
+    pub hop_count: u32,
+    #[component(name = "max-hop-count")]
+    pub max_hop_count: u32,
+    #[component(name = "target-cell")]
+    pub target_cell: Option<&'a str>,
+    #[component(name = "need-response")]
+    pub need_response: bool,
+    #[component(name = "fanout")]
+    pub fanout: bool,
+    #[component(name = "is-origin")]
+    pub is_origin: bool,
+    #[component(name = "run-locally")]
+    pub run_locally: bool,
+    #[component(name = "ctxt")]
+    pub ctxt: &'a str,
+    #[component(name = "method-kwargs")]
+    pub method_kwargs: &'a str,
+}
+
+impl<'a> From<&'a Message> for MessageView<'a> {
+    fn from(m: &'a Message) -> MessageView<'a> {
+        MessageView {
+            uuid: &m.uuid,
+            message_type: m.message_type,
+            direction: m.direction,
+            method_name: &m.method_name,
+            routing_path: &m.routing_path,
+            hop_count: m.hop_count,
+            max_hop_count: m.max_hop_count,
+            target_cell: m.target_cell.as_deref(),
+            need_response: m.need_response,
+            fanout: m.fanout,
+            is_origin: m.is_origin,
+            run_locally: m.run_locally,
+            ctxt: &m.ctxt,
+            method_kwargs: &m.method_kwargs,
+        }
+    }
+}
+
 /// The policy's view of a skimmed cast with `hop` recorded: the same as
 /// [`message_view`] of the decoded message, except that the context and
-/// the arguments are handed over as the sender wrote them.
-pub fn skim_view(m: &Skim, hop: &Hop, is_origin: bool) -> Message {
-    Message {
-        uuid: m.uuid.clone(),
+/// the arguments are handed over as the sender wrote them, borrowed from
+/// the skim.
+pub fn skim_view<'a>(m: &'a Skim, hop: &'a Hop, is_origin: bool) -> MessageView<'a> {
+    MessageView {
+        uuid: &m.uuid,
         message_type: wit_type(m.message_type),
         direction: wit_direction(m.direction),
-        method_name: m.method_name.clone(),
-        routing_path: hop.routing_path.clone(),
+        method_name: &m.method_name,
+        routing_path: &hop.routing_path,
         hop_count: hop.hop_count,
         max_hop_count: hop.max_hop_count,
-        target_cell: m.target_cell.clone(),
+        target_cell: m.target_cell.as_deref(),
         // A skimmed message never wants a response.
         need_response: false,
         fanout: m.fanout,
         is_origin,
         run_locally: m.run_locally,
-        ctxt: m.ctxt().to_string(),
-        method_kwargs: m.method_kwargs().to_string(),
+        ctxt: m.ctxt(),
+        method_kwargs: m.method_kwargs(),
     }
 }
 

@@ -17,7 +17,8 @@ use super::{
 };
 use crate::config::OnFailure;
 use crate::new_unique_id;
-use crate::policy::{self, view, PolicyError, PolicyInstance};
+use crate::policy::view::{self, MessageView};
+use crate::policy::{self, PolicyError, PolicyInstance};
 use crate::transport::Publication;
 use crate::wire::{
     self, nova_failure, CallInfo, CellResponse, CellsMessage, Context, Hop, MessageType,
@@ -188,7 +189,7 @@ impl RouteWorker {
         );
         let _entered = span.enter();
         let view = view::skim_view(&skim, &hop, is_origin);
-        let outcome = self.decide(&view, &span);
+        let outcome = self.decide(view, &span);
         let plain = match &outcome {
             Ok(actions) => self.plain_route(actions, &hop),
             Err(_) => None,
@@ -433,7 +434,7 @@ impl RouteWorker {
             budget,
         };
         let view = view::message_view(&message, is_origin);
-        let outcome = self.decide(&view, &span);
+        let outcome = self.decide(MessageView::from(&view), &span);
         self.conclude(body, message, situation, outcome)
     }
 
@@ -441,7 +442,7 @@ impl RouteWorker {
     /// of its failures.
     fn decide(
         &mut self,
-        view: &policy::Message,
+        view: MessageView<'_>,
         span: &tracing::Span,
     ) -> Result<Vec<policy::Action>, PolicyError> {
         let router = self.router.clone();
@@ -523,7 +524,7 @@ impl RouteWorker {
         Duration::from_secs(self.router.config.cell.call_timeout_s)
     }
 
-    fn ask_policy(&mut self, view: &policy::Message) -> Result<Vec<policy::Action>, PolicyError> {
+    fn ask_policy(&mut self, view: MessageView<'_>) -> Result<Vec<policy::Action>, PolicyError> {
         match self.call_policy(view) {
             // The deadline counts the CPU time of the call, so a thread merely
             // descheduled does not miss it; a fresh instance's first call can
@@ -541,7 +542,7 @@ impl RouteWorker {
     /// Asks the shadow policy too and compares; its answer is never acted on.
     fn shadow_compare(
         &mut self,
-        view: &policy::Message,
+        view: MessageView<'_>,
         active: &Result<Vec<policy::Action>, PolicyError>,
     ) {
         let Some(shadow) = self.router.shadow.load_full() else {
@@ -583,7 +584,7 @@ impl RouteWorker {
         }
     }
 
-    fn call_policy(&mut self, view: &policy::Message) -> Result<Vec<policy::Action>, PolicyError> {
+    fn call_policy(&mut self, view: MessageView<'_>) -> Result<Vec<policy::Action>, PolicyError> {
         let active = self.router.active.load();
         let stale = match &self.instance {
             Some(i) => !Arc::ptr_eq(i.policy(), &active),
