@@ -2,7 +2,10 @@
 //! the relay of a cells message from `top` to `leaf` (decode the oslo body,
 //! run the nova-cells policy, decide, encode the body for the next hop), with
 //! no broker and no I/O. The bodies are those of the relay throughput bench,
-//! at each size in `BODY_BYTES` (default `1024,4096`).
+//! at each size in `BODY_BYTES` (default `1024,4096`). With `DELIVERY=local`
+//! the messages are for `top` itself, and the plan is their delivery to
+//! `top`'s own application (the oslo cast of the method, the context and
+//! where the message came from written out) instead of a relay.
 //!
 //! Run as a bench, it prints the wall time per plan. It is meant above all to
 //! be run under callgrind, collecting only inside `measured`, which plans
@@ -22,8 +25,9 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
+use cellhost::router::Disposition;
 use cellhost::router::RouteWorker;
-use cellhost_tests::bench::{bodies, body_sizes_from_env, top_route_worker};
+use cellhost_tests::bench::{bodies, body_sizes_from_env, local_bodies, top_route_worker};
 
 /// Plans before the measured ones: the first instantiate the policy and
 /// warm the caches.
@@ -40,16 +44,34 @@ fn main() -> Result<()> {
         Err(_) => 20_000,
     };
     ensure!(plans > 0, "PLANS must be positive");
+    let local = match std::env::var("DELIVERY").as_deref() {
+        Ok("local") => true,
+        Ok("relay") | Err(_) => false,
+        Ok(other) => anyhow::bail!("DELIVERY={other:?}: expected relay or local"),
+    };
     let sizes = body_sizes_from_env()?;
     let policy = cellhost_tests::plugin("nova_cells", "")?;
     for body_bytes in sizes {
         let mut worker = top_route_worker(&policy);
         // A body for every plan: each message has a uuid of its own, as in a
         // real backlog.
-        let all = bodies(WARM_UP + plans, body_bytes)?;
+        let all = if local {
+            local_bodies(WARM_UP + plans, body_bytes)?
+        } else {
+            bodies(WARM_UP + plans, body_bytes)?
+        };
         let (warm_up, bodies) = all.split_at(WARM_UP);
         for body in warm_up {
-            worker.plan(body, None);
+            let plan = worker.plan(body, None);
+            // What is measured is the delivery asked for, nothing else.
+            match &plan.disposition {
+                Disposition::Routed {
+                    local: here,
+                    relays,
+                    ..
+                } if *here == local && relays.len() == usize::from(!local) => {}
+                other => anyhow::bail!("a warm-up plan was not the delivery asked for: {other:?}"),
+            }
         }
         let mean = bodies.iter().map(Vec::len).sum::<usize>() / bodies.len();
         let started = Instant::now();
@@ -57,14 +79,15 @@ fn main() -> Result<()> {
         let took = started.elapsed();
         ensure!(
             outcome.odd_plans == 0,
-            "{} of {plans} plans were not one relay to leaf",
+            "{} of {plans} plans were not one publication",
             outcome.odd_plans
         );
         println!(
-            "BODY_BYTES={body_bytes}: {plans} plans of {mean}-byte bodies, \
-             {:.2} µs per plan ({} bytes relayed on average)",
+            "BODY_BYTES={body_bytes}: {plans} plans ({}) of {mean}-byte bodies, \
+             {:.2} µs per plan ({} bytes published on average)",
+            if local { "local deliveries" } else { "relays" },
             took.as_secs_f64() * 1e6 / plans as f64,
-            outcome.relayed_bytes / plans,
+            outcome.published_bytes / plans,
         );
     }
     Ok(())
@@ -73,7 +96,7 @@ fn main() -> Result<()> {
 /// What the measured plans produced, so none of it can be optimised away.
 #[derive(Debug, Default)]
 struct Outcome {
-    relayed_bytes: usize,
+    published_bytes: usize,
     /// Plans that were not exactly one publication.
     odd_plans: usize,
 }
@@ -90,7 +113,7 @@ fn measured(worker: &mut RouteWorker, bodies: &[Vec<u8>]) -> Outcome {
             outcome.odd_plans += 1;
         }
         for (_, publication) in &plan.sends {
-            outcome.relayed_bytes += black_box(publication.body.len());
+            outcome.published_bytes += black_box(publication.body.len());
         }
     }
     black_box(outcome)

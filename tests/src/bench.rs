@@ -3,7 +3,8 @@
 //! without a broker.
 //!
 //! Every body is an oslo cast of `process_message`, as an application on
-//! `top` sends it, carrying a targeted cells message for `top!leaf` with a
+//! `top` sends it, carrying a targeted cells message for `top!leaf` (a relay
+//! to the child; [`local_bodies`]: for `top` itself, a local delivery) with a
 //! small Nova request context. The message's kwargs are padded up to the size:
 //! first with instance metadata entries (many small JSON strings, as Nova's
 //! instance objects are), then with a `user_data` string for the last bytes.
@@ -50,11 +51,22 @@ pub fn body_sizes_from_env() -> Result<Vec<usize>> {
     Ok(sizes)
 }
 
-/// `count` distinct bodies (each message has its own uuid), each about
-/// `body_bytes` long. Fails if `body_bytes` is below the unpadded body.
+/// `count` distinct bodies (each message has its own uuid) for [`TARGET`],
+/// each about `body_bytes` long. Fails if `body_bytes` is below the
+/// unpadded body.
 pub fn bodies(count: usize, body_bytes: usize) -> Result<Vec<Vec<u8>>> {
-    let padding = Padding::fitting(body_bytes)?;
-    Ok((0..count).map(|i| body(i, &padding)).collect())
+    bodies_for(TARGET, count, body_bytes)
+}
+
+/// As [`bodies`], but for `top` itself: what `top`'s router delivers to its
+/// own cell's application instead of relaying.
+pub fn local_bodies(count: usize, body_bytes: usize) -> Result<Vec<Vec<u8>>> {
+    bodies_for("top", count, body_bytes)
+}
+
+fn bodies_for(target: &str, count: usize, body_bytes: usize) -> Result<Vec<Vec<u8>>> {
+    let padding = Padding::fitting(target, body_bytes)?;
+    Ok((0..count).map(|i| body(target, i, &padding)).collect())
 }
 
 /// A router for `top` (pair topology, `policy`) on in-memory transports
@@ -87,9 +99,10 @@ impl Padding {
     /// probe message. Neither kind of padding needs escaping, so a body grows
     /// by a fixed amount per metadata entry and by one byte per `user_data`
     /// character, whatever JSON-in-JSON the envelope nests them in.
-    fn fitting(body_bytes: usize) -> Result<Padding> {
+    fn fitting(target: &str, body_bytes: usize) -> Result<Padding> {
         let len = |metadata, user_data| {
             body(
+                target,
                 0,
                 &Padding {
                     metadata,
@@ -123,8 +136,8 @@ impl Padding {
     }
 }
 
-/// The `i`th bench body.
-fn body(i: usize, padding: &Padding) -> Vec<u8> {
+/// The `i`th bench body for `target`.
+fn body(target: &str, i: usize, padding: &Padding) -> Vec<u8> {
     let host = format!("compute-{:02}", i % 64);
     let mut kwargs = object(json!({
         "instance": {
@@ -148,7 +161,7 @@ fn body(i: usize, padding: &Padding) -> Vec<u8> {
             Value::String(filler(i, padding.user_data)),
         );
     }
-    let mut outgoing = Outgoing::targeted(TARGET, Direction::Down, "reboot_instance");
+    let mut outgoing = Outgoing::targeted(target, Direction::Down, "reboot_instance");
     outgoing.method_kwargs = kwargs;
     outgoing.ctxt = object(json!({
         "request_id": format!("req-{}", uuid::Uuid::new_v4()),
