@@ -158,21 +158,45 @@ fn python_float_repr(value: f64) -> String {
 pub fn write_python_str(out: &mut String, text: &str) {
     out.reserve(text.len() + 2);
     out.push('"');
-    if text.bytes().all(|byte| ESCAPE[usize::from(byte)] == 0) {
-        // Nothing to escape (the common case of a key or an id).
-        out.push_str(text);
-    } else {
-        let mut bytes = Vec::with_capacity(text.len() + text.len() / 4);
-        write_python_str_content(&mut bytes, text);
-        // The escaped text is ASCII; only it is checked, not all of `out`.
-        out.push_str(&String::from_utf8_lossy(&bytes));
-    }
+    write_python_str_content(out, text);
     out.push('"');
 }
 
+/// What escaped text is appended to: a body's bytes, or a string (the escapes
+/// are ASCII and the runs between them whole characters, so it stays a string
+/// without being checked again).
+pub(crate) trait EscapedText {
+    /// The run `text[at..end]` that needs no escape: ASCII, so both its ends
+    /// fall between characters.
+    fn push_run(&mut self, text: &str, at: usize, end: usize);
+    /// An escape: ASCII bytes only.
+    fn push_escape(&mut self, escape: &[u8]);
+}
+
+impl EscapedText for Vec<u8> {
+    fn push_run(&mut self, text: &str, at: usize, end: usize) {
+        self.extend_from_slice(text.as_bytes().get(at..end).unwrap_or_default());
+    }
+
+    fn push_escape(&mut self, escape: &[u8]) {
+        self.extend_from_slice(escape);
+    }
+}
+
+impl EscapedText for String {
+    fn push_run(&mut self, text: &str, at: usize, end: usize) {
+        self.push_str(text.get(at..end).unwrap_or_default());
+    }
+
+    fn push_escape(&mut self, escape: &[u8]) {
+        debug_assert!(escape.is_ascii());
+        self.extend(escape.iter().map(|&byte| char::from(byte)));
+    }
+}
+
 /// [`write_python_str`] without the quotes: `text` escaped for the inside of a
-/// string literal, appended to `bytes` (ASCII only).
-pub(crate) fn write_python_str_content(bytes: &mut Vec<u8>, text: &str) {
+/// string literal, appended to `out`.
+pub(crate) fn write_python_str_content(out: &mut impl EscapedText, text: &str) {
     let mut at = 0;
     let input = text.as_bytes();
     while let Some(&byte) = input.get(at) {
@@ -191,7 +215,7 @@ pub(crate) fn write_python_str_content(bytes: &mut Vec<u8>, text: &str) {
                 while input.get(end).is_some_and(|b| ESCAPE[usize::from(*b)] == 0) {
                     end += 1;
                 }
-                bytes.extend_from_slice(&input[at..end]);
+                out.push_run(text, at, end);
                 at = end;
             }
             b'u' if byte >= 0x80 => {
@@ -200,16 +224,16 @@ pub(crate) fn write_python_str_content(bytes: &mut Vec<u8>, text: &str) {
                 let ch = ch.unwrap_or('\u{fffd}');
                 let mut units = [0u16; 2];
                 for unit in ch.encode_utf16(&mut units) {
-                    push_unit(bytes, *unit);
+                    push_unit(out, *unit);
                 }
                 at += ch.len_utf8();
             }
             b'u' => {
-                push_unit(bytes, u16::from(byte));
+                push_unit(out, u16::from(byte));
                 at += 1;
             }
             short => {
-                bytes.extend_from_slice(&[b'\\', short]);
+                out.push_escape(&[b'\\', short]);
                 at += 1;
             }
         }
@@ -271,9 +295,9 @@ fn needs_escape(word: u64) -> bool {
 }
 
 /// `\uXXXX` in lowercase hex, as Python writes it.
-fn push_unit(out: &mut Vec<u8>, unit: u16) {
+fn push_unit(out: &mut impl EscapedText, unit: u16) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.extend_from_slice(&[
+    out.push_escape(&[
         b'\\',
         b'u',
         HEX[usize::from(unit >> 12)],

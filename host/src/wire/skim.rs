@@ -288,15 +288,14 @@ impl Skim {
 
         let mut out = Vec::with_capacity(body.len() + hop.routing_path.len() * 4 + 64);
         out.extend_from_slice(body.get(..in_body[0])?);
-        let (mut once, mut twice) = (String::new(), Vec::new());
+        let (mut once, mut twice) = (String::new(), String::new());
         for (i, (_, edit)) in edits.iter().enumerate() {
             // The new value's JSON text, escaped for the request, then for the body.
             once.clear();
             edit.write(&mut once);
             twice.clear();
             write_python_str_content(&mut twice, &once);
-            let once = std::str::from_utf8(&twice).ok()?;
-            write_python_str_content(&mut out, once);
+            write_python_str_content(&mut out, &twice);
             out.extend_from_slice(body.get(in_body[2 * i + 1]..in_body[2 * i + 2])?);
         }
         // The request after the cells message, escaped for the body.
