@@ -202,19 +202,7 @@ pub(crate) fn write_python_str_content(out: &mut impl EscapedText, text: &str) {
     while let Some(&byte) = input.get(at) {
         match ESCAPE[usize::from(byte)] {
             0 => {
-                // Copy the whole run that needs no escape, found eight bytes at a time.
-                let mut end = at + 1;
-                while let Some(chunk) = input.get(end..end + 8) {
-                    let mut word = [0u8; 8];
-                    word.copy_from_slice(chunk);
-                    if needs_escape(u64::from_le_bytes(word)) {
-                        break;
-                    }
-                    end += 8;
-                }
-                while input.get(end).is_some_and(|b| ESCAPE[usize::from(*b)] == 0) {
-                    end += 1;
-                }
+                let end = python_plain_end(input, at + 1);
                 out.push_run(text, at, end);
                 at = end;
             }
@@ -238,6 +226,28 @@ pub(crate) fn write_python_str_content(out: &mut impl EscapedText, text: &str) {
             }
         }
     }
+}
+
+/// Where the run of bytes from `from` that Python writes as they are ends:
+/// found sixteen bytes at a time, then eight, then one.
+fn python_plain_end(input: &[u8], from: usize) -> usize {
+    let mut end = from;
+    while let Some(chunk) = input.get(end..).and_then(|rest| rest.first_chunk::<16>()) {
+        match python_escapes16(chunk) {
+            0 => end += 16,
+            mask => return end + mask.trailing_zeros() as usize,
+        }
+    }
+    while let Some(chunk) = input.get(end..).and_then(|rest| rest.first_chunk::<8>()) {
+        if needs_escape(u64::from_le_bytes(*chunk)) {
+            break;
+        }
+        end += 8;
+    }
+    while input.get(end).is_some_and(|b| ESCAPE[usize::from(*b)] == 0) {
+        end += 1;
+    }
+    end
 }
 
 /// For each byte, how Python escapes it: 0 for not at all, the letter after the
@@ -615,7 +625,7 @@ pub(super) fn specials16(chunk: &[u8; 16]) -> u32 {
     {
         // SAFETY: `special16` needs SSE2, which this build enables, so
         // every CPU it runs on has it.
-        unsafe { special16(chunk) }
+        unsafe { special16::<false>(chunk) }
     }
     #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
     {
@@ -641,10 +651,35 @@ fn first_special8(chunk: &[u8; 8]) -> usize {
     (quote_or_backslash_lanes(word) | control_lanes(word)).trailing_zeros() as usize / 8
 }
 
-/// A bit for each of the sixteen bytes that is `"`, `\\` or below `' '`.
+/// A bit for each of the sixteen bytes that Python escapes in a string
+/// ([`ESCAPE`]): [`specials16`]'s, DEL and every byte outside ASCII.
+fn python_escapes16(chunk: &[u8; 16]) -> u32 {
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+    {
+        // SAFETY: as in `specials16`.
+        unsafe { special16::<true>(chunk) }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
+    {
+        python_escapes16_bytewise(chunk)
+    }
+}
+
+/// [`python_escapes16`] a byte at a time, by [`ESCAPE`].
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2"), cfg(test))]
+fn python_escapes16_bytewise(chunk: &[u8; 16]) -> u32 {
+    chunk
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| ESCAPE[usize::from(**b)] != 0)
+        .fold(0, |mask, (i, _)| mask | 1 << i)
+}
+
+/// A bit for each of the sixteen bytes that is `"`, `\\` or below `' '`,
+/// and with `OUTSIDE_PRINTABLE`, DEL or above.
 #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
 #[target_feature(enable = "sse2")]
-fn special16(chunk: &[u8; 16]) -> u32 {
+fn special16<const OUTSIDE_PRINTABLE: bool>(chunk: &[u8; 16]) -> u32 {
     use std::arch::x86_64::{
         _mm_cmpeq_epi8, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
         _mm_set_epi64x,
@@ -660,7 +695,13 @@ fn special16(chunk: &[u8; 16]) -> u32 {
     let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
     // Below ' ' exactly when the unsigned minimum with 0x1f is the byte.
     let control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v);
-    let found = _mm_or_si128(_mm_or_si128(quote, backslash), control);
+    let mut found = _mm_or_si128(_mm_or_si128(quote, backslash), control);
+    if OUTSIDE_PRINTABLE {
+        // DEL, and the bytes from 0x80 by their own high bit, which is
+        // what the mask is made of.
+        let del = _mm_cmpeq_epi8(v, _mm_set1_epi8(0x7f));
+        found = _mm_or_si128(_mm_or_si128(found, del), v);
+    }
     _mm_movemask_epi8(found) as u32
 }
 
@@ -850,6 +891,7 @@ mod tests {
             ]
         ) {
             proptest::prop_assert_eq!(specials16(&chunk), specials16_bytewise(&chunk));
+            proptest::prop_assert_eq!(python_escapes16(&chunk), python_escapes16_bytewise(&chunk));
         }
 
         #[test]
