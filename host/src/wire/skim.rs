@@ -29,6 +29,7 @@ use super::cells::{Direction, MessageType, KNOWN_KEYS};
 use super::json::{
     escaped_offsets, plain_escaped_offsets, unescape_doubly_plain, unescape_json_str,
     unescape_json_str_prefix, write_python_str, write_python_str_content,
+    write_python_str_content_chunked,
 };
 use super::scan;
 
@@ -508,11 +509,11 @@ impl Edit<'_> {
 
 /// The oslo 2.0 envelope around an inner message's text.
 fn envelope(inner: &str) -> Vec<u8> {
-    let mut out = String::with_capacity(inner.len() * 11 / 10 + 48);
-    out.push_str("{\"oslo.version\": \"2.0\", \"oslo.message\": ");
-    write_python_str(&mut out, inner);
-    out.push('}');
-    out.into_bytes()
+    let mut out = Vec::with_capacity(inner.len() * 11 / 10 + 48);
+    out.extend_from_slice(b"{\"oslo.version\": \"2.0\", \"oslo.message\": \"");
+    write_python_str_content_chunked(&mut out, inner);
+    out.extend_from_slice(b"\"}");
+    out
 }
 
 /// A JSON string's value, borrowed when it holds no escapes.
@@ -1178,6 +1179,27 @@ mod tests {
             let mut out = String::new();
             write_python_str(&mut out, &text);
             prop_assert_eq!(out, super::super::to_python_json(&text).expect("a string"));
+        }
+
+        /// Into a body's bytes, the escaper takes whole chunks of ASCII its
+        /// own way: held to the formatter over text dense with escapes, of
+        /// every length around a chunk's, with characters outside ASCII
+        /// between the chunks.
+        #[test]
+        fn strings_are_escaped_into_bytes_as_the_python_formatter_does(
+            text in proptest::collection::vec(
+                proptest::prop_oneof![
+                    12 => proptest::sample::select(vec!['a', 'b', '"', '\\', '\n', '\u{1}', '\u{7f}', '/']),
+                    1 => proptest::sample::select(vec!['é', '😀']),
+                ],
+                0..200,
+            ).prop_map(|chars| chars.into_iter().collect::<String>())
+        ) {
+            let mut out = b"head ".to_vec();
+            write_python_str_content_chunked(&mut out, &text);
+            let formatted = super::super::to_python_json(&text).expect("a string");
+            let inside = &formatted[1..formatted.len() - 1];
+            prop_assert_eq!(String::from_utf8(out).ok(), Some(format!("head {inside}")));
         }
     }
 }
