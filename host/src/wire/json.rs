@@ -225,9 +225,8 @@ const CHUNK_ROOM: usize = 16 * 6 + 16;
 /// again after it (sixteen bytes where there are, what lies past the chunk
 /// written over or left out of the count). So every byte counted was written.
 fn escape_chunk(room: &mut [MaybeUninit<u8>], input: &[u8], start: usize) -> Option<usize> {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let chunk = input.get(start..)?.first_chunk::<16>()?;
-    put16(room, 0, chunk)?;
+    put(room, 0, chunk)?;
     let (mut r, mut w) = (start, 0);
     let mut specials = python_escapes16(chunk);
     while specials != 0 {
@@ -235,22 +234,19 @@ fn escape_chunk(room: &mut [MaybeUninit<u8>], input: &[u8], start: usize) -> Opt
         specials &= specials - 1;
         w += next - r;
         let byte = *input.get(next)?;
-        let escape = match ESCAPE[usize::from(byte)] {
-            b'u' => &[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(byte >> 4)],
-                HEX[usize::from(byte & 0xf)],
-            ][..],
-            short => &[b'\\', short][..],
+        w += match ESCAPE[usize::from(byte)] {
+            b'u' => {
+                put(room, w, &unit_escape(u16::from(byte)))?;
+                6
+            }
+            short => {
+                put(room, w, &[b'\\', short])?;
+                2
+            }
         };
-        write_all(room.get_mut(w..w + escape.len())?, escape);
-        w += escape.len();
         r = next + 1;
         match input.get(r..).and_then(|rest| rest.first_chunk::<16>()) {
-            Some(rest) => put16(room, w, rest)?,
+            Some(rest) => put(room, w, rest)?,
             None => {
                 let rest = input.get(r..start + 16)?;
                 write_all(room.get_mut(w..w + rest.len())?, rest);
@@ -410,15 +406,20 @@ fn needs_escape(word: u64) -> bool {
 
 /// `\uXXXX` in lowercase hex, as Python writes it.
 fn push_unit(out: &mut impl EscapedText, unit: u16) {
+    out.push_escape(&unit_escape(unit));
+}
+
+/// The six bytes of `\uXXXX` for `unit`, in lowercase hex.
+fn unit_escape(unit: u16) -> [u8; 6] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push_escape(&[
+    [
         b'\\',
         b'u',
         HEX[usize::from(unit >> 12)],
         HEX[usize::from((unit >> 8) & 0xf)],
         HEX[usize::from((unit >> 4) & 0xf)],
         HEX[usize::from(unit & 0xf)],
-    ]);
+    ]
 }
 
 /// The value of a JSON string literal (`raw` with its quotes), for long strings full of
@@ -530,7 +531,7 @@ impl Unescaped {
         let (mut r, mut w) = (self.read, self.written);
         while let Some(chunk) = input.get(r..).and_then(|rest| rest.first_chunk::<16>()) {
             let start = r;
-            put16(room, w, chunk)?;
+            put(room, w, chunk)?;
             let mut specials = specials16(chunk);
             let taken = loop {
                 if specials == 0 {
@@ -553,7 +554,7 @@ impl Unescaped {
                 let Some(rest) = input.get(r..).and_then(|rest| rest.first_chunk::<16>()) else {
                     break true;
                 };
-                put16(room, w, rest)?;
+                put(room, w, rest)?;
                 specials &= u32::MAX << (r - start);
             };
             if !taken {
@@ -688,9 +689,9 @@ pub(crate) fn unescape_doubly_plain(escaped: &[u8]) -> Option<(String, usize)> {
     }
 }
 
-/// Writes sixteen bytes into `room` at `at`; `None` when they do not fit.
-fn put16(room: &mut [MaybeUninit<u8>], at: usize, bytes: &[u8; 16]) -> Option<()> {
-    let slot = room.get_mut(at..)?.first_chunk_mut::<16>()?;
+/// Writes the `N` bytes into `room` at `at`; `None` when they do not fit.
+fn put<const N: usize>(room: &mut [MaybeUninit<u8>], at: usize, bytes: &[u8; N]) -> Option<()> {
+    let slot = room.get_mut(at..)?.first_chunk_mut::<N>()?;
     *slot = bytes.map(MaybeUninit::new);
     Some(())
 }
@@ -722,29 +723,42 @@ fn first_special16(chunk: &[u8; 16]) -> usize {
 }
 
 /// A bit for each of the sixteen bytes that is `"`, `\\` or a control
-/// character (bit 0 for the first byte). With SSE2 where the build has it
-/// (every x86-64 does), else a byte at a time.
+/// character (bit 0 for the first byte).
 pub(super) fn specials16(chunk: &[u8; 16]) -> u32 {
+    marked16::<false>(chunk)
+}
+
+/// A bit for each of the sixteen bytes that Python escapes in a string
+/// ([`ESCAPE`]): [`specials16`]'s, DEL and every byte outside ASCII.
+fn python_escapes16(chunk: &[u8; 16]) -> u32 {
+    marked16::<true>(chunk)
+}
+
+/// [`specials16`], or with `OUTSIDE_PRINTABLE` [`python_escapes16`]: with
+/// SSE2 where the build has it (every x86-64 does), else a byte at a time.
+fn marked16<const OUTSIDE_PRINTABLE: bool>(chunk: &[u8; 16]) -> u32 {
     #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
     {
         // SAFETY: `special16` needs SSE2, which this build enables, so
         // every CPU it runs on has it.
-        unsafe { special16::<false>(chunk) }
+        unsafe { special16::<OUTSIDE_PRINTABLE>(chunk) }
     }
     #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
     {
-        specials16_bytewise(chunk)
+        marked16_bytewise::<OUTSIDE_PRINTABLE>(chunk)
     }
 }
 
-/// [`specials16`] a byte at a time: where there is no SSE2, and, where
-/// there is, in the tests, to hold the SSE2 search to.
+/// [`marked16`] a byte at a time: where there is no SSE2, and, where there
+/// is, in the tests, to hold the SSE2 search to.
 #[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2"), cfg(test))]
-fn specials16_bytewise(chunk: &[u8; 16]) -> u32 {
+fn marked16_bytewise<const OUTSIDE_PRINTABLE: bool>(chunk: &[u8; 16]) -> u32 {
     chunk
         .iter()
         .enumerate()
-        .filter(|(_, b)| matches!(**b, b'"' | b'\\' | 0..=0x1f))
+        .filter(|(_, b)| {
+            matches!(**b, b'"' | b'\\' | 0..=0x1f) || (OUTSIDE_PRINTABLE && **b >= 0x7f)
+        })
         .fold(0, |mask, (i, _)| mask | 1 << i)
 }
 
@@ -753,30 +767,6 @@ fn first_special8(chunk: &[u8; 8]) -> usize {
     let word = u64::from_le_bytes(*chunk);
     // The lowest marked lane is exact.
     (quote_or_backslash_lanes(word) | control_lanes(word)).trailing_zeros() as usize / 8
-}
-
-/// A bit for each of the sixteen bytes that Python escapes in a string
-/// ([`ESCAPE`]): [`specials16`]'s, DEL and every byte outside ASCII.
-fn python_escapes16(chunk: &[u8; 16]) -> u32 {
-    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
-    {
-        // SAFETY: as in `specials16`.
-        unsafe { special16::<true>(chunk) }
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
-    {
-        python_escapes16_bytewise(chunk)
-    }
-}
-
-/// [`python_escapes16`] a byte at a time, by [`ESCAPE`].
-#[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2"), cfg(test))]
-fn python_escapes16_bytewise(chunk: &[u8; 16]) -> u32 {
-    chunk
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| ESCAPE[usize::from(**b)] != 0)
-        .fold(0, |mask, (i, _)| mask | 1 << i)
 }
 
 /// A bit for each of the sixteen bytes that is `"`, `\\` or below `' '`,
@@ -994,8 +984,15 @@ mod tests {
                 )),
             ]
         ) {
-            proptest::prop_assert_eq!(specials16(&chunk), specials16_bytewise(&chunk));
-            proptest::prop_assert_eq!(python_escapes16(&chunk), python_escapes16_bytewise(&chunk));
+            proptest::prop_assert_eq!(specials16(&chunk), marked16_bytewise::<false>(&chunk));
+            proptest::prop_assert_eq!(python_escapes16(&chunk), marked16_bytewise::<true>(&chunk));
+            // The bytes Python escapes are those of its table.
+            let by_table = chunk
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| ESCAPE[usize::from(**b)] != 0)
+                .fold(0, |mask, (i, _)| mask | 1 << i);
+            proptest::prop_assert_eq!(python_escapes16(&chunk), by_table);
         }
 
         #[test]
