@@ -80,6 +80,7 @@ impl<S: Source> Heap<S> {
     ///
     /// # Safety
     /// As [`core::alloc::GlobalAlloc::alloc`].
+    #[inline(always)]
     pub unsafe fn alloc(&mut self, layout: Layout) -> *mut u8 {
         let Some(class) = class_of(layout) else {
             return ptr::null_mut();
@@ -98,6 +99,7 @@ impl<S: Source> Heap<S> {
     ///
     /// # Safety
     /// As [`core::alloc::GlobalAlloc::dealloc`].
+    #[inline(always)]
     pub unsafe fn dealloc(&mut self, block: *mut u8, layout: Layout) {
         if let Some(class) = class_of(layout) {
             // SAFETY: the caller gives back a block of this class, which is
@@ -129,8 +131,44 @@ impl<S: Source> Heap<S> {
         }
     }
 
+    /// The canonical ABI's `cabi_realloc` on this heap: a new block of
+    /// `new_size` bytes aligned to `align` when `old_size` is 0 (none at all,
+    /// only a well-aligned address, when `new_size` is 0 too), otherwise
+    /// `block` resized as [`Heap::realloc`] does. Null when there is no
+    /// memory left or the alignment is not a power of two.
+    ///
+    /// # Safety
+    /// `old_size` is 0, or `block` is a block this heap gave for `old_size`
+    /// bytes aligned to `align`.
+    #[inline(always)]
+    pub unsafe fn cabi_realloc(
+        &mut self,
+        block: *mut u8,
+        old_size: usize,
+        align: usize,
+        new_size: usize,
+    ) -> *mut u8 {
+        if old_size == 0 {
+            if new_size == 0 {
+                return align as *mut u8;
+            }
+            return match Layout::from_size_align(new_size, align) {
+                // SAFETY: a fresh block has no promises to keep.
+                Ok(layout) => unsafe { self.alloc(layout) },
+                Err(_) => ptr::null_mut(),
+            };
+        }
+        match Layout::from_size_align(old_size, align) {
+            // SAFETY: as the caller promises about `block`.
+            Ok(layout) => unsafe { self.realloc(block, layout, new_size) },
+            Err(_) => ptr::null_mut(),
+        }
+    }
+
     /// A fresh block of `class` from the free end, which grows when short.
     /// A block is aligned to its size up to a page, to a page above that.
+    #[cold]
+    #[inline(never)]
     fn carve(&mut self, class: usize) -> *mut u8 {
         let size = 1usize << class;
         loop {
@@ -177,6 +215,7 @@ impl<S: Source> Heap<S> {
 
     /// # Safety
     /// `block` is free, of `class`, and aligned as its class is.
+    #[inline(always)]
     unsafe fn push(&mut self, block: *mut u8, class: usize) {
         // SAFETY: as the caller promises.
         unsafe { block.cast::<*mut u8>().write(self.free[class]) };
@@ -187,6 +226,7 @@ impl<S: Source> Heap<S> {
 /// The class of blocks that serve `layout`: the power of two at or above its
 /// size and its alignment, at least 16 bytes; `None` past the address space
 /// or for an alignment above a page, which this heap does not serve.
+#[inline(always)]
 fn class_of(layout: Layout) -> Option<usize> {
     if layout.align() > PAGE {
         return None;
@@ -225,6 +265,33 @@ mod global {
         }
     }
 
+    impl Allocator {
+        /// The component's `cabi_realloc` (see [`Heap::cabi_realloc`]), on
+        /// the heap that is also the global allocator, so that the host's
+        /// strings and lists are carved without the call through Rust's
+        /// allocator shims. A heap out of memory traps, as the canonical ABI
+        /// has no null result.
+        ///
+        /// # Safety
+        /// As [`Heap::cabi_realloc`]; `self` is the global allocator.
+        #[inline(always)]
+        pub unsafe fn cabi_realloc(
+            &self,
+            block: *mut u8,
+            old_size: usize,
+            align: usize,
+            new_size: usize,
+        ) -> *mut u8 {
+            // SAFETY: one thread (below), so no other borrow of the heap is
+            // live; the caller's promises about `block` hold.
+            let moved = unsafe { (*self.0.get()).cabi_realloc(block, old_size, align, new_size) };
+            if moved.is_null() {
+                core::arch::wasm32::unreachable();
+            }
+            moved
+        }
+    }
+
     impl Default for Allocator {
         fn default() -> Allocator {
             Allocator::new()
@@ -238,10 +305,12 @@ mod global {
     // SAFETY: each method hands on the caller's promises; one thread (above)
     // means no two calls overlap.
     unsafe impl GlobalAlloc for Allocator {
+        #[inline]
         unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
             unsafe { (*self.0.get()).alloc(layout) }
         }
 
+        #[inline]
         unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
             unsafe { (*self.0.get()).dealloc(block, layout) }
         }
@@ -465,6 +534,30 @@ mod tests {
                 then.sort();
                 assert_eq!(now, then, "round {round} took other blocks");
             }
+        }
+    }
+
+    #[test]
+    fn cabi_realloc_keeps_the_canonical_abis_contract() {
+        let mut region = Region::new(false);
+        let mut heap = Heap::new(&mut region);
+        // SAFETY (each call below): `old_size` is 0, or the block came from
+        // this heap for that size and alignment.
+        unsafe {
+            // Nothing to allocate: an address aligned as asked, no block.
+            assert_eq!(heap.cabi_realloc(ptr::null_mut(), 0, 8, 0) as usize, 8);
+            let block = heap.cabi_realloc(ptr::null_mut(), 0, 4, 10);
+            assert!(!block.is_null());
+            assert_eq!(block as usize % 4, 0);
+            ptr::copy_nonoverlapping(b"0123456789".as_ptr(), block, 10);
+            // Grown past its class: moved, the contents kept.
+            let grown = heap.cabi_realloc(block, 10, 4, 100);
+            assert_ne!(grown, block);
+            assert_eq!(core::slice::from_raw_parts(grown, 10), b"0123456789");
+            // The block it left is the next one of that class.
+            assert_eq!(heap.cabi_realloc(ptr::null_mut(), 0, 1, 16), block);
+            // An alignment that is not a power of two is refused.
+            assert!(heap.cabi_realloc(ptr::null_mut(), 0, 3, 10).is_null());
         }
     }
 

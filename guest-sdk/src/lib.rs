@@ -142,6 +142,47 @@ macro_rules! export_policy {
     };
 }
 
+/// Makes the SDK's allocator ([`alloc::Allocator`]) the crate's global
+/// allocator and the component's `cabi_realloc`, the function the host calls
+/// to place each string and list of a call in the policy's memory.
+///
+/// Rust's standard library already exports a `cabi_realloc` for
+/// `wasm32-wasip2`, but it reaches the global allocator through the
+/// allocator's shims, three calls deep, for each of the dozen strings and
+/// lists of every call; this one takes the block from the heap in place.
+/// Write it once, at the root of a policy crate; it expands to nothing
+/// outside WebAssembly, so the crate's native tests keep the system
+/// allocator.
+///
+/// ```
+/// cellhost_guest::global_allocator!();
+/// ```
+#[macro_export]
+macro_rules! global_allocator {
+    () => {
+        #[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
+        #[global_allocator]
+        static CELLHOST_GUEST_ALLOCATOR: $crate::alloc::Allocator = $crate::alloc::Allocator::new();
+
+        /// The canonical ABI's allocation function, on the global allocator.
+        ///
+        /// # Safety
+        /// Called by the host as the canonical ABI defines.
+        #[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn cabi_realloc(
+            block: *mut u8,
+            old_size: usize,
+            align: usize,
+            new_size: usize,
+        ) -> *mut u8 {
+            // SAFETY: the host keeps the canonical ABI's promises, and the
+            // static above is the global allocator.
+            unsafe { CELLHOST_GUEST_ALLOCATOR.cabi_realloc(block, old_size, align, new_size) }
+        }
+    };
+}
+
 /// Wall-clock time in milliseconds since the Unix epoch, from the host.
 ///
 /// Outside WebAssembly (in native unit tests) it reads the system clock.

@@ -12,18 +12,13 @@
 //! direction. Errors are the ones Nova raises, `CellRoutingInconsistency` and
 //! `CellMaxHopCountReached`, with Nova's wording.
 
-/// The exported component's allocator: the SDK's size classes, which serve
-/// the dozen strings and lists the host hands each call, and frees after it,
-/// in fewer instructions than wasm32-wasip2's dlmalloc or talc (see
-/// `cellhost_guest::alloc`). Only with `export`: a policy that reuses
-/// [`route`] keeps its own.
-#[cfg(all(
-    feature = "export",
-    target_arch = "wasm32",
-    not(target_feature = "atomics")
-))]
-#[global_allocator]
-static ALLOCATOR: cellhost_guest::alloc::Allocator = cellhost_guest::alloc::Allocator::new();
+// The exported component's allocator: the SDK's size classes, which serve
+// the dozen strings and lists the host hands each call, and frees after it,
+// in fewer instructions than wasm32-wasip2's dlmalloc or talc (see
+// `cellhost_guest::alloc`), as its `cabi_realloc` too. Only with `export`: a
+// policy that reuses [`route`] keeps its own.
+#[cfg(feature = "export")]
+cellhost_guest::global_allocator!();
 
 use cellhost_guest::{
     path_parts, Action, Cell, Direction, Failure, Message, MessageType, Policy, PATH_SEPARATOR,

@@ -10,11 +10,10 @@
 
 use cellhost_guest::{log, path_parts, Action, Cell, Direction, Message, MessageType, Policy};
 
-/// The component's allocator: the SDK's, made for the strings and lists the
-/// host hands every call and takes back after it (`cellhost_guest::alloc`).
-#[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
-#[global_allocator]
-static ALLOCATOR: cellhost_guest::alloc::Allocator = cellhost_guest::alloc::Allocator::new();
+// The component's allocator, and its `cabi_realloc`: the SDK's, made for the
+// strings and lists the host hands every call and takes back after it
+// (`cellhost_guest::alloc`). Nothing outside WebAssembly.
+cellhost_guest::global_allocator!();
 
 /// The policy. One value lives as long as its instance in the host.
 pub struct {{type_name}} {
