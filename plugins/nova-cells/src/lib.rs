@@ -21,7 +21,7 @@
 cellhost_guest::global_allocator!();
 
 use cellhost_guest::{
-    path_parts, Action, Cell, Direction, Failure, Message, MessageType, Policy, PATH_SEPARATOR,
+    Action, Cell, Direction, Failure, Message, MessageType, Policy, PATH_SEPARATOR,
 };
 
 /// Nova's exception class for a message whose path does not fit the tree.
@@ -73,24 +73,10 @@ fn route_targeted(message: &Message, cell: &Cell) -> Vec<Action> {
         return vec![Action::ProcessHere];
     }
 
-    // The target's path must start with the path travelled so far; the
-    // part after it names the next hop.
-    let current_hops = routing_path.matches(PATH_SEPARATOR).count();
-    let next_hop_num = current_hops + 1;
-    let dest_parts: Vec<&str> = path_parts(target).collect();
-    let on_route = dest_parts.get(..next_hop_num).is_some_and(|travelled| {
-        travelled
-            .iter()
-            .copied()
-            .eq(routing_path.split(PATH_SEPARATOR))
-    });
-    let next_hop_name = match dest_parts.get(next_hop_num) {
-        Some(name) if on_route => *name,
-        _ => {
-            return vec![inconsistency(format!(
-                "destination is {target} but routing_path is {routing_path}"
-            ))]
-        }
+    let Some(next_hop_name) = next_hop(routing_path, target) else {
+        return vec![inconsistency(format!(
+            "destination is {target} but routing_path is {routing_path}"
+        ))];
     };
 
     let (next_hop, kind) = match message.direction {
@@ -115,6 +101,23 @@ fn route_targeted(message: &Message, cell: &Cell) -> Vec<Action> {
         })];
     }
     vec![Action::Relay(next_hop.name.clone())]
+}
+
+/// The name of the next cell on the way from `routing_path` to `target`, as
+/// Nova's `_get_next_hop` finds it: the target's path must start with every
+/// cell of the path travelled so far, and the cell after those is the next
+/// hop. `None` when the target is off that path, or is the path itself.
+///
+/// Nova splits both paths on `!` and compares the parts; a prefix that ends
+/// where a part of the target ends is the same test without the lists.
+fn next_hop<'a>(routing_path: &str, target: &'a str) -> Option<&'a str> {
+    let rest = target
+        .strip_prefix(routing_path)?
+        .strip_prefix(PATH_SEPARATOR)?;
+    Some(
+        rest.split_once(PATH_SEPARATOR)
+            .map_or(rest, |(name, _)| name),
+    )
 }
 
 /// `_BroadcastMessage.process` and its `_get_next_hops`.
@@ -143,7 +146,7 @@ fn inconsistency(reason: String) -> Action {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cellhost_guest::Neighbour;
+    use cellhost_guest::{path_parts, Neighbour};
 
     /// Nova's test topology (`nova/tests/unit/cells/fakes.py`): each cell
     /// with its parent, children in configured order.
@@ -235,6 +238,59 @@ mod tests {
 
     /// Follows a message through the tree as hosts would, returning the
     /// routing path of every cell that processed it, and every failure.
+    /// `next_hop` as Nova writes `_get_next_hop`: the paths split into
+    /// lists of names, the travelled ones compared, the next one taken.
+    fn next_hop_by_parts<'a>(routing_path: &str, target: &'a str) -> Option<&'a str> {
+        let next_hop_num = routing_path.matches(PATH_SEPARATOR).count() + 1;
+        let dest_parts: Vec<&str> = path_parts(target).collect();
+        let on_route = dest_parts.get(..next_hop_num).is_some_and(|travelled| {
+            travelled
+                .iter()
+                .copied()
+                .eq(routing_path.split(PATH_SEPARATOR))
+        });
+        dest_parts.get(next_hop_num).copied().filter(|_| on_route)
+    }
+
+    /// Every path of up to `len` characters drawn from names `a` and `bc`
+    /// and the separator, empty names and doubled separators included.
+    fn paths(len: usize) -> Vec<String> {
+        let mut all = vec![String::new()];
+        let mut last = vec![String::new()];
+        for _ in 0..len {
+            let next: Vec<String> = last
+                .iter()
+                .flat_map(|path| ["a", "bc", "!"].map(|piece| format!("{path}{piece}")))
+                .filter(|path| path.len() <= len)
+                .collect();
+            all.extend(next.iter().cloned());
+            last = next;
+        }
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    #[test]
+    fn next_hop_is_novas_over_every_short_pair_of_paths() {
+        let paths = paths(7);
+        assert!(paths.len() > 500, "{} paths", paths.len());
+        let mut hops = 0;
+        for routing_path in &paths {
+            for target in &paths {
+                let expected = next_hop_by_parts(routing_path, target);
+                assert_eq!(
+                    next_hop(routing_path, target),
+                    expected,
+                    "routing_path {routing_path:?}, target {target:?}"
+                );
+                hops += usize::from(expected.is_some());
+            }
+        }
+        // Not a comparison of two `None`s only.
+        assert!(hops > 1000, "{hops} pairs with a next hop");
+    }
+
     fn travel(first: Message) -> (Vec<String>, Vec<Failure>) {
         let mut processed = Vec::new();
         let mut failures = Vec::new();
