@@ -398,6 +398,46 @@ fn test_names_the_file_and_line_of_a_bad_message() {
 }
 
 #[test]
+fn bench_with_perf_map_names_the_policys_functions_for_perf() {
+    let dir = workdir("bench-perf-map");
+    let child = Command::new(env!("CARGO_BIN_EXE_cellhost"))
+        .args([
+            "policy",
+            "bench",
+            &plugin("nova_cells"),
+            "--iterations",
+            "100",
+            "--perf-map",
+        ])
+        .env("XDG_CACHE_HOME", dir.join("cache"))
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the cellhost binary runs");
+    // wasmtime names the file after the process that compiled the policy.
+    let map = PathBuf::from(format!("/tmp/perf-{}.map", child.id()));
+    let out = child.wait_with_output().expect("the bench finishes");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let names = std::fs::read_to_string(&map).unwrap_or_default();
+    let _ = std::fs::remove_file(&map);
+    // `start size name` lines, the policy's exports among the names.
+    let named = |function: &str| {
+        names.lines().any(|line| {
+            line.splitn(3, ' ')
+                .nth(2)
+                .is_some_and(|name| name.ends_with(&format!("::{function}")))
+        })
+    };
+    assert!(
+        named("route") && named("cabi_realloc"),
+        "perf map at {}:\n{names}",
+        map.display()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn bench_reports_latency_and_throughput() {
     let dir = workdir("bench");
     let out = cellhost(

@@ -74,11 +74,21 @@ pub struct DeadLetter {
     pub body: Vec<u8>,
 }
 
+/// The process's policy engine. With `PERF_MAP=1` in the environment it
+/// writes wasmtime's perf map (`/tmp/perf-<pid>.map`), so that a profile of
+/// a bench names the policy's functions (`scripts/plan-instructions` with
+/// `GUEST=1`).
 pub fn engine() -> Arc<PolicyEngine> {
     use std::sync::OnceLock;
     static ENGINE: OnceLock<Arc<PolicyEngine>> = OnceLock::new();
     ENGINE
-        .get_or_init(|| PolicyEngine::new().expect("wasmtime engine"))
+        .get_or_init(|| {
+            PolicyEngine::with_options(cellhost::policy::EngineOptions {
+                perf_map: std::env::var_os("PERF_MAP").is_some_and(|v| v == "1"),
+                ..Default::default()
+            })
+            .expect("wasmtime engine")
+        })
         .clone()
 }
 

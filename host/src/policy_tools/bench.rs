@@ -17,7 +17,7 @@ use anyhow::{anyhow, Context, Result};
 
 use super::{decision_notation, policy_view, BenchArgs};
 use crate::config::TransportUrl;
-use crate::policy::{Cell, LoadedPolicy, Message, PolicyInstance};
+use crate::policy::{Cell, EngineOptions, LoadedPolicy, Message, PolicyInstance};
 use crate::topology::{tree_configs, NOVA_TOPOLOGY};
 use crate::wire::CellsMessage;
 
@@ -51,7 +51,11 @@ struct Sample {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let (_, policy) = args.policy.load(args.concurrency_support)?;
+    let (_, policy) = args.policy.load(EngineOptions {
+        concurrency_support: args.concurrency_support,
+        perf_map: args.perf_map,
+        ..EngineOptions::default()
+    })?;
     let url = TransportUrl::Memory {
         name: "policy-bench".to_string(),
     };

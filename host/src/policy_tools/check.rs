@@ -14,10 +14,10 @@ use anyhow::Result;
 use super::CheckArgs;
 use crate::config::PolicySection;
 use crate::policy::budget::{self, mib};
-use crate::policy::{world, LoadedPolicy};
+use crate::policy::{world, EngineOptions, LoadedPolicy};
 
 pub fn run(args: &CheckArgs) -> Result<()> {
-    let (section, policy) = args.policy.load(false)?;
+    let (section, policy) = args.policy.load(EngineOptions::default())?;
     print!("{}", report(&section, &policy));
     Ok(())
 }

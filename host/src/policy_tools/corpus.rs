@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use super::{decision_notation, policy_view, TestArgs};
 use crate::config::{Config, TransportUrl};
-use crate::policy::{Action, LoadedPolicy, PolicyError, PolicyInstance};
+use crate::policy::{Action, EngineOptions, LoadedPolicy, PolicyError, PolicyInstance};
 use crate::wire::CellsMessage;
 
 /// The formats `policy test` reads and writes, for `--help`.
@@ -65,7 +65,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         Some(path) => Some((path, load_expected(path)?)),
         None => None,
     };
-    let (_, policy) = args.policy.load(false)?;
+    let (_, policy) = args.policy.load(EngineOptions::default())?;
 
     let outcomes = replay(&policy, &topology, messages);
     for outcome in &outcomes {

@@ -106,6 +106,10 @@ pub struct BenchArgs {
     /// runs with it off), to measure what it costs.
     #[arg(long)]
     pub concurrency_support: bool,
+    /// Write `/tmp/perf-<pid>.map`, naming the policy's compiled functions
+    /// for `perf record` / `perf report` run around this command.
+    #[arg(long)]
+    pub perf_map: bool,
 }
 
 /// Runs one `cellhost policy` subcommand, printing to stdout. An error means
@@ -137,11 +141,11 @@ impl PolicyArgs {
     }
 
     /// Loads the policy exactly as a cell with this `[policy]` section would.
-    fn load(&self, concurrency_support: bool) -> Result<(PolicySection, Arc<LoadedPolicy>)> {
+    fn load(&self, options: EngineOptions) -> Result<(PolicySection, Arc<LoadedPolicy>)> {
         let section = self.section();
         let engine = PolicyEngine::with_options(EngineOptions {
             cache_dir: section.cache_dir(),
-            concurrency_support,
+            ..options
         })?;
         let policy = crate::plugins::load(&engine, &section)?;
         Ok((section, policy))
