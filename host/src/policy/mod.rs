@@ -888,6 +888,7 @@ mod tests {
         let concurrent = PolicyEngine::with_options(EngineOptions {
             cache_dir: Some(root.clone()),
             concurrency_support: true,
+            ..EngineOptions::default()
         })
         .expect("engine");
         assert_ne!(plain.cache_dir(), concurrent.cache_dir());
