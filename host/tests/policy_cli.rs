@@ -19,11 +19,18 @@ fn workdir(test: &str) -> PathBuf {
     dir
 }
 
-fn cellhost(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cellhost"))
+/// The `cellhost` binary with `args`, its cache under `dir`.
+fn cellhost_command(dir: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cellhost"));
+    command
         .args(args)
         .env("XDG_CACHE_HOME", dir.join("cache"))
-        .env_remove("RUST_LOG")
+        .env_remove("RUST_LOG");
+    command
+}
+
+fn cellhost(dir: &Path, args: &[&str]) -> Output {
+    cellhost_command(dir, args)
         .output()
         .expect("the cellhost binary runs")
 }
@@ -400,21 +407,21 @@ fn test_names_the_file_and_line_of_a_bad_message() {
 #[test]
 fn bench_with_perf_map_names_the_policys_functions_for_perf() {
     let dir = workdir("bench-perf-map");
-    let child = Command::new(env!("CARGO_BIN_EXE_cellhost"))
-        .args([
+    let child = cellhost_command(
+        &dir,
+        &[
             "policy",
             "bench",
             &plugin("nova_cells"),
             "--iterations",
             "100",
             "--perf-map",
-        ])
-        .env("XDG_CACHE_HOME", dir.join("cache"))
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("the cellhost binary runs");
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("the cellhost binary runs");
     // wasmtime names the file after the process that compiled the policy.
     let map = PathBuf::from(format!("/tmp/perf-{}.map", child.id()));
     let out = child.wait_with_output().expect("the bench finishes");
