@@ -24,6 +24,10 @@
 //!   message in the bare relay's loop, so that the two differences between
 //!   cellhost and the bare relay, the plan and the way plans are carried
 //!   out, are measured apart.
+//! - bare amqprs (`bare_amqprs.rs`): the mandatory bare relay written with
+//!   amqprs, another maintained Rust client, instead of lapin: whether the
+//!   client is what bounds the bare relay; and the same with cellhost's
+//!   plan, as the bare lapin relay with it.
 //! - Shovel: a dynamic shovel from `q` in one vhost to `q` in another, with
 //!   `src-prefetch-count` 1000 (Shovel's own default, and cellhost's
 //!   prefetch) and 256 (cellhost's prefetch until 2026-12).
@@ -50,6 +54,8 @@
 //!     cargo bench -p cellhost-tests --bench relay_throughput
 //!     MESSAGES=100000 ROUNDS=5 BODY_BYTES=2048 cargo bench -p cellhost-tests --bench relay_throughput
 
+#[path = "relay_throughput/bare_amqprs.rs"]
+mod bare_amqprs;
 #[path = "relay_throughput/bare_lapin.rs"]
 mod bare_lapin;
 
@@ -59,6 +65,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use bare_amqprs::BareAmqprsRelay;
 use bare_lapin::{BareRelay, Destination};
 use cellhost::client::declare_intercell;
 use cellhost::config::{Config, TransportUrl};
@@ -106,17 +113,26 @@ enum Side {
     /// for each message (`bare_lapin.rs`): cellhost's work per message in
     /// the bare relay's loop.
     BarePlanned,
+    /// The mandatory bare relay written with amqprs instead of lapin
+    /// (`bare_amqprs.rs`): whether another client moves the same messages
+    /// for less.
+    BareAmqprs,
+    /// The amqprs relay publishing what cellhost's router plans: what
+    /// cellhost's work per message costs carried by that client.
+    AmqprsPlanned,
     Shovel {
         prefetch: u16,
     },
 }
 
 impl Side {
-    const ALL: [Side; 6] = [
+    const ALL: [Side; 8] = [
         Side::Cellhost,
         Side::BareLapin { mandatory: false },
         Side::BareLapin { mandatory: true },
         Side::BarePlanned,
+        Side::BareAmqprs,
+        Side::AmqprsPlanned,
         Side::Shovel {
             prefetch: SHOVEL_SMALL_PREFETCH,
         },
@@ -131,6 +147,8 @@ impl Side {
             Side::BareLapin { mandatory: false } => "bare".into(),
             Side::BareLapin { mandatory: true } => "bare-mandatory".into(),
             Side::BarePlanned => "bare-planned".into(),
+            Side::BareAmqprs => "bare-amqprs".into(),
+            Side::AmqprsPlanned => "amqprs-planned".into(),
             Side::Shovel { prefetch } => format!("shovel{prefetch}"),
         }
     }
@@ -141,6 +159,8 @@ impl Side {
             Side::BareLapin { mandatory: false } => "bare lapin".into(),
             Side::BareLapin { mandatory: true } => "bare lapin (mandatory)".into(),
             Side::BarePlanned => "bare lapin + cellhost's plan".into(),
+            Side::BareAmqprs => "bare amqprs (mandatory)".into(),
+            Side::AmqprsPlanned => "bare amqprs + cellhost's plan".into(),
             Side::Shovel { prefetch } => format!("shovel (prefetch {prefetch})"),
         }
     }
@@ -423,7 +443,8 @@ async fn bench() -> Result<()> {
     let messages: u32 = env_or("MESSAGES", 50_000)?;
     let rounds: usize = env_or("ROUNDS", 3)?;
     let sizes = body_sizes_from_env()?;
-    // SIDES=cellhost,bare (any of cellhost, bare, bare-mandatory, shovel256, shovel1000)
+    // SIDES=cellhost,bare (any of cellhost, bare, bare-mandatory, bare-planned,
+    // bare-amqprs, amqprs-planned, shovel256, shovel1000)
     // runs only those, for a quick comparison.
     let sides: Vec<Side> = match std::env::var("SIDES") {
         Ok(list) => Side::ALL
@@ -434,7 +455,8 @@ async fn bench() -> Result<()> {
     };
     ensure!(
         !sides.is_empty(),
-        "SIDES names none of cellhost, bare, bare-mandatory, bare-planned, shovel256, shovel1000"
+        "SIDES names none of cellhost, bare, bare-mandatory, bare-planned, bare-amqprs, \
+         amqprs-planned, shovel256, shovel1000"
     );
     ensure!(
         messages > 0 && rounds > 0,
@@ -502,6 +524,15 @@ async fn bench() -> Result<()> {
                         let to = &planned.destination;
                         let planner = Some(top_route_worker(&nova_cells()?));
                         run_bare_lapin(&bodies, &windows, to, true, planner, &meter).await
+                    }
+                    Side::BareAmqprs => {
+                        let to = &planned.destination;
+                        run_bare_amqprs(&bodies, &windows, to, None, &meter).await
+                    }
+                    Side::AmqprsPlanned => {
+                        let to = &planned.destination;
+                        let planner = Some(top_route_worker(&nova_cells()?));
+                        run_bare_amqprs(&bodies, &windows, to, planner, &meter).await
                     }
                     Side::Shovel { prefetch } => run_shovel(&bodies, prefetch, &meter).await,
                 }
@@ -884,6 +915,58 @@ async fn run_bare_lapin(
         );
     }
     if planned {
+        // Relayed as cellhost relays it: one hop more.
+        check_relayed(&pair.ends.dst, "top", 1).await?;
+    } else {
+        // Forwarded unchanged: the message carries no hop.
+        check_relayed(&pair.ends.dst, "", 0).await?;
+    }
+    pair.remove().await?;
+    Ok(timing)
+}
+
+/// The bare amqprs relay moves the same backlog to where cellhost would.
+async fn run_bare_amqprs(
+    bodies: &[Vec<u8>],
+    windows: &Windows,
+    destination: &Destination,
+    planner: Option<RouteWorker>,
+    meter: &CpuMeter,
+) -> Result<Timing> {
+    let planned = planner.is_some();
+    let pair = CellPair::prepare(bodies, windows).await?;
+    let count = bodies.len() as u32;
+    let before = meter.read();
+    let started = Instant::now();
+    let (relay, finish) = tokio::try_join!(
+        BareAmqprsRelay::start(
+            pair.top_vhost(),
+            &pair.queue,
+            pair.leaf_vhost(),
+            destination.clone(),
+            pair.top.cell.prefetch,
+            planner,
+        ),
+        watch(&pair.ends, count, started)
+    )?;
+    let timing = Timing::new(started, before, finish, meter.read());
+    // Still running, so the last acks can go out.
+    await_no_unacked(pair.top_vhost(), &pair.queue).await?;
+    let relayed = relay.stop().await?;
+    ensure!(
+        relayed.messages == u64::from(count),
+        "the bare amqprs relay acked {} messages, sent {count}",
+        relayed.messages
+    );
+    println!(
+        "  (bare amqprs acked its {} messages with {} multiple acks)",
+        relayed.messages, relayed.acks
+    );
+    if planned {
+        println!(
+            "  (planning in the relay's loop: {:.2} µs/message, wall)",
+            relayed.planning.as_secs_f64() * 1e6 / f64::from(count)
+        );
         // Relayed as cellhost relays it: one hop more.
         check_relayed(&pair.ends.dst, "top", 1).await?;
     } else {
