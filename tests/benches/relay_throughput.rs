@@ -66,7 +66,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use bare_amqprs::BareAmqprsRelay;
-use bare_lapin::{BareRelay, Destination};
+use bare_lapin::{BareRelay, Destination, Relayed};
 use cellhost::client::declare_intercell;
 use cellhost::config::{Config, TransportUrl};
 use cellhost::policy::{LoadedPolicy, PolicyEngine};
@@ -899,29 +899,7 @@ async fn run_bare_lapin(
     // Still running, so the last acks can go out.
     await_no_unacked(pair.top_vhost(), &pair.queue).await?;
     let relayed = relay.stop().await?;
-    ensure!(
-        relayed.messages == u64::from(count),
-        "the bare relay acked {} messages, sent {count}",
-        relayed.messages
-    );
-    println!(
-        "  (bare lapin acked its {} messages with {} multiple acks)",
-        relayed.messages, relayed.acks
-    );
-    if planned {
-        println!(
-            "  (planning in the relay's loop: {:.2} µs/message, wall)",
-            relayed.planning.as_secs_f64() * 1e6 / f64::from(count)
-        );
-    }
-    if planned {
-        // Relayed as cellhost relays it: one hop more.
-        check_relayed(&pair.ends.dst, "top", 1).await?;
-    } else {
-        // Forwarded unchanged: the message carries no hop.
-        check_relayed(&pair.ends.dst, "", 0).await?;
-    }
-    pair.remove().await?;
+    conclude_bare_run("lapin", pair, relayed, count, planned).await?;
     Ok(timing)
 }
 
@@ -953,13 +931,27 @@ async fn run_bare_amqprs(
     // Still running, so the last acks can go out.
     await_no_unacked(pair.top_vhost(), &pair.queue).await?;
     let relayed = relay.stop().await?;
+    conclude_bare_run("amqprs", pair, relayed, count, planned).await?;
+    Ok(timing)
+}
+
+/// After a bare relay (on `client`) stopped: checks it acked every message
+/// and that the destination holds them as relayed (hop 1 through `top` when
+/// `planned`, unchanged otherwise), says how it acked, and removes the vhosts.
+async fn conclude_bare_run(
+    client: &str,
+    pair: CellPair,
+    relayed: Relayed,
+    count: u32,
+    planned: bool,
+) -> Result<()> {
     ensure!(
         relayed.messages == u64::from(count),
-        "the bare amqprs relay acked {} messages, sent {count}",
+        "the bare {client} relay acked {} messages, sent {count}",
         relayed.messages
     );
     println!(
-        "  (bare amqprs acked its {} messages with {} multiple acks)",
+        "  (bare {client} acked its {} messages with {} multiple acks)",
         relayed.messages, relayed.acks
     );
     if planned {
@@ -973,8 +965,7 @@ async fn run_bare_amqprs(
         // Forwarded unchanged: the message carries no hop.
         check_relayed(&pair.ends.dst, "", 0).await?;
     }
-    pair.remove().await?;
-    Ok(timing)
+    pair.remove().await
 }
 
 async fn run_shovel(bodies: &[Vec<u8>], prefetch: u16, meter: &CpuMeter) -> Result<Timing> {
