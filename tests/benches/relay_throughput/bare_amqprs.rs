@@ -31,15 +31,14 @@ use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldTable, FieldValue, Nack, Return};
 use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
-
-/// What amqprs's callbacks answer with.
-type CallbackResult<T> = std::result::Result<T, amqprs::error::Error>;
+use cellhost::router::{Claim, RouteWorker};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use cellhost::router::{Claim, RouteWorker};
-
 use super::bare_lapin::{Destination, Relayed};
+
+/// What amqprs's callbacks answer with.
+type CallbackResult<T> = std::result::Result<T, amqprs::error::Error>;
 
 /// What the destination said of a publication, as the callback hands it on.
 enum Confirm {
