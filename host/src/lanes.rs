@@ -62,7 +62,8 @@ pub struct Lanes {
 enum LaneState {
     Opening(JoinHandle<Result<AnyLane<Carried>>>),
     Open {
-        lane: AnyLane<Carried>,
+        /// Boxed: the lapin and amqprs lanes differ much in size.
+        lane: Box<AnyLane<Carried>>,
         /// An AMQP link (on either client): what judges the verdicts.
         amqp: Broker,
         /// The neighbour's broker the lane was opened on: a lane outlives
@@ -163,7 +164,7 @@ impl Lanes {
             };
             self.lanes[at].1 = match opened {
                 Ok(Ok(lane)) => LaneState::Open {
-                    lane,
+                    lane: Box::new(lane),
                     amqp: amqp.clone(),
                     broker: neighbour.cloned(),
                 },

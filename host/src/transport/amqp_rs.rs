@@ -1007,6 +1007,9 @@ fn string_headers(table: Option<&FieldTable>) -> Vec<(String, String)> {
 async fn acknowledge(channel: Channel, mut settled: mpsc::UnboundedReceiver<(u64, Outcome)>) {
     let mut tracker = AckTracker::default();
     while let Some(first) = settled.recv().await {
+        // A consumer settles a batch back to back: let the rest of it in,
+        // so that one ack frame (one write, for amqprs) covers it.
+        tokio::task::yield_now().await;
         let mut next = Some(first);
         while let Some((tag, outcome)) = next {
             if outcome != Outcome::Ack {
