@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 mod rabbit;
-pub use rabbit::{AmqpClient, RabbitOptions};
+pub use rabbit::RabbitOptions;
 
 /// Everything one `cellhost` needs to serve one cell.
 #[derive(Debug, Clone, Deserialize)]
@@ -94,10 +94,6 @@ pub struct CellSection {
     /// relays for it are refused and their messages stay in their queue.
     #[serde(default = "default_park_max_length")]
     pub park_max_length: u64,
-    /// The AMQP client every link of this host runs on: `lapin` (the
-    /// default) or `amqprs`.
-    #[serde(default)]
-    pub amqp_client: AmqpClient,
 }
 
 /// `[local]`: where messages processed in this cell are delivered.
@@ -342,7 +338,6 @@ impl Config {
                 dedupe_max_age_s: default_dedupe_max_age_s(),
                 park_max_age_s: default_park_max_age_s(),
                 park_max_length: default_park_max_length(),
-                amqp_client: AmqpClient::default(),
             },
             local: LocalSection::default(),
             policy: PolicySection::default(),
@@ -352,26 +347,13 @@ impl Config {
         }
     }
 
-    /// The RabbitMQ options of this cell's own broker, with the client
-    /// its links run on.
-    pub fn rabbit_options(&self) -> RabbitOptions {
-        RabbitOptions {
-            client: self.cell.amqp_client,
-            ..self.oslo_messaging_rabbit.clone()
-        }
-    }
-
     /// The RabbitMQ options that apply to `neighbour`'s broker: its own, or
-    /// this cell's; with the client its link runs on.
-    pub fn rabbit_options_of(&self, neighbour: &NeighbourConfig) -> RabbitOptions {
-        RabbitOptions {
-            client: self.cell.amqp_client,
-            ..neighbour
-                .oslo_messaging_rabbit
-                .as_ref()
-                .unwrap_or(&self.oslo_messaging_rabbit)
-                .clone()
-        }
+    /// this cell's.
+    pub fn rabbit_options_of<'a>(&'a self, neighbour: &'a NeighbourConfig) -> &'a RabbitOptions {
+        neighbour
+            .oslo_messaging_rabbit
+            .as_ref()
+            .unwrap_or(&self.oslo_messaging_rabbit)
     }
 
     fn resolve_paths(&mut self, base: &Path) {

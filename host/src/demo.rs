@@ -290,7 +290,7 @@ pub async fn start_cells(
     for config in configs {
         let broker = Broker::connect(
             &config.cell.transport_url,
-            &config.rabbit_options(),
+            &config.oslo_messaging_rabbit,
             &config.cell.name,
         )
         .await?;
@@ -325,7 +325,7 @@ impl Demo<'_> {
         let message = outgoing.to_message();
         let broker = Broker::connect(
             &config.cell.transport_url,
-            &config.rabbit_options(),
+            &config.oslo_messaging_rabbit,
             "demo-client",
         )
         .await?;
@@ -388,7 +388,7 @@ impl Demo<'_> {
         let config = &self.configs[0];
         let broker = Broker::connect(
             &config.cell.transport_url,
-            &config.rabbit_options(),
+            &config.oslo_messaging_rabbit,
             "demo-caller",
         )
         .await?;

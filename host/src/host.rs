@@ -60,9 +60,13 @@ impl CellHost {
     /// oslo RPC server declares, and starts consuming.
     pub async fn start(config: Config, policy: Arc<LoadedPolicy>) -> Result<CellHost> {
         let name = config.cell.name.clone();
-        let own = Broker::connect(&config.cell.transport_url, &config.rabbit_options(), &name)
-            .await
-            .with_context(|| format!("cell {name}: own broker {}", config.cell.transport_url))?;
+        let own = Broker::connect(
+            &config.cell.transport_url,
+            &config.oslo_messaging_rabbit,
+            &name,
+        )
+        .await
+        .with_context(|| format!("cell {name}: own broker {}", config.cell.transport_url))?;
         // Each declaration is what an oslo RPC server declares for the same
         // role under this broker's [oslo_messaging_rabbit] options, so oslo
         // services and cellhost can declare the same names in any order.

@@ -32,7 +32,8 @@ use tokio::task::JoinHandle;
 
 use crate::links::Links;
 use crate::router::{Plan, Target};
-use crate::transport::{AnyLane, Broker, Inbound, PublishError, Verdict};
+use crate::transport::amqp::AmqpBroker;
+use crate::transport::{Broker, Inbound, Lane, PublishError, Verdict};
 
 /// How long after a lane failed to open the next attempt is made.
 const REOPEN_PAUSE: Duration = Duration::from_secs(1);
@@ -60,12 +61,10 @@ pub struct Lanes {
 }
 
 enum LaneState {
-    Opening(JoinHandle<Result<AnyLane<Carried>>>),
+    Opening(JoinHandle<Result<Lane<Carried>>>),
     Open {
-        /// Boxed: the lapin and amqprs lanes differ much in size.
-        lane: Box<AnyLane<Carried>>,
-        /// An AMQP link (on either client): what judges the verdicts.
-        amqp: Broker,
+        lane: Lane<Carried>,
+        amqp: AmqpBroker,
         /// The neighbour's broker the lane was opened on: a lane outlives
         /// no change of neighbours.
         broker: Option<Arc<Broker>>,
@@ -128,19 +127,20 @@ impl Lanes {
         let LaneState::Open { lane, .. } = &mut self.lanes[at].1 else {
             return Some((plan, inbound));
         };
+        let outgoing = AmqpBroker::outgoing(&plan.sends[0].1);
         let carried = Carried {
             plan,
             inbound,
             at: Instant::now(),
         };
-        lane.publish(carried, |c| &c.plan.sends[0].1);
+        lane.publish(outgoing, carried);
         self.in_flight += 1;
         None
     }
 
     /// The AMQP broker `target` publishes to now, while its link is up, and
     /// for a neighbour its shared handle.
-    fn broker_of(&self, target: &Target) -> Option<(Broker, Option<Arc<Broker>>)> {
+    fn broker_of(&self, target: &Target) -> Option<(AmqpBroker, Option<Arc<Broker>>)> {
         let (broker, neighbour) = match target {
             Target::Own => (self.links.own.clone(), None),
             Target::Neighbour(name) => {
@@ -149,22 +149,21 @@ impl Lanes {
             }
         };
         match broker {
-            Broker::Memory(_) => None,
-            amqp if amqp.down_because().is_none() => Some((amqp, neighbour)),
+            Broker::Amqp(amqp) if amqp.down_because().is_none() => Some((amqp, neighbour)),
             _ => None,
         }
     }
 
     /// Whether lane `at` is open on `amqp` (the same neighbour's broker as
     /// `neighbour`); opens it in the background, or gives it up, as needed.
-    fn ready(&mut self, at: usize, amqp: &Broker, neighbour: Option<&Arc<Broker>>) -> bool {
+    fn ready(&mut self, at: usize, amqp: &AmqpBroker, neighbour: Option<&Arc<Broker>>) -> bool {
         if let LaneState::Opening(opening) = &mut self.lanes[at].1 {
             let Some(opened) = opening.now_or_never() else {
                 return false;
             };
             self.lanes[at].1 = match opened {
                 Ok(Ok(lane)) => LaneState::Open {
-                    lane: Box::new(lane),
+                    lane,
                     amqp: amqp.clone(),
                     broker: neighbour.cloned(),
                 },
@@ -208,7 +207,7 @@ impl Lanes {
             self.lanes[at].1 = state;
             return;
         };
-        let (carried, closing) = lane.abandon();
+        let (carried, channel) = lane.abandon();
         if !carried.is_empty() {
             tracing::warn!(
                 target = ?self.lanes[at].0,
@@ -224,6 +223,7 @@ impl Lanes {
             (c, outcome)
         }));
         tokio::spawn(async move {
+            let closing = channel.close(200, "cellhost gave the lane up".into());
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
         });
     }

@@ -291,7 +291,7 @@ pub async fn declare_park_queue(own: &Broker, config: &Config, neighbour: &str) 
 pub async fn connect_neighbour(config: &Config, n: &NeighbourConfig) -> Result<Broker> {
     let label = format!("{}->{}", config.cell.name, n.name);
     let broker =
-        Broker::connect_in_background(&n.transport_url, &config.rabbit_options_of(n), &label)?;
+        Broker::connect_in_background(&n.transport_url, config.rabbit_options_of(n), &label)?;
     crate::client::declare_intercell(
         &broker,
         &config.cell.control_exchange,

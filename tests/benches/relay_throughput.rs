@@ -68,7 +68,7 @@ use anyhow::{bail, ensure, Context, Result};
 use bare_amqprs::BareAmqprsRelay;
 use bare_lapin::{BareRelay, Destination, Relayed};
 use cellhost::client::declare_intercell;
-use cellhost::config::{AmqpClient, Config, TransportUrl};
+use cellhost::config::{Config, TransportUrl};
 use cellhost::policy::{LoadedPolicy, PolicyEngine};
 use cellhost::router::{RouteWorker, Stats, Target};
 use cellhost::sched::CpuScheduling;
@@ -104,8 +104,6 @@ struct Windows {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
     Cellhost,
-    /// cellhost with `[cell] amqp_client = "amqprs"`.
-    CellhostAmqprs,
     /// `mandatory`: publishes as cellhost does, mandatory and stamped, so
     /// that an unroutable message comes back instead of being dropped.
     BareLapin {
@@ -128,9 +126,8 @@ enum Side {
 }
 
 impl Side {
-    const ALL: [Side; 9] = [
+    const ALL: [Side; 8] = [
         Side::Cellhost,
-        Side::CellhostAmqprs,
         Side::BareLapin { mandatory: false },
         Side::BareLapin { mandatory: true },
         Side::BarePlanned,
@@ -147,7 +144,6 @@ impl Side {
     fn short_name(self) -> String {
         match self {
             Side::Cellhost => "cellhost".into(),
-            Side::CellhostAmqprs => "cellhost-amqprs".into(),
             Side::BareLapin { mandatory: false } => "bare".into(),
             Side::BareLapin { mandatory: true } => "bare-mandatory".into(),
             Side::BarePlanned => "bare-planned".into(),
@@ -160,7 +156,6 @@ impl Side {
     fn label(self) -> String {
         match self {
             Side::Cellhost => "cellhost".into(),
-            Side::CellhostAmqprs => "cellhost on amqprs".into(),
             Side::BareLapin { mandatory: false } => "bare lapin".into(),
             Side::BareLapin { mandatory: true } => "bare lapin (mandatory)".into(),
             Side::BarePlanned => "bare lapin + cellhost's plan".into(),
@@ -448,7 +443,7 @@ async fn bench() -> Result<()> {
     let messages: u32 = env_or("MESSAGES", 50_000)?;
     let rounds: usize = env_or("ROUNDS", 3)?;
     let sizes = body_sizes_from_env()?;
-    // SIDES=cellhost,bare (any of cellhost, cellhost-amqprs, bare, bare-mandatory, bare-planned,
+    // SIDES=cellhost,bare (any of cellhost, bare, bare-mandatory, bare-planned,
     // bare-amqprs, amqprs-planned, shovel256, shovel1000)
     // runs only those, for a quick comparison.
     let sides: Vec<Side> = match std::env::var("SIDES") {
@@ -460,7 +455,7 @@ async fn bench() -> Result<()> {
     };
     ensure!(
         !sides.is_empty(),
-        "SIDES names none of cellhost, cellhost-amqprs, bare, bare-mandatory, bare-planned, bare-amqprs, \
+        "SIDES names none of cellhost, bare, bare-mandatory, bare-planned, bare-amqprs, \
          amqprs-planned, shovel256, shovel1000"
     );
     ensure!(
@@ -519,13 +514,7 @@ async fn bench() -> Result<()> {
                 let timing = match *side {
                     Side::Cellhost => {
                         let policy = nova_cells()?;
-                        let client = AmqpClient::Lapin;
-                        run_cellhost(&bodies, &windows, &policy, client, &meter).await
-                    }
-                    Side::CellhostAmqprs => {
-                        let policy = nova_cells()?;
-                        let client = AmqpClient::Amqprs;
-                        run_cellhost(&bodies, &windows, &policy, client, &meter).await
+                        run_cellhost(&bodies, &windows, &policy, &meter).await
                     }
                     Side::BareLapin { mandatory } => {
                         let to = &planned.destination;
@@ -676,26 +665,23 @@ impl fmt::Display for SizeReport {
                 m.cpu_us(),
             )?;
         }
-        let hosts = medians
-            .iter()
-            .filter(|(side, _)| matches!(side, Side::Cellhost | Side::CellhostAmqprs));
-        for (host_side, host) in hosts {
+        let Some((_, host)) = medians.iter().find(|(side, _)| *side == Side::Cellhost) else {
+            return Ok(());
+        };
+        writeln!(
+            f,
+            "\n| cellhost / | msg/s total | msg/s from consumer | CPU µs/msg, both |"
+        )?;
+        writeln!(f, "|---|---:|---:|---:|")?;
+        for (side, m) in medians.iter().filter(|(side, _)| *side != Side::Cellhost) {
             writeln!(
                 f,
-                "\n| {} / | msg/s total | msg/s from consumer | CPU µs/msg, both |",
-                host_side.label()
+                "| {} | {:.2} | {:.2} | {:.2} |",
+                side.label(),
+                host.total_rate / m.total_rate,
+                host.relaying_rate / m.relaying_rate,
+                host.cpu_us() / m.cpu_us(),
             )?;
-            writeln!(f, "|---|---:|---:|---:|")?;
-            for (side, m) in medians.iter().filter(|(side, _)| side != host_side) {
-                writeln!(
-                    f,
-                    "| {} | {:.2} | {:.2} | {:.2} |",
-                    side.label(),
-                    host.total_rate / m.total_rate,
-                    host.relaying_rate / m.relaying_rate,
-                    host.cpu_us() / m.cpu_us(),
-                )?;
-            }
         }
         Ok(())
     }
@@ -842,11 +828,9 @@ async fn run_cellhost(
     bodies: &[Vec<u8>],
     windows: &Windows,
     policy: &Arc<LoadedPolicy>,
-    client: AmqpClient,
     meter: &CpuMeter,
 ) -> Result<Timing> {
-    let mut pair = CellPair::prepare(bodies, windows).await?;
-    pair.top.cell.amqp_client = client;
+    let pair = CellPair::prepare(bodies, windows).await?;
     let count = bodies.len() as u32;
     let before = meter.read();
     let started = Instant::now();

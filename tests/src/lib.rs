@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use cellhost::client::{call_into, entry_cast, Caller, Outgoing};
-use cellhost::config::{AmqpClient, Config, TransportUrl};
+use cellhost::config::{Config, TransportUrl};
 use cellhost::demo::{LocalWorker, Processed};
 use cellhost::policy::{LoadedPolicy, PolicyEngine};
 use cellhost::router::{Stats, CELL_HEADER, REASON_CODE_HEADER, REASON_HEADER};
-use cellhost::topology::NOVA_TOPOLOGY;
+use cellhost::topology::{tree_configs, NOVA_TOPOLOGY};
 use cellhost::transport::{Broker, Publication};
 use cellhost::wire::Reply;
 use cellhost::CellHost;
@@ -33,37 +33,6 @@ pub mod stream;
 pub use cellhost::demo::Behaviour;
 pub use cellhost::topology::NOVA_TOPOLOGY as NOVA;
 pub use cellhost::wire::Direction;
-
-/// The AMQP client the hosts under test run on: `CELLHOST_TEST_AMQP_CLIENT`
-/// (`lapin` or `amqprs`), lapin when it is not set, so that the whole suite
-/// can be run on either.
-pub fn amqp_client_under_test() -> AmqpClient {
-    match std::env::var("CELLHOST_TEST_AMQP_CLIENT").as_deref() {
-        Ok("amqprs") => AmqpClient::Amqprs,
-        Ok("lapin") | Ok("") | Err(_) => AmqpClient::Lapin,
-        Ok(other) => panic!("CELLHOST_TEST_AMQP_CLIENT={other:?}: expected lapin or amqprs"),
-    }
-}
-
-/// The `[cell]` line that picks the client under test, for a config file.
-pub fn amqp_client_line() -> &'static str {
-    match amqp_client_under_test() {
-        AmqpClient::Amqprs => "amqp_client = \"amqprs\"\n",
-        AmqpClient::Lapin => "amqp_client = \"lapin\"\n",
-    }
-}
-
-/// The configs of a tree (see `cellhost::topology::tree_configs`), on the
-/// AMQP client under test.
-pub fn tree_configs(
-    topology: &[(&str, Option<&str>)],
-    url_of: impl Fn(&str) -> TransportUrl,
-) -> Vec<Config> {
-    let mut configs = cellhost::topology::tree_configs(topology, url_of);
-    let client = amqp_client_under_test();
-    configs.iter_mut().for_each(|c| c.cell.amqp_client = client);
-    configs
-}
 
 /// How long a test waits for something that should happen in milliseconds.
 pub const PATIENCE: Duration = Duration::from_secs(15);

@@ -28,10 +28,10 @@ use anyhow::{bail, ensure, Context, Result};
 use cellhost::client::Outgoing;
 use cellhost::config::{Config, TransportUrl};
 use cellhost::router::Stats;
+use cellhost::topology::tree_configs;
 use cellhost::CellHost;
 use cellhost_tests::rabbit_node::{NodeSpec, RabbitNode};
 use cellhost_tests::stream::{messages, publish_all, App, Tally, QUEUE_BASE};
-use cellhost_tests::tree_configs;
 use cellhost_tests::{plugin, Direction};
 
 /// Messages the test streams.

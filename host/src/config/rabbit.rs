@@ -48,21 +48,6 @@ pub struct RabbitOptions {
     pub ssl_cert_file: String,
     /// The client certificate's key, PEM; `""`: none.
     pub ssl_key_file: String,
-    /// The AMQP client the link runs on. Not an oslo option: it comes from
-    /// `[cell] amqp_client` (see `Config::rabbit_options`).
-    #[serde(skip)]
-    pub client: AmqpClient,
-}
-
-/// The Rust AMQP client a link runs on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AmqpClient {
-    /// lapin: an I/O thread per connection.
-    #[default]
-    Lapin,
-    /// amqprs: reader and writer tasks on the tokio runtime.
-    Amqprs,
 }
 
 impl Default for RabbitOptions {
@@ -82,7 +67,6 @@ impl Default for RabbitOptions {
             ssl_ca_file: String::new(),
             ssl_cert_file: String::new(),
             ssl_key_file: String::new(),
-            client: AmqpClient::default(),
         }
     }
 }

@@ -117,7 +117,7 @@ struct ConsumerTasks {
 }
 
 /// One queue's deliveries, as the inbox reads them.
-pub(super) type Deliveries = Pin<Box<dyn Stream<Item = Inbound> + Send>>;
+type Deliveries = Pin<Box<dyn Stream<Item = Inbound> + Send>>;
 
 /// The deliveries of `consumer` until it ends (its connection is gone),
 /// each settled through the acknowledger `settle` leads to.
@@ -163,7 +163,7 @@ fn deliveries(
 /// The deliveries of a consumer's queues, on every connection: each new
 /// subscription's streams arrive on `sets` and are read beside the old ones
 /// (which end with their connection).
-pub(super) struct MergedInbox {
+struct MergedInbox {
     current: futures::stream::SelectAll<Deliveries>,
     sets: mpsc::UnboundedReceiver<Vec<Deliveries>>,
     /// No subscription will come any more.
@@ -171,7 +171,7 @@ pub(super) struct MergedInbox {
 }
 
 impl MergedInbox {
-    pub(super) fn new() -> (mpsc::UnboundedSender<Vec<Deliveries>>, MergedInbox) {
+    fn new() -> (mpsc::UnboundedSender<Vec<Deliveries>>, MergedInbox) {
         let (tx, sets) = mpsc::unbounded_channel();
         let inbox = MergedInbox {
             current: futures::stream::SelectAll::new(),
@@ -660,7 +660,24 @@ impl AmqpBroker {
         p: &Publication,
         verdict: Verdict,
     ) -> std::result::Result<(), PublishError> {
-        super::judge(&self.inner.label, p, verdict)
+        let label = &self.inner.label;
+        match verdict {
+            Verdict::Delivered => Ok(()),
+            Verdict::Returned(reason) => Err(PublishError::Unroutable {
+                broker: label.clone(),
+                exchange: p.exchange.clone(),
+                routing_key: p.routing_key.clone(),
+                reason,
+            }),
+            Verdict::Refused => Err(PublishError::Refused {
+                broker: label.clone(),
+                routing_key: p.routing_key.clone(),
+            }),
+            Verdict::Failed(e) => Err(PublishError::Unavailable(format!(
+                "publishing to {} on {label}: {e}",
+                p.routing_key
+            ))),
+        }
     }
 
     /// How long a publish may wait for its confirm before it counts as
@@ -741,7 +758,7 @@ impl AmqpBroker {
 /// How long to wait before the next connection attempt: doubling from
 /// [`BACKOFF_FIRST`] up to [`BACKOFF_CAP`], with a random half taken off so
 /// that many hosts losing one broker do not all come back at once.
-pub(super) fn backoff(failures: u32) -> Duration {
+fn backoff(failures: u32) -> Duration {
     let full = BACKOFF_FIRST
         .saturating_mul(1u32 << failures.min(16))
         .min(BACKOFF_CAP);
@@ -866,36 +883,18 @@ fn refused(
     declared: &str,
 ) -> anyhow::Error {
     if let lapin::ErrorKind::ProtocolError(amqp) = error.kind() {
-        let said = amqp.get_message().as_str();
-        if let Some(explained) =
-            explain_refusal(broker, amqp.get_id(), said, what, name, role, declared)
-        {
-            return explained;
+        if amqp.get_id() == 406 {
+            let said = amqp.get_message().as_str();
+            let argument = inequivalent_argument(said).unwrap_or("");
+            return anyhow::anyhow!(
+                "{what} {name:?} already exists on the broker of {broker} with other properties than cellhost declares ({declared}); the broker says: {said}. Make `{}` in [oslo_messaging_rabbit] match the oslo.messaging services that use this broker (or delete the {what} if nothing uses it)",
+                role.likely_option(argument)
+            );
         }
     }
     anyhow::Error::new(error).context(format!(
         "declaring {what} {name:?} on the broker of {broker}"
     ))
-}
-
-/// Explains a declaration the broker refused with `code` and `said`, when
-/// it is PRECONDITION_FAILED (406): the name exists with other properties.
-pub(super) fn explain_refusal(
-    broker: &str,
-    code: u16,
-    said: &str,
-    what: &str,
-    name: &str,
-    role: Role,
-    declared: &str,
-) -> Option<anyhow::Error> {
-    (code == 406).then(|| {
-        let argument = inequivalent_argument(said).unwrap_or("");
-        anyhow::anyhow!(
-            "{what} {name:?} already exists on the broker of {broker} with other properties than cellhost declares ({declared}); the broker says: {said}. Make `{}` in [oslo_messaging_rabbit] match the oslo.messaging services that use this broker (or delete the {what} if nothing uses it)",
-            role.likely_option(argument)
-        )
-    })
 }
 
 /// The argument RabbitMQ names in "PRECONDITION_FAILED - inequivalent arg
@@ -957,12 +956,6 @@ pub(super) struct Settler {
 }
 
 impl Settler {
-    /// Settles delivery `tag` through `tx`, the acknowledging task of its
-    /// channel while the link holds it.
-    pub(super) fn new(tag: u64, tx: Option<mpsc::UnboundedSender<(u64, Outcome)>>) -> Settler {
-        Settler { tag, tx }
-    }
-
     pub(super) fn settle(self, outcome: Outcome) {
         // The task is gone only when the channel is (or the link closes);
         // the broker then redelivers the message, which is what
@@ -1039,7 +1032,7 @@ fn publish_properties(expiration_ms: Option<u64>) -> BasicProperties {
 /// must also be a tag still outstanding at the broker, so a nacked tag is
 /// never the top of a batch.
 #[derive(Default)]
-pub(super) struct AckTracker {
+struct AckTracker {
     /// Every tag up to this one is settled.
     prefix: u64,
     /// The highest tag within the prefix that was settled with an ack.
@@ -1051,7 +1044,7 @@ pub(super) struct AckTracker {
 }
 
 impl AckTracker {
-    pub(super) fn settled(&mut self, tag: u64, ack: bool) {
+    fn settled(&mut self, tag: u64, ack: bool) {
         if tag != self.prefix + 1 {
             if tag > self.prefix {
                 self.ahead.insert(tag, ack);
@@ -1072,7 +1065,7 @@ impl AckTracker {
     }
 
     /// The tag to ack with `multiple`, if acks were settled since the last one.
-    pub(super) fn take_ackable(&mut self) -> Option<u64> {
+    fn take_ackable(&mut self) -> Option<u64> {
         (self.top_ack > self.acked).then(|| {
             self.acked = self.top_ack;
             self.top_ack

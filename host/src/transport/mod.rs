@@ -1,17 +1,14 @@
 //! The transport: moving opaque message bodies to and from one broker.
 //!
-//! One API, three implementations: AMQP over lapin (`amqp`, the default) or
-//! over amqprs (`amqp_rs`, with `[cell] amqp_client = "amqprs"`), and the
-//! in-process broker (`memory`) behind `memory://`. Above this module nothing
-//! knows which one it talks to. The transport knows exchanges, queues, publisher confirms
+//! One API, two implementations: AMQP over lapin (`amqp`) and the in-process
+//! broker (`memory`) behind `memory://`. Above this module nothing knows which
+//! one it talks to. The transport knows exchanges, queues, publisher confirms
 //! and acknowledgements; it knows nothing of cells or of the oslo envelope.
 
 pub mod amqp;
-pub mod amqp_rs;
 mod confirms;
 pub mod memory;
 pub mod oslo_declare;
-mod rs_confirms;
 pub mod tls;
 
 use std::collections::BTreeMap;
@@ -24,11 +21,10 @@ use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::watch;
 
-use crate::config::{AmqpClient, RabbitOptions, TransportUrl};
+use crate::config::{RabbitOptions, TransportUrl};
 
 pub use confirms::{Lane, Outgoing, Verdict, STAMP_HEADER};
 pub use oslo_declare::{OsloDeclarations, Role};
-pub use rs_confirms::{RsLane, RsOutgoing};
 
 /// One message to publish.
 #[derive(Debug, Clone)]
@@ -202,7 +198,6 @@ pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub enum Broker {
     Amqp(amqp::AmqpBroker),
-    AmqpRs(amqp_rs::RsBroker),
     Memory(memory::MemoryBroker),
 }
 
@@ -218,11 +213,6 @@ impl Broker {
         match url {
             TransportUrl::Memory { name: broker } => {
                 Ok(Broker::Memory(memory::MemoryBroker::named(broker)))
-            }
-            TransportUrl::Amqp { .. } if options.client == AmqpClient::Amqprs => {
-                Ok(Broker::AmqpRs(
-                    amqp_rs::RsBroker::connect(url, options, name, PUBLISH_TIMEOUT).await?,
-                ))
             }
             TransportUrl::Amqp { .. } => Ok(Broker::Amqp(
                 amqp::AmqpBroker::connect(
@@ -247,14 +237,6 @@ impl Broker {
             TransportUrl::Memory { name: broker } => {
                 Ok(Broker::Memory(memory::MemoryBroker::named(broker)))
             }
-            TransportUrl::Amqp { .. } if options.client == AmqpClient::Amqprs => {
-                Ok(Broker::AmqpRs(amqp_rs::RsBroker::connect_in_background(
-                    url,
-                    options,
-                    name,
-                    PUBLISH_TIMEOUT,
-                )?))
-            }
             TransportUrl::Amqp { .. } => Ok(Broker::Amqp(amqp::AmqpBroker::connect_in_background(
                 &url.amqp_uris_with(options),
                 options,
@@ -268,7 +250,6 @@ impl Broker {
     pub fn state(&self) -> watch::Receiver<LinkState> {
         match self {
             Broker::Amqp(b) => b.state(),
-            Broker::AmqpRs(b) => b.state(),
             Broker::Memory(_) => {
                 watch::channel(LinkState {
                     up: true,
@@ -285,7 +266,6 @@ impl Broker {
     pub fn down_because(&self) -> Option<String> {
         match self {
             Broker::Amqp(b) => b.down_because(),
-            Broker::AmqpRs(b) => b.down_because(),
             Broker::Memory(_) => None,
         }
     }
@@ -295,7 +275,6 @@ impl Broker {
     pub fn publish_timeout(&self) -> Duration {
         match self {
             Broker::Amqp(b) => b.publish_timeout(),
-            Broker::AmqpRs(b) => b.publish_timeout(),
             Broker::Memory(_) => PUBLISH_TIMEOUT,
         }
     }
@@ -319,7 +298,6 @@ impl Broker {
         static DEFAULTS: OnceLock<RabbitOptions> = OnceLock::new();
         match self {
             Broker::Amqp(b) => b.options(),
-            Broker::AmqpRs(b) => b.options(),
             Broker::Memory(_) => DEFAULTS.get_or_init(RabbitOptions::default),
         }
     }
@@ -335,7 +313,6 @@ impl Broker {
     pub async fn declare_exchange(&self, exchange: &ExchangeSpec) -> Result<()> {
         match self {
             Broker::Amqp(b) => b.declare_exchange(exchange).await,
-            Broker::AmqpRs(b) => b.declare_exchange(exchange).await,
             Broker::Memory(b) => {
                 b.declare_exchange(&exchange.name, exchange.kind);
                 Ok(())
@@ -354,7 +331,6 @@ impl Broker {
     ) -> Result<()> {
         match self {
             Broker::Amqp(b) => b.declare_queue(queue, exchange, routing_key).await,
-            Broker::AmqpRs(b) => b.declare_queue(queue, exchange, routing_key).await,
             Broker::Memory(b) => {
                 b.declare_queue(&queue.name, exchange, routing_key);
                 Ok(())
@@ -366,7 +342,6 @@ impl Broker {
     pub async fn consume(&self, queues: &[String], prefetch: u16, tag: &str) -> Result<Inbox> {
         match self {
             Broker::Amqp(b) => b.consume(queues, prefetch, tag).await,
-            Broker::AmqpRs(b) => b.consume(queues, prefetch, tag).await,
             Broker::Memory(b) => b.consume(queues),
         }
     }
@@ -376,141 +351,14 @@ impl Broker {
     pub async fn publish(&self, publication: &Publication) -> Result<(), PublishError> {
         match self {
             Broker::Amqp(b) => b.publish(publication).await,
-            Broker::AmqpRs(b) => b.publish(publication).await,
             Broker::Memory(b) => b.publish(publication),
         }
     }
 
     /// Closes the connection after the in-flight work is settled.
     pub async fn close(&self) {
-        match self {
-            Broker::Amqp(b) => b.close().await,
-            Broker::AmqpRs(b) => b.close().await,
-            Broker::Memory(_) => {}
-        }
-    }
-
-    /// Opens a confirm channel of its own for one task, on an AMQP link
-    /// that is up; the in-process broker has none.
-    pub async fn open_lane<T: Send + 'static>(&self) -> Result<AnyLane<T>> {
-        match self {
-            Broker::Amqp(b) => Ok(AnyLane::Lapin(b.open_lane().await?)),
-            Broker::AmqpRs(b) => Ok(AnyLane::Amqprs(b.open_lane().await?)),
-            Broker::Memory(_) => anyhow::bail!("the in-process broker has no confirm channels"),
-        }
-    }
-
-    /// The outcome of publishing `p` on this broker, by its verdict.
-    pub fn judge(&self, p: &Publication, verdict: Verdict) -> Result<(), PublishError> {
-        match self {
-            Broker::Amqp(b) => b.judge(p, verdict),
-            Broker::AmqpRs(b) => b.judge(p, verdict),
-            Broker::Memory(_) => judge("the in-process broker", p, verdict),
-        }
-    }
-}
-
-/// The outcome of publishing `p` on the broker `label` names, by its verdict.
-fn judge(label: &str, p: &Publication, verdict: Verdict) -> Result<(), PublishError> {
-    match verdict {
-        Verdict::Delivered => Ok(()),
-        Verdict::Returned(reason) => Err(PublishError::Unroutable {
-            broker: label.to_string(),
-            exchange: p.exchange.clone(),
-            routing_key: p.routing_key.clone(),
-            reason,
-        }),
-        Verdict::Refused => Err(PublishError::Refused {
-            broker: label.to_string(),
-            routing_key: p.routing_key.clone(),
-        }),
-        Verdict::Failed(e) => Err(PublishError::Unavailable(format!(
-            "publishing to {} on {label}: {e}",
-            p.routing_key
-        ))),
-    }
-}
-
-/// A confirm channel owned by one task, on either AMQP client: see
-/// [`Lane`] and [`RsLane`].
-pub enum AnyLane<T> {
-    Lapin(Lane<T>),
-    Amqprs(RsLane<T>),
-}
-
-impl<T> AnyLane<T> {
-    /// Whether its channel is open.
-    pub fn is_open(&self) -> bool {
-        match self {
-            AnyLane::Lapin(lane) => lane.is_open(),
-            AnyLane::Amqprs(lane) => lane.is_open(),
-        }
-    }
-
-    /// Publishes not decided yet.
-    pub fn len(&self) -> usize {
-        match self {
-            AnyLane::Lapin(lane) => lane.len(),
-            AnyLane::Amqprs(lane) => lane.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// What the oldest undecided publish carries.
-    pub fn oldest(&self) -> Option<&T> {
-        match self {
-            AnyLane::Lapin(lane) => lane.oldest(),
-            AnyLane::Amqprs(lane) => lane.oldest(),
-        }
-    }
-
-    /// Publishes the publication `carried` holds (`publication` finds it);
-    /// its verdict comes with `carried`.
-    pub fn publish(&mut self, carried: T, publication: impl FnOnce(&T) -> &Publication) {
-        match self {
-            AnyLane::Lapin(lane) => {
-                let outgoing = amqp::AmqpBroker::outgoing(publication(&carried));
-                lane.publish(outgoing, carried)
-            }
-            AnyLane::Amqprs(lane) => {
-                let outgoing = RsOutgoing::new(publication(&carried));
-                lane.publish(outgoing, carried)
-            }
-        }
-    }
-
-    /// Moves every verdict that can be given now into `decided`, in
-    /// publication order; pending while there is none.
-    pub fn poll_decided(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-        decided: &mut Vec<(T, Verdict)>,
-    ) -> std::task::Poll<()> {
-        match self {
-            AnyLane::Lapin(lane) => lane.poll_decided(cx, decided),
-            AnyLane::Amqprs(lane) => lane.poll_decided(cx, decided),
-        }
-    }
-
-    /// Gives up on the lane: what every undecided publish carried, in
-    /// order, and the closing of its channel, for the caller to run.
-    pub fn abandon(self) -> (Vec<T>, futures::future::BoxFuture<'static, ()>) {
-        use futures::FutureExt;
-        match self {
-            AnyLane::Lapin(lane) => {
-                let (carried, channel) = lane.abandon();
-                let closing = async move {
-                    let _ = channel.close(200, "cellhost gave the lane up".into()).await;
-                };
-                (carried, closing.boxed())
-            }
-            AnyLane::Amqprs(lane) => {
-                let (carried, closing) = lane.abandon();
-                (carried, closing.boxed())
-            }
+        if let Broker::Amqp(b) = self {
+            b.close().await;
         }
     }
 }

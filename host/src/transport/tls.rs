@@ -54,16 +54,7 @@ impl fmt::Display for Trust {
 /// broker asked it for a client certificate during the handshake.
 pub(super) struct TlsAttempt {
     pub(super) connector: RustlsConnector,
-    /// The same settings, for a client that takes a rustls config.
-    config: Arc<ClientConfig>,
     asked_for_certificate: Arc<AtomicBool>,
-}
-
-impl TlsAttempt {
-    /// The rustls config of this attempt.
-    pub(super) fn rustls_config(&self) -> Arc<ClientConfig> {
-        self.config.clone()
-    }
 }
 
 impl TlsSetup {
@@ -125,18 +116,17 @@ impl TlsSetup {
     /// why it did.
     pub(super) fn attempt(&self) -> TlsAttempt {
         let asked_for_certificate = Arc::new(AtomicBool::new(false));
-        let config = if self.config.client_auth_cert_resolver.has_certs() {
-            self.config.clone()
+        let connector = if self.config.client_auth_cert_resolver.has_certs() {
+            RustlsConnector::from(self.config.clone())
         } else {
             let mut config = (*self.config).clone();
             config.client_auth_cert_resolver = Arc::new(NoCertificate {
                 asked: asked_for_certificate.clone(),
             });
-            Arc::new(config)
+            RustlsConnector::from(config)
         };
         TlsAttempt {
-            connector: RustlsConnector::from(config.clone()),
-            config,
+            connector,
             asked_for_certificate,
         }
     }
@@ -151,89 +141,32 @@ impl TlsSetup {
         host: &str,
         port: u16,
     ) -> anyhow::Error {
-        let refusal = match tls_error(&error) {
-            Some(refused @ rustls::Error::InvalidCertificate(_)) => {
-                Refusal::BrokerCertificate(refused.to_string())
-            }
-            Some(rustls::Error::AlertReceived(
-                alert @ (AlertDescription::CertificateRequired
-                | AlertDescription::BadCertificate
-                | AlertDescription::UnknownCA
-                | AlertDescription::CertificateUnknown),
-            )) => Refusal::OurCertificate(format!("alert {alert:?}")),
-            _ => Refusal::Unknown,
-        };
-        self.told(refusal, error.into(), attempt, label, host, port)
-    }
-
-    /// As [`TlsSetup::explain`], for a client whose error is only text
-    /// (amqprs): rustls's own words tell the refusals apart.
-    pub(super) fn explain_text(
-        &self,
-        error: anyhow::Error,
-        attempt: &TlsAttempt,
-        label: &str,
-        host: &str,
-        port: u16,
-    ) -> anyhow::Error {
-        let text = format!("{error:#}");
-        let alerted = [
-            "CertificateRequired",
-            "BadCertificate",
-            "UnknownCA",
-            "CertificateUnknown",
-        ]
-        .into_iter()
-        .find(|alert| text.contains(&format!("received fatal alert: {alert}")));
-        let refusal = if let Some(at) = text.find("invalid peer certificate") {
-            Refusal::BrokerCertificate(text[at..].to_string())
-        } else if let Some(alert) = alerted {
-            Refusal::OurCertificate(format!("alert {alert}"))
-        } else {
-            Refusal::Unknown
-        };
-        self.told(refusal, error, attempt, label, host, port)
-    }
-
-    fn told(
-        &self,
-        refusal: Refusal,
-        error: anyhow::Error,
-        attempt: &TlsAttempt,
-        label: &str,
-        host: &str,
-        port: u16,
-    ) -> anyhow::Error {
         let want_of_certificate = |what: String| {
             anyhow::anyhow!(
                 "TLS to the broker of {label} at {host}:{port}: the broker refused the connection for want of an acceptable client certificate ({what}); set `ssl_cert_file` and `ssl_key_file` in [oslo_messaging_rabbit] to a certificate the broker's CA signed"
             )
         };
-        match refusal {
-            Refusal::BrokerCertificate(refused) => anyhow::anyhow!(
+        match tls_error(&error) {
+            Some(refused @ rustls::Error::InvalidCertificate(_)) => anyhow::anyhow!(
                 "TLS to the broker of {label} at {host}:{port}: the broker's certificate did not verify against {} ({refused}); the connection was refused. Check that the broker's certificate is signed by that CA and names {host} in its subjectAltName",
                 self.trust
             ),
-            Refusal::OurCertificate(what) => want_of_certificate(what),
-            Refusal::Unknown if attempt.asked_for_certificate.load(Ordering::Relaxed) => {
+            Some(rustls::Error::AlertReceived(
+                alert @ (AlertDescription::CertificateRequired
+                | AlertDescription::BadCertificate
+                | AlertDescription::UnknownCA
+                | AlertDescription::CertificateUnknown),
+            )) => want_of_certificate(format!("alert {alert:?}")),
+            _ if attempt.asked_for_certificate.load(Ordering::Relaxed) => {
                 want_of_certificate(format!(
-                    "it asked for one during the handshake, none is configured, and then it hung up: {error:#}"
+                    "it asked for one during the handshake, none is configured, and then it hung up: {error}"
                 ))
             }
-            Refusal::Unknown => error.context(format!(
+            _ => anyhow::Error::new(error).context(format!(
                 "TLS connection to the broker of {label} at {host}:{port} failed"
             )),
         }
     }
-}
-
-/// Why TLS refused a connection, as far as the error tells.
-enum Refusal {
-    /// The broker's certificate did not verify: rustls's words.
-    BrokerCertificate(String),
-    /// The broker did not take ours (or our lack of one).
-    OurCertificate(String),
-    Unknown,
 }
 
 /// A client config on ring, offering the TLS versions rustls deems safe.

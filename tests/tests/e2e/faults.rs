@@ -28,12 +28,12 @@ use cellhost::client::Outgoing;
 use cellhost::config::RabbitOptions;
 use cellhost::config::{Config, TransportUrl};
 use cellhost::router::{REASON_CODE_HEADER, REASON_HEADER};
+use cellhost::topology::tree_configs;
 use cellhost::transport::amqp::AmqpBroker;
 use cellhost::transport::{Broker, Publication, PublishError, Verdict};
 use cellhost::CellHost;
 use cellhost_tests::fault_proxy::FaultProxy;
 use cellhost_tests::stream::{self, messages, App, Tally, EXCHANGE, QUEUE_BASE};
-use cellhost_tests::tree_configs;
 use cellhost_tests::{cellhost_bin, drain_queue, local_amqp_uri, plugin, Direction, Vhosts};
 use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
@@ -792,10 +792,9 @@ fn run_a(cells: &Cells, host_id: &str) -> Running {
         &config,
         format!(
             "[cell]\nname = \"a\"\ntransport_url = \"rabbit://guest:guest@127.0.0.1:5672/{}\"\n\
-             host_id = \"{host_id}\"\n{}\n[[neighbours]]\nname = \"b\"\nis_parent = true\n\
+             host_id = \"{host_id}\"\n\n[[neighbours]]\nname = \"b\"\nis_parent = true\n\
              transport_url = \"rabbit://guest:guest@127.0.0.1:5672/{}\"\n",
             cells.vhost("a"),
-            cellhost_tests::amqp_client_line(),
             cells.vhost("b")
         ),
     )

@@ -72,9 +72,8 @@ async fn run_and_send_route_a_message_between_two_processes() {
     std::fs::write(
         &top_toml,
         format!(
-            "[cell]\nname = \"top\"\ntransport_url = \"{}\"\n{}\n[[neighbours]]\nname = \"leaf\"\ntransport_url = \"{}\"\n",
+            "[cell]\nname = \"top\"\ntransport_url = \"{}\"\n\n[[neighbours]]\nname = \"leaf\"\ntransport_url = \"{}\"\n",
             url(&top),
-            cellhost_tests::amqp_client_line(),
             url(&leaf)
         ),
     )
@@ -82,9 +81,8 @@ async fn run_and_send_route_a_message_between_two_processes() {
     std::fs::write(
         &leaf_toml,
         format!(
-            "[cell]\nname = \"leaf\"\ntransport_url = \"{}\"\n{}\n[[neighbours]]\nname = \"top\"\nis_parent = true\ntransport_url = \"{}\"\n",
+            "[cell]\nname = \"leaf\"\ntransport_url = \"{}\"\n\n[[neighbours]]\nname = \"top\"\nis_parent = true\ntransport_url = \"{}\"\n",
             url(&leaf),
-            cellhost_tests::amqp_client_line(),
             url(&top)
         ),
     )

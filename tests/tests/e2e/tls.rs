@@ -79,14 +79,6 @@ fn unique(prefix: &str) -> String {
 fn options_trusting(ca: &std::path::Path) -> RabbitOptions {
     RabbitOptions {
         ssl_ca_file: ca.to_string_lossy().into_owned(),
-        ..client_options()
-    }
-}
-
-/// oslo's defaults, on the AMQP client under test.
-fn client_options() -> RabbitOptions {
-    RabbitOptions {
-        client: cellhost_tests::amqp_client_under_test(),
         ..RabbitOptions::default()
     }
 }
@@ -232,7 +224,6 @@ async fn a_broker_certificate_from_another_ca_is_refused_with_a_clear_error() {
 
     // The same through a whole host: it does not start.
     let mut config = Config::for_cell("lonely", url.clone());
-    config.cell.amqp_client = cellhost_tests::amqp_client_under_test();
     config.oslo_messaging_rabbit = wrong;
     let start = CellHost::start(config, plugin("nova_cells", "").expect("policy"));
     match tokio::time::timeout(PATIENCE, start).await {
@@ -245,7 +236,7 @@ async fn a_broker_certificate_from_another_ca_is_refused_with_a_clear_error() {
     }
 
     // No `ssl_ca_file`: the system's CAs, which do not know the test CA.
-    let system = client_options();
+    let system = RabbitOptions::default();
     match tokio::time::timeout(PATIENCE, Broker::connect(&url, &system, "system-roots")).await {
         Ok(Ok(_)) => panic!("the system's CAs accepted a certificate of the test CA"),
         Ok(Err(e)) => {
