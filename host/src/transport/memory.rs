@@ -195,3 +195,32 @@ impl Settler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    /// A memory message is requeued from its `Inbound`, so letting go of
+    /// what a plan no longer needs must keep it here: it comes back whole.
+    #[tokio::test]
+    async fn a_planned_message_requeued_comes_back_whole() {
+        let broker = MemoryBroker::named("planned-requeue");
+        broker.declare_queue("q", "", "");
+        let mut inbox = broker.consume(&["q".to_string()]).expect("consume");
+        let mut sent = Publication::new("", "q", b"{\"oslo.version\": \"2.0\"}".to_vec());
+        sent.expiration_ms = Some(1500);
+        sent.headers = vec![("x-why", "kept".to_string())];
+        broker.publish(&sent).expect("queued");
+
+        let mut first = inbox.next().await.expect("delivered");
+        first.planned();
+        first.settle(Outcome::Requeue);
+
+        let again = inbox.next().await.expect("redelivered");
+        assert_eq!(again.body, sent.body.to_vec());
+        assert_eq!(again.expiration_ms, Some(1500));
+        assert_eq!(again.header("x-why"), Some("kept"));
+    }
+}

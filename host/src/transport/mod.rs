@@ -151,6 +151,17 @@ impl Inbound {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Lets go of the body and headers once the message is planned, where
+    /// settling does not need them (an AMQP delivery is settled by its tag):
+    /// a message in flight then holds one body, its planned publication's,
+    /// not two until its confirm.
+    pub fn planned(&mut self) {
+        if matches!(self.settle, Settle::Amqp(_)) {
+            self.body = Vec::new();
+            self.headers = Vec::new();
+        }
+    }
+
     pub fn settle(self, outcome: Outcome) {
         match self.settle {
             Settle::Amqp(s) => s.settle(outcome),
