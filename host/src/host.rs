@@ -306,19 +306,16 @@ async fn serve(
                 // published back to back (on a lane, at once; on the links'
                 // road, when the loop next polls their futures), so the
                 // client finds them together rather than one per plan.
-                let mut inbound = inbound;
-                let plan = worker.plan(&inbound.body, inbound.expiration_ms);
-                inbound.planned();
-                planned.push((plan, inbound));
-                while planned.len() < PLAN_BATCH
-                    && in_flight.len() + lanes.len() + planned.len() < window
-                {
-                    let Some(Some(mut inbound)) = inbox.next().now_or_never() else {
-                        break;
-                    };
+                let mut next = Some(inbound);
+                while let Some(mut inbound) = next.take() {
                     let plan = worker.plan(&inbound.body, inbound.expiration_ms);
                     inbound.planned();
                     planned.push((plan, inbound));
+                    if planned.len() < PLAN_BATCH
+                        && in_flight.len() + lanes.len() + planned.len() < window
+                    {
+                        next = inbox.next().now_or_never().flatten();
+                    }
                 }
                 for (plan, inbound) in planned.drain(..) {
                     if let Some((plan, inbound)) = lanes.offer(plan, inbound) {
