@@ -192,6 +192,7 @@ impl Timing {
                 broker: after.broker.zip(before.broker).map(|(a, b)| a - b),
                 own_switches: after.own_switches.saturating_sub(before.own_switches),
                 broker_switches: after.broker_switches.saturating_sub(before.broker_switches),
+                tcp_segments: after.tcp_segments.saturating_sub(before.tcp_segments),
             },
         }
     }
@@ -253,6 +254,11 @@ struct Cpu {
     /// each is a thread put to sleep and woken again, which costs both.
     own_switches: u64,
     broker_switches: u64,
+    /// TCP segments sent on this machine (`/proc/net/snmp`): on loopback,
+    /// each is one write some peer made, read by the other end. How chatty
+    /// a relay is with the broker; the bench runs alone, so the count is
+    /// the relay's and the broker's (and the probes').
+    tcp_segments: u64,
 }
 
 /// What [`CpuMeter::read`] reads at one instant.
@@ -310,6 +316,7 @@ impl CpuMeter {
                 broker: self.broker_pid.as_deref().and_then(|pid| self.seconds(pid)),
                 own_switches: context_switches("self"),
                 broker_switches: self.broker_pid.as_deref().map_or(0, context_switches),
+                tcp_segments: tcp_segments_sent(),
             },
             threads: self.threads(),
         }
@@ -359,6 +366,23 @@ fn thread_count() -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// TCP segments this machine has sent (`OutSegs` of `/proc/net/snmp`).
+fn tcp_segments_sent() -> u64 {
+    let Ok(snmp) = std::fs::read_to_string("/proc/net/snmp") else {
+        return 0;
+    };
+    let mut tcp = snmp.lines().filter(|line| line.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "OutSegs")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Context switches, voluntary and not, summed over the live threads of
@@ -542,7 +566,7 @@ async fn bench() -> Result<()> {
                 println!(
                     "round {round} {:<26} total {:>7.3} s {:>7.0} msg/s | from consumer {:>7.3} s {:>7.0} msg/s \
                      | CPU µs/msg: process {:>5.1} (workers {:>4.1}, lapin I/O {:>4.1}), broker {} \
-                     | switches/msg: process {:.2}, broker {:.2}",
+                     | switches/msg: process {:.2}, broker {:.2} | TCP segments/msg {:.2}",
                     side.label(),
                     timing.total.as_secs_f64(),
                     rate(messages, timing.total),
@@ -558,6 +582,7 @@ async fn bench() -> Result<()> {
                         .unwrap_or_else(|| "n/a".into()),
                     timing.cpu.own_switches as f64 / f64::from(messages),
                     timing.cpu.broker_switches as f64 / f64::from(messages),
+                    timing.cpu.tcp_segments as f64 / f64::from(messages),
                 );
                 // What a side leaves behind shows up as CPU in later rounds.
                 println!(

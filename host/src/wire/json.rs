@@ -824,6 +824,31 @@ pub(crate) fn plain_escaped_offsets(
     (escaped_len == value.len() + extra * escapes).then_some(())
 }
 
+/// [`plain_escaped_offsets`] for text known to hold no other escape (as
+/// [`unescape_doubly_plain`] reads it), counted back from its end: a target
+/// lies as far before the escaped text's end (`escaped_len`) as what follows
+/// it takes escaped. It reads only what follows the first target, which for
+/// a relay's edits (Nova writes the routing fields last) is the end of the
+/// message, not its arguments. `None` when the targets are not ascending
+/// within the value, or the value is longer than its escaped text.
+pub(crate) fn plain_escaped_offsets_from_end(
+    value: &[u8],
+    escaped_len: usize,
+    extra: usize,
+    targets: &[usize],
+    out: &mut Vec<usize>,
+) -> Option<()> {
+    let first = out.len();
+    let (mut to, mut escapes) = (value.len(), 0);
+    for &target in targets.iter().rev() {
+        escapes += quotes_and_backslashes(value.get(target..to)?);
+        out.push(escaped_len.checked_sub(value.len() - target + extra * escapes)?);
+        to = target;
+    }
+    out.get_mut(first..)?.reverse();
+    Some(())
+}
+
 /// How many bytes of `bytes` are `"` or `\\`: sixteen at a time with SSE2
 /// where the build has it (every x86-64 does), else eight at a time.
 fn quotes_and_backslashes(bytes: &[u8]) -> usize {

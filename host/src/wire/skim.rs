@@ -27,9 +27,9 @@ use serde::Deserialize;
 
 use super::cells::{Direction, MessageType, KNOWN_KEYS};
 use super::json::{
-    escaped_offsets, plain_escaped_offsets, unescape_doubly_plain, unescape_json_str,
-    unescape_json_str_prefix, write_python_str, write_python_str_content,
-    write_python_str_content_chunked,
+    escaped_offsets, plain_escaped_offsets, plain_escaped_offsets_from_end, plain_prefix,
+    unescape_doubly_plain, unescape_json_str, unescape_json_str_prefix, write_python_str,
+    write_python_str_content, write_python_str_content_chunked,
 };
 use super::scan;
 
@@ -82,8 +82,14 @@ pub struct Skim {
 enum Received {
     /// Escaped twice with nothing but `\"` and `\\` (what Python writes
     /// for ASCII text without control characters): its text begins at
-    /// `cells_at` in the body.
-    DoublyPlain { cells_at: Range<usize> },
+    /// `cells_at` in the body. `unique_id_at` is where the request's
+    /// `_unique_id` value lies in the body when the rest of the request is
+    /// what a relay writes there ([`Skim::tail_as_written`]): a relay then
+    /// copies it and puts only a new id in.
+    DoublyPlain {
+        cells_at: Range<usize>,
+        unique_id_at: Option<Range<usize>>,
+    },
     /// Escaped otherwise: the request, unescaped from the envelope, and
     /// where the cells message's escaped text lies in it (between its quotes).
     Request {
@@ -165,16 +171,51 @@ impl Skim {
             .strip_prefix(ESCAPED_REQUEST_HEAD.as_bytes())?;
         let cells_at = body.len() - 1 - cells_text.len();
         let (cells, end) = unescape_doubly_plain(cells_text)?;
-        // From the `"` that closes the cells message's literal in the
-        // request: what follows it in the request, as one literal.
-        let rest = std::str::from_utf8(cells_text.get(end + 1..)?).ok()?;
-        let after = unescape_json_str(rest)?;
-        check_request_after_cells(after)?;
         let mut skim = Skim::read_cells(cells)?;
+        // What oslo.messaging writes after the cells message is what a relay
+        // writes there: recognised as such, it needs no other check.
+        let unique_id_at = skim.tail_as_written(body, cells_at + end);
+        if unique_id_at.is_none() {
+            // From the `"` that closes the cells message's literal in the
+            // request: what follows it in the request, as one literal.
+            let rest = std::str::from_utf8(cells_text.get(end + 1..)?).ok()?;
+            let after = unescape_json_str(rest)?;
+            check_request_after_cells(after)?;
+        }
         skim.received = Some(Received::DoublyPlain {
             cells_at: cells_at..cells_at + end,
+            unique_id_at,
         });
         Some(skim)
+    }
+
+    /// Where the request's `_unique_id` value lies in `body`, when the body
+    /// from `at` (the `\"` closing the cells message's literal) to its end is
+    /// exactly what [`Skim::relay_body_copied`] writes there, the id aside:
+    /// `version` 1.0, a `_unique_id` of printable ASCII, the context as
+    /// `_context_` keys, escaped once with `\"` and `\\` only, and the
+    /// envelope's end. Such a request is a well-formed cast (no `_msg_id`, no
+    /// other key, none repeated), so the checks of
+    /// [`check_request_after_cells`] hold without being made. `None` for
+    /// any other text, which is then checked and written the long way.
+    fn tail_as_written(&self, body: &[u8], at: usize) -> Option<Range<usize>> {
+        let mut tail = EscapedCursor { body, at };
+        tail.raw(TAIL_HEAD.as_bytes())?;
+        let id_start = tail.at;
+        let id_len = body
+            .get(id_start..)?
+            .iter()
+            .position(|b| !matches!(b, b' '..=b'~') || *b == b'\\' || *b == b'"')?;
+        tail.at += id_len;
+        tail.raw(b"\\\"")?;
+        scan::object_entries(self.ctxt(), |entry| {
+            tail.raw(b", \\\"_context_")?;
+            tail.escaped(entry.key_literal.strip_prefix('"')?)?;
+            tail.raw(b": ")?;
+            tail.escaped(entry.value)
+        })?;
+        tail.raw(b"}\"}")?;
+        (tail.at == body.len()).then_some(id_start..id_start + id_len)
     }
 
     fn read_cells(cells: String) -> Option<Skim> {
@@ -269,10 +310,11 @@ impl Skim {
         }
         edges[6] = self.cells.len();
         let in_body = match self.received.as_ref()? {
-            Received::DoublyPlain { cells_at } => {
-                // Each `"` and `\` of the cells text takes four bytes there.
+            Received::DoublyPlain { cells_at, .. } => {
+                // Each `"` and `\` of the cells text takes four bytes there,
+                // and nothing else is escaped (the read made sure).
                 let mut in_body = Vec::with_capacity(7);
-                plain_escaped_offsets(
+                plain_escaped_offsets_from_end(
                     self.cells.as_bytes(),
                     cells_at.len(),
                     3,
@@ -291,13 +333,36 @@ impl Skim {
         out.extend_from_slice(body.get(..in_body[0])?);
         let (mut once, mut twice) = (String::new(), String::new());
         for (i, (_, edit)) in edits.iter().enumerate() {
-            // The new value's JSON text, escaped for the request, then for the body.
-            once.clear();
-            edit.write(&mut once);
-            twice.clear();
-            write_python_str_content(&mut twice, &once);
-            write_python_str_content(&mut out, &twice);
+            match edit {
+                // Digits read the same at every level.
+                Edit::Count(n) => out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes()),
+                // The new value's JSON text, escaped for the request, then for the body.
+                Edit::Str(_) => {
+                    once.clear();
+                    edit.write(&mut once);
+                    twice.clear();
+                    write_python_str_content(&mut twice, &once);
+                    write_python_str_content(&mut out, &twice);
+                }
+            }
             out.extend_from_slice(body.get(in_body[2 * i + 1]..in_body[2 * i + 2])?);
+        }
+        if let Some(Received::DoublyPlain {
+            unique_id_at: Some(id_at),
+            ..
+        }) = &self.received
+        {
+            // The received request after the cells message is what would
+            // be written here: copied, with the new id in its place.
+            if unique_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                out.extend_from_slice(body.get(in_body[6]..id_at.start)?);
+                out.extend_from_slice(unique_id.as_bytes());
+                out.extend_from_slice(body.get(id_at.end..)?);
+                return Some(out);
+            }
         }
         // The request after the cells message, escaped for the body.
         let mut tail = String::with_capacity(self.ctxt.len() + 128);
@@ -433,6 +498,49 @@ impl Skim {
     }
 }
 
+/// How the request after the cells message starts in the body, escaped
+/// once, from the `\"` closing the cells message's literal to the
+/// `_unique_id` value's first byte.
+const TAIL_HEAD: &str = r#"\"}, \"version\": \"1.0\", \"_unique_id\": \""#;
+
+/// Reads a body from `at` against the text expected there.
+struct EscapedCursor<'a> {
+    body: &'a [u8],
+    at: usize,
+}
+
+impl EscapedCursor<'_> {
+    /// Steps over `bytes`, if the body has them at the cursor.
+    fn raw(&mut self, bytes: &[u8]) -> Option<()> {
+        let end = self.at.checked_add(bytes.len())?;
+        (self.body.get(self.at..end)? == bytes).then(|| self.at = end)
+    }
+
+    /// Steps over `text` escaped once as Python escapes printable ASCII
+    /// (`\"` and `\\`, nothing else), if the body has it so at the cursor.
+    /// `None` for a control character in `text`, which Python writes
+    /// otherwise.
+    fn escaped(&mut self, text: &str) -> Option<()> {
+        let mut rest = text.as_bytes();
+        loop {
+            let run = plain_prefix(rest);
+            self.raw(rest.get(..run)?)?;
+            rest = rest.get(run..)?;
+            let Some((&byte, after)) = rest.split_first() else {
+                return Some(());
+            };
+            match byte {
+                b'"' => self.raw(b"\\\"")?,
+                b'\\' => self.raw(b"\\\\")?,
+                byte if byte < 0x20 => return None,
+                // A plain byte among the last few, which `plain_prefix` may leave.
+                byte => self.raw(&[byte])?,
+            }
+            rest = after;
+        }
+    }
+}
+
 /// How oslo.messaging's envelope starts.
 const ENVELOPE_HEAD: &str = "{\"oslo.version\": \"2.0\", \"oslo.message\": ";
 /// How oslo.messaging's request of `process_message` starts, up to the cells message.
@@ -499,10 +607,7 @@ impl Edit<'_> {
     fn write(&self, out: &mut String) {
         match self {
             Edit::Str(text) => write_python_str(out, text),
-            Edit::Count(n) => {
-                use fmt::Write;
-                let _ = write!(out, "{n}");
-            }
+            Edit::Count(n) => out.push_str(itoa::Buffer::new().format(*n)),
         }
     }
 }
@@ -783,13 +888,102 @@ mod tests {
         let sample: Value = serde_json::from_str(CAST).expect("the sample");
         let wire = super::super::to_python_json(&sample).expect("json");
         let skim = Skim::read(wire.as_bytes(), DEFAULT_BODY_LIMIT).expect("the sample skims");
+        // The sample's request carries a context of three keys, its cells
+        // message one of six: the request's end is written anew.
         assert!(
-            matches!(skim.received, Some(Received::DoublyPlain { .. })),
+            matches!(
+                skim.received,
+                Some(Received::DoublyPlain {
+                    unique_id_at: None,
+                    ..
+                })
+            ),
             "laid out as oslo.messaging writes it, ASCII only"
         );
         let relay = skim.relay_body(wire.as_bytes(), &hop, id);
         assert_eq!(relay, full_relay(&message, &hop, id));
         assert_eq!(skim.relay_body_written(&hop, id), relay);
+        // The next cell reads the relay, whose request carries the message's
+        // own context as a relay writes it: copied there, with a new id.
+        let next = Skim::read(&relay, DEFAULT_BODY_LIMIT).expect("a relay skims");
+        assert!(matches!(
+            next.received,
+            Some(Received::DoublyPlain {
+                unique_id_at: Some(_),
+                ..
+            })
+        ));
+        let (_, relayed) = meaning(&relay);
+        let hop = hop_of(&relayed, "grandchild", 5);
+        let other_id = "fedcba9876543210fedcba9876543210";
+        let again = next.relay_body(&relay, &hop, other_id);
+        assert_eq!(again, full_relay(&relayed, &hop, other_id));
+        assert_eq!(next.relay_body_written(&hop, other_id), again);
+    }
+
+    #[test]
+    fn a_request_ending_otherwise_is_checked_and_written_anew() {
+        let (_, message) = meaning(CAST.as_bytes());
+        let hop = hop_of(&message, "child-cell2", 5);
+        let id = "0123456789abcdef0123456789abcdef";
+        let python = |request: &Request| {
+            let text = String::from_utf8(request.encode()).expect("ascii");
+            assert!(text.is_ascii());
+            text
+        };
+        let as_written = python(&Request::process_message(
+            &message,
+            Context(message.ctxt.clone()),
+            "u",
+        ));
+        let unique_id = r#"\"_unique_id\": \"u\""#;
+        assert!(as_written.contains(unique_id), "{as_written}");
+        // Each is still a cast to relay, but its request does not end as a
+        // relay writes it: the request's context is not the message's, a
+        // key more, a null `_msg_id`, an escaped id, other spacing.
+        let others = [
+            python(&Request::process_message(&message, Context::default(), "u")),
+            as_written.replacen(
+                unique_id,
+                &format!(r#"{unique_id}, \"namespace\": null"#),
+                1,
+            ),
+            as_written.replacen(unique_id, &format!(r#"{unique_id}, \"_msg_id\": null"#), 1),
+            as_written.replacen(unique_id, r#"\"_unique_id\": \"\\u0075\""#, 1),
+            as_written.replacen(r#"\"version\": "#, r#"\"version\":"#, 1),
+        ];
+        for body in &others {
+            let skim = Skim::read(body.as_bytes(), DEFAULT_BODY_LIMIT).expect("a cast skims");
+            assert!(
+                !matches!(
+                    skim.received,
+                    Some(Received::DoublyPlain {
+                        unique_id_at: Some(_),
+                        ..
+                    })
+                ),
+                "{body}"
+            );
+            let relay = skim.relay_body(body.as_bytes(), &hop, id);
+            let (request, cells) = meaning(&relay);
+            assert_eq!((request, cells), meaning(&full_relay(&message, &hop, id)));
+        }
+        // What the request's end must not hold still sends the body down the
+        // full path: a call, a second `method`.
+        for refused in [
+            as_written.replacen(unique_id, &format!(r#"{unique_id}, \"_msg_id\": \"m\""#), 1),
+            as_written.replacen(unique_id, &format!(r#"{unique_id}, \"method\": \"x\""#), 1),
+            as_written.replacen(
+                unique_id,
+                &format!(r#"{unique_id}, \"version\": \"1.0\""#),
+                1,
+            ),
+        ] {
+            assert!(
+                Skim::read(refused.as_bytes(), DEFAULT_BODY_LIMIT).is_none(),
+                "{refused}"
+            );
+        }
     }
 
     #[test]
@@ -824,6 +1018,29 @@ mod tests {
         );
         assert_eq!(counted, walked);
         assert_eq!(&counted[..4], [0, 1, 3, 7]);
+        // Counted back from the end, to the same offsets.
+        let mut from_end = vec![99];
+        assert_eq!(
+            plain_escaped_offsets_from_end(value, escaped.len(), 1, &targets, &mut from_end),
+            Some(())
+        );
+        assert_eq!(from_end[0], 99, "what was in the vector stays");
+        assert_eq!(from_end[1..], counted[..]);
+        // Targets out of order, or past the value: not counted.
+        assert_eq!(
+            plain_escaped_offsets_from_end(value, escaped.len(), 1, &[5, 2], &mut Vec::new()),
+            None
+        );
+        assert_eq!(
+            plain_escaped_offsets_from_end(
+                value,
+                escaped.len(),
+                1,
+                &[value.len() + 1],
+                &mut Vec::new()
+            ),
+            None
+        );
         // A literal with any other escape is longer: not counted.
         let other = br#"a\u0062"#;
         assert_eq!(
@@ -1117,6 +1334,12 @@ mod tests {
             if ascii && !compact {
                 let doubly_plain = matches!(skim.received, Some(Received::DoublyPlain { .. }));
                 prop_assert!(doubly_plain, "printable ASCII is read in one pass");
+                let tail_copied = matches!(
+                    skim.received,
+                    Some(Received::DoublyPlain { unique_id_at: Some(_), .. })
+                );
+                prop_assert!(tail_copied, "and the request's end copied");
+                prop_assert_eq!(&skim.relay_body_written(&hop, id), &spliced);
             }
             if !compact {
                 let copied = skim.relay_body_copied(&body, &hop, id);
