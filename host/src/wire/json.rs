@@ -672,6 +672,11 @@ pub(crate) fn unescape_doubly_plain(escaped: &[u8]) -> Option<(String, usize)> {
     };
     let mut value = Unescaped::for_input(escaped);
     loop {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("ssse3") {
+            // SAFETY: the CPU has SSSE3, checked just above.
+            unsafe { unescape_quotes_ssse3(&mut value, escaped) };
+        }
         value.walk(escaped, one)?;
         // Another special byte, or one of the last fifteen bytes.
         let r = value.read;
@@ -688,6 +693,112 @@ pub(crate) fn unescape_doubly_plain(escaped: &[u8]) -> Option<(String, usize)> {
         }
     }
 }
+
+/// [`unescape_doubly_plain`]'s bulk, sixteen bytes a step whatever they
+/// hold: in a chunk whose only escapes are `\\\"` (a quote of the value)
+/// lying wholly within it, which is most of a Nova message's text, the
+/// backslashes are dropped with one shuffle per half instead of one step
+/// per escape. Another chunk is copied up to its first special byte, and
+/// an escape there (`\\\"` or `\\\\`) taken. Stops where fewer than
+/// sixteen bytes are left or at a special byte it does not take (the end
+/// of the value, a bad escape), for [`Unescaped::walk`] and its caller.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3")]
+fn unescape_quotes_ssse3(value: &mut Unescaped, input: &[u8]) {
+    use std::arch::x86_64::{
+        _mm_add_epi8, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8,
+        _mm_set1_epi8, _mm_set_epi64x, _mm_shuffle_epi8, _mm_srli_si128, _mm_storel_epi64,
+        _mm_storeu_si128,
+    };
+    let room = value.buffer.spare_capacity_mut();
+    let (mut r, mut w) = (value.read, value.written);
+    let upper_half = _mm_set_epi64x(0x0808_0808_0808_0808, 0);
+    while let Some(chunk) = input.get(r..).and_then(|rest| rest.first_chunk::<16>()) {
+        // Sixteen bytes of room at `w`: `w` never passes `r`, and the room
+        // is the input's length and sixteen.
+        let Some(slot) = room.get_mut(w..w + 16) else {
+            break;
+        };
+        let out = slot.as_mut_ptr().cast::<u8>();
+        // SAFETY: `chunk` is sixteen bytes, what an unaligned load reads.
+        let v = unsafe { _mm_loadu_si128(chunk.as_ptr().cast()) };
+        let backslashes = _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8))) as u32;
+        let quotes = _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8))) as u32;
+        // Below ' ' exactly when the unsigned minimum with 0x1f is the byte.
+        let controls =
+            _mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v)) as u32;
+        if backslashes | quotes | controls == 0 {
+            // SAFETY: `slot` is sixteen bytes of room.
+            unsafe { _mm_storeu_si128(out.cast(), v) };
+            r += 16;
+            w += 16;
+            continue;
+        }
+        // A chunk starts where an escape does or after one, so each run of
+        // backslashes starts in it. Only runs of three, each followed by
+        // its quote in the chunk, and nothing else special: `\\\"` alone.
+        let starts = backslashes & !(backslashes << 1);
+        if controls == 0
+            && backslashes == starts | starts << 1 | starts << 2
+            && quotes == starts << 3
+            && quotes < 1 << 16
+        {
+            // The bytes kept, all but the backslashes, packed by halves.
+            let kept = !backslashes & 0xffff;
+            let (low, high) = ((kept & 0xff) as usize, (kept >> 8) as usize);
+            let order = _mm_add_epi8(_mm_set_epi64x(PACK[high], PACK[low]), upper_half);
+            let packed = _mm_shuffle_epi8(v, order);
+            let low_len = low.count_ones() as usize;
+            // SAFETY: both stores are of eight bytes within `slot`, the
+            // second at `low_len` (at most eight) from its start.
+            unsafe {
+                _mm_storel_epi64(out.cast(), packed);
+                _mm_storel_epi64(out.add(low_len).cast(), _mm_srli_si128::<8>(packed));
+            }
+            r += 16;
+            w += low_len + high.count_ones() as usize;
+            continue;
+        }
+        // Up to the first special byte, then the escape there, if it is one.
+        let plain = (backslashes | quotes | controls).trailing_zeros() as usize;
+        // SAFETY: `slot` is sixteen bytes of room.
+        unsafe { _mm_storeu_si128(out.cast(), v) };
+        r += plain;
+        w += plain;
+        let byte = match input.get(r..).and_then(|rest| rest.first_chunk::<4>()) {
+            Some(escape) if u32::from_le_bytes(*escape) == ESCAPED_QUOTE => b'"',
+            Some(escape) if u32::from_le_bytes(*escape) == ESCAPED_BACKSLASH => b'\\',
+            _ => break,
+        };
+        let Some(at) = room.get_mut(w) else { break };
+        at.write(byte);
+        r += 4;
+        w += 1;
+    }
+    (value.read, value.written) = (r, w);
+}
+
+/// For each set of bytes of eight kept (a bit each), the shuffle that packs
+/// them to the front, in order; its other lanes zero their byte.
+#[cfg(target_arch = "x86_64")]
+static PACK: [i64; 256] = {
+    let mut table = [0i64; 256];
+    let mut kept = 0;
+    while kept < 256 {
+        let mut lanes = [0x80u8; 8];
+        let (mut from, mut to) = (0, 0);
+        while from < 8 {
+            if kept & (1 << from) != 0 {
+                lanes[to] = from as u8;
+                to += 1;
+            }
+            from += 1;
+        }
+        table[kept] = i64::from_le_bytes(lanes);
+        kept += 1;
+    }
+    table
+};
 
 /// Writes the `N` bytes into `room` at `at`; `None` when they do not fit.
 fn put<const N: usize>(room: &mut [MaybeUninit<u8>], at: usize, bytes: &[u8; N]) -> Option<()> {

@@ -1376,7 +1376,16 @@ mod tests {
 
         #[test]
         fn doubly_escaped_strings_are_unescaped_in_one_pass_as_in_two(
-            text in prop_oneof![any::<String>(), "[ -~]{0,40}", "[\"\\\\a-z]{0,24}"],
+            text in prop_oneof![
+                any::<String>(),
+                "[ -~]{0,40}",
+                "[\"\\\\a-z]{0,24}",
+                // Long enough for whole chunks: quotes alone, with backslashes,
+                // and runs between quotes of every length.
+                "[\"a-z ]{0,300}",
+                "[\"\\\\a-z ]{0,300}",
+                "([a-z]{0,20}\"){0,40}",
+            ],
             tail in "[ -~]{0,12}",
         ) {
             // `text` as a literal inside a literal, as the envelope holds the
