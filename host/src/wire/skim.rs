@@ -197,8 +197,13 @@ impl Skim {
     /// envelope's end. Such a request is a well-formed cast (no `_msg_id`, no
     /// other key, none repeated), so the checks of
     /// [`check_request_after_cells`] hold without being made. `None` for
-    /// any other text, which is then checked and written the long way.
+    /// any other text, which is then checked and written the long way, and
+    /// for a context with DEL or bytes outside ASCII, which Python (and so
+    /// the writing) escapes as `\u` and a sender may have sent as they are.
     fn tail_as_written(&self, body: &[u8], at: usize) -> Option<Range<usize>> {
+        if self.ctxt().bytes().any(|b| b >= 0x7f) {
+            return None;
+        }
         let mut tail = EscapedCursor { body, at };
         tail.raw(TAIL_HEAD.as_bytes())?;
         let id_start = tail.at;
@@ -968,6 +973,41 @@ mod tests {
             let (request, cells) = meaning(&relay);
             assert_eq!((request, cells), meaning(&full_relay(&message, &hop, id)));
         }
+        // A context sent with é and DEL as they are, not as `\u` escapes:
+        // the request's end is not copied.
+        let mut raw = message.clone();
+        raw.ctxt.insert("accent".into(), json!("é\u{7f}"));
+        let escaped = python(&Request::process_message(
+            &raw,
+            Context(raw.ctxt.clone()),
+            "u",
+        ));
+        let sent = escaped
+            .replace(r"\\\\u00e9\\\\u007f", "é\u{7f}")
+            .replace(r"\\u00e9\\u007f", "é\u{7f}");
+        assert!(
+            sent.contains("é\u{7f}") && !sent.contains("u00e9"),
+            "{sent}"
+        );
+        let skim = Skim::read(sent.as_bytes(), DEFAULT_BODY_LIMIT).expect("a cast skims");
+        assert!(matches!(
+            skim.received,
+            Some(Received::DoublyPlain {
+                unique_id_at: None,
+                ..
+            })
+        ));
+        let relay = skim.relay_body(sent.as_bytes(), &hop, id);
+        // The cells message is copied as received; the request's end is
+        // written anew, é and DEL escaped for the envelope.
+        let relay_text = String::from_utf8(relay.clone()).expect("text");
+        assert!(
+            relay_text.ends_with(r#"\"_context_accent\": \"\u00e9\u007f\"}"}"#),
+            "{relay_text}"
+        );
+        let hop_raw = hop_of(&raw, "child-cell2", 5);
+        assert_eq!(hop_raw, hop);
+        assert_eq!(meaning(&relay), meaning(&full_relay(&raw, &hop, id)));
         // What the request's end must not hold still sends the body down the
         // full path: a call, a second `method`.
         for refused in [
