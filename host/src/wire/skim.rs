@@ -201,7 +201,9 @@ impl Skim {
     /// for a context with DEL or bytes outside ASCII, which Python (and so
     /// the writing) escapes as `\u` and a sender may have sent as they are.
     fn tail_as_written(&self, body: &[u8], at: usize) -> Option<Range<usize>> {
-        if self.ctxt().bytes().any(|b| b >= 0x7f) {
+        // A word at a time for ASCII, and a vector search for DEL.
+        let ctxt = self.ctxt().as_bytes();
+        if !ctxt.is_ascii() || memchr::memchr(0x7f, ctxt).is_some() {
             return None;
         }
         let mut tail = EscapedCursor { body, at };
