@@ -24,6 +24,11 @@
 //!   message in the bare relay's loop, so that the two differences between
 //!   cellhost and the bare relay, the plan and the way plans are carried
 //!   out, are measured apart.
+//! - bare lapin + the policy's call: the mandatory bare relay asking the
+//!   nova-cells policy's `route` about one message (decoded once, before
+//!   the run) for each delivery and forwarding the body unchanged: the part
+//!   of the plan that the policy interface itself costs, whatever the host
+//!   does around it.
 //! - bare amqprs (`bare_amqprs.rs`): the mandatory bare relay written with
 //!   amqprs, another maintained Rust client, instead of lapin: whether the
 //!   client is what bounds the bare relay; and the same with cellhost's
@@ -66,14 +71,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use bare_amqprs::BareAmqprsRelay;
-use bare_lapin::{BareRelay, Destination, Relayed};
+use bare_lapin::{BareRelay, Destination, PolicyCall, Relayed, Work};
 use cellhost::client::declare_intercell;
 use cellhost::config::{Config, TransportUrl};
+use cellhost::policy::view::{cell_view, message_view};
 use cellhost::policy::{LoadedPolicy, PolicyEngine};
 use cellhost::router::{RouteWorker, Stats, Target};
 use cellhost::sched::CpuScheduling;
 use cellhost::topology::tree_configs;
 use cellhost::transport::Broker;
+use cellhost::wire::decode_request;
 use cellhost::CellHost;
 use cellhost_tests::bench::{bodies, body_sizes_from_env, top_route_worker, PAIR, TARGET};
 use cellhost_tests::{local_amqp_uri, queue_state, QueueState, Vhosts};
@@ -113,6 +120,11 @@ enum Side {
     /// for each message (`bare_lapin.rs`): cellhost's work per message in
     /// the bare relay's loop.
     BarePlanned,
+    /// The mandatory bare relay asking the nova-cells policy about one
+    /// fixed message for each delivery, forwarding the body unchanged: what
+    /// the policy interface costs (lowering, the decision, lifting) with no
+    /// decoding and no encoding.
+    BareAsked,
     /// The mandatory bare relay written with amqprs instead of lapin
     /// (`bare_amqprs.rs`): whether another client moves the same messages
     /// for less.
@@ -126,11 +138,12 @@ enum Side {
 }
 
 impl Side {
-    const ALL: [Side; 8] = [
+    const ALL: [Side; 9] = [
         Side::Cellhost,
         Side::BareLapin { mandatory: false },
         Side::BareLapin { mandatory: true },
         Side::BarePlanned,
+        Side::BareAsked,
         Side::BareAmqprs,
         Side::AmqprsPlanned,
         Side::Shovel {
@@ -147,6 +160,7 @@ impl Side {
             Side::BareLapin { mandatory: false } => "bare".into(),
             Side::BareLapin { mandatory: true } => "bare-mandatory".into(),
             Side::BarePlanned => "bare-planned".into(),
+            Side::BareAsked => "bare-asked".into(),
             Side::BareAmqprs => "bare-amqprs".into(),
             Side::AmqprsPlanned => "amqprs-planned".into(),
             Side::Shovel { prefetch } => format!("shovel{prefetch}"),
@@ -159,6 +173,7 @@ impl Side {
             Side::BareLapin { mandatory: false } => "bare lapin".into(),
             Side::BareLapin { mandatory: true } => "bare lapin (mandatory)".into(),
             Side::BarePlanned => "bare lapin + cellhost's plan".into(),
+            Side::BareAsked => "bare lapin + the policy's call".into(),
             Side::BareAmqprs => "bare amqprs (mandatory)".into(),
             Side::AmqprsPlanned => "bare amqprs + cellhost's plan".into(),
             Side::Shovel { prefetch } => format!("shovel (prefetch {prefetch})"),
@@ -468,7 +483,7 @@ async fn bench() -> Result<()> {
     let rounds: usize = env_or("ROUNDS", 3)?;
     let sizes = body_sizes_from_env()?;
     // SIDES=cellhost,bare (any of cellhost, bare, bare-mandatory, bare-planned,
-    // bare-amqprs, amqprs-planned, shovel256, shovel1000)
+    // bare-asked, bare-amqprs, amqprs-planned, shovel256, shovel1000)
     // runs only those, for a quick comparison.
     let sides: Vec<Side> = match std::env::var("SIDES") {
         Ok(list) => Side::ALL
@@ -479,7 +494,7 @@ async fn bench() -> Result<()> {
     };
     ensure!(
         !sides.is_empty(),
-        "SIDES names none of cellhost, bare, bare-mandatory, bare-planned, bare-amqprs, \
+        "SIDES names none of cellhost, bare, bare-mandatory, bare-planned, bare-asked, bare-amqprs, \
          amqprs-planned, shovel256, shovel1000"
     );
     ensure!(
@@ -542,12 +557,18 @@ async fn bench() -> Result<()> {
                     }
                     Side::BareLapin { mandatory } => {
                         let to = &planned.destination;
-                        run_bare_lapin(&bodies, &windows, to, mandatory, None, &meter).await
+                        run_bare_lapin(&bodies, &windows, to, mandatory, Work::Forward, &meter)
+                            .await
                     }
                     Side::BarePlanned => {
                         let to = &planned.destination;
-                        let planner = Some(top_route_worker(&nova_cells()?));
-                        run_bare_lapin(&bodies, &windows, to, true, planner, &meter).await
+                        let work = Work::Plan(top_route_worker(&nova_cells()?));
+                        run_bare_lapin(&bodies, &windows, to, true, work, &meter).await
+                    }
+                    Side::BareAsked => {
+                        let to = &planned.destination;
+                        let work = Work::Ask(policy_call(&bodies[0], &nova_cells()?)?);
+                        run_bare_lapin(&bodies, &windows, to, true, work, &meter).await
                     }
                     Side::BareAmqprs => {
                         let to = &planned.destination;
@@ -736,6 +757,27 @@ fn nova_cells() -> Result<Arc<LoadedPolicy>> {
     cellhost::plugins::load(&PolicyEngine::new()?, &section)
 }
 
+/// The nova-cells policy's `route` for `body` as `top` sees it on arrival
+/// (its hop recorded), on a fresh instance, with top's cell.
+fn policy_call(body: &[u8], policy: &Arc<LoadedPolicy>) -> Result<PolicyCall> {
+    let request = decode_request(body, usize::MAX).context("decoding a bench body")?;
+    let mut message = request
+        .cells_message()
+        .context("reading a bench body's cells message")?;
+    message.append_hop("top");
+    let top = tree_configs(&PAIR, |cell| TransportUrl::Memory {
+        name: format!("ask-{cell}"),
+    })
+    .into_iter()
+    .find(|c| c.cell.name == "top")
+    .context("top is not in the bench's topology")?;
+    Ok(PolicyCall {
+        instance: policy.instantiate()?,
+        message: message_view(&message, false),
+        cell: cell_view(&top),
+    })
+}
+
 fn plan_alone(bodies: &[Vec<u8>], policy: &Arc<LoadedPolicy>) -> Result<Planned> {
     let mut worker = top_route_worker(policy);
     let sample = &bodies[..bodies.len().min(20_000)];
@@ -896,10 +938,11 @@ async fn run_bare_lapin(
     windows: &Windows,
     destination: &Destination,
     mandatory: bool,
-    planner: Option<RouteWorker>,
+    work: Work,
     meter: &CpuMeter,
 ) -> Result<Timing> {
-    let planned = planner.is_some();
+    let rewritten = work.rewrites();
+    let timed = !matches!(work, Work::Forward);
     let pair = CellPair::prepare(bodies, windows).await?;
     let count = bodies.len() as u32;
     let (source_uri, destination_uri) = (
@@ -916,7 +959,7 @@ async fn run_bare_lapin(
             destination.clone(),
             pair.top.cell.prefetch,
             mandatory,
-            planner,
+            work,
         ),
         watch(&pair.ends, count, started)
     )?;
@@ -924,7 +967,7 @@ async fn run_bare_lapin(
     // Still running, so the last acks can go out.
     await_no_unacked(pair.top_vhost(), &pair.queue).await?;
     let relayed = relay.stop().await?;
-    conclude_bare_run("lapin", pair, relayed, count, planned).await?;
+    conclude_bare_run("lapin", pair, relayed, count, timed, rewritten).await?;
     Ok(timing)
 }
 
@@ -956,7 +999,7 @@ async fn run_bare_amqprs(
     // Still running, so the last acks can go out.
     await_no_unacked(pair.top_vhost(), &pair.queue).await?;
     let relayed = relay.stop().await?;
-    conclude_bare_run("amqprs", pair, relayed, count, planned).await?;
+    conclude_bare_run("amqprs", pair, relayed, count, planned, planned).await?;
     Ok(timing)
 }
 
@@ -968,7 +1011,8 @@ async fn conclude_bare_run(
     pair: CellPair,
     relayed: Relayed,
     count: u32,
-    planned: bool,
+    timed: bool,
+    rewritten: bool,
 ) -> Result<()> {
     ensure!(
         relayed.messages == u64::from(count),
@@ -979,11 +1023,13 @@ async fn conclude_bare_run(
         "  (bare {client} acked its {} messages with {} multiple acks)",
         relayed.messages, relayed.acks
     );
-    if planned {
+    if timed {
         println!(
-            "  (planning in the relay's loop: {:.2} µs/message, wall)",
+            "  (the work in the relay's loop: {:.2} µs/message, wall)",
             relayed.planning.as_secs_f64() * 1e6 / f64::from(count)
         );
+    }
+    if rewritten {
         // Relayed as cellhost relays it: one hop more.
         check_relayed(&pair.ends.dst, "top", 1).await?;
     } else {

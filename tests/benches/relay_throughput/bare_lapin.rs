@@ -21,6 +21,12 @@
 //! the one received, settling the claim once confirmed: cellhost's work per
 //! message, carried by this relay's loop. Between it and cellhost, only the
 //! way the host carries out its plans differs.
+//!
+//! Given a policy call instead ([`PolicyCall`]), it asks the policy about one
+//! message, decoded once before the run, for each delivery, and forwards the
+//! body unchanged: the cost of the policy interface alone (lowering the
+//! message and the cell into the guest, its decision, lifting the actions),
+//! with no decoding and no encoding.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,6 +34,7 @@ use std::task::Poll;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
+use cellhost::policy::{Action, Cell, Message, PolicyInstance};
 use cellhost::router::{Claim, RouteWorker};
 use futures::future::{self, Either, Ready};
 use futures::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
@@ -48,6 +55,42 @@ pub struct Destination {
     pub routing_key: String,
 }
 
+/// What the relay does with each delivery before publishing it.
+pub enum Work {
+    /// Nothing: the body is forwarded as received.
+    Forward,
+    /// Cellhost's router plans it; the relay publishes the planned body.
+    Plan(RouteWorker),
+    /// The policy is asked about one fixed message; the body is forwarded.
+    Ask(PolicyCall),
+}
+
+impl Work {
+    /// Whether the relay publishes what cellhost's router wrote.
+    pub fn rewrites(&self) -> bool {
+        matches!(self, Work::Plan(_))
+    }
+}
+
+/// A policy's `route`, called with the same message and cell every time.
+pub struct PolicyCall {
+    pub instance: PolicyInstance,
+    pub message: Message,
+    pub cell: Cell,
+}
+
+impl PolicyCall {
+    /// Asks the policy, and checks that it relays the message once, as the
+    /// nova-cells policy does every message of the bench.
+    fn ask(&mut self) -> Result<()> {
+        match self.instance.route(&self.message, &self.cell) {
+            Ok(actions) if matches!(actions.as_slice(), [Action::Relay(_)]) => Ok(()),
+            Ok(actions) => bail!("the policy decided {actions:?}, not one relay"),
+            Err(e) => bail!("the policy failed: {e}"),
+        }
+    }
+}
+
 /// A running bare relay.
 pub struct BareRelay {
     stop: oneshot::Sender<()>,
@@ -59,8 +102,7 @@ pub struct BareRelay {
 impl BareRelay {
     /// Connects to both brokers and starts relaying `queue` from `source_uri`
     /// to `to` on `destination_uri`, with `prefetch` deliveries in flight,
-    /// publishing `mandatory` or not, each body as received or, with a
-    /// `planner`, as cellhost's router plans to relay it.
+    /// publishing `mandatory` or not, doing `work` for each delivery.
     pub async fn start(
         source_uri: &str,
         queue: &str,
@@ -68,7 +110,7 @@ impl BareRelay {
         to: Destination,
         prefetch: u16,
         mandatory: bool,
-        planner: Option<RouteWorker>,
+        work: Work,
     ) -> Result<BareRelay> {
         let (source, destination) =
             tokio::try_join!(connect(source_uri), connect(destination_uri))?;
@@ -91,7 +133,7 @@ impl BareRelay {
             .with_context(|| format!("consuming {queue}"))?;
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(relay(
-            consumer, consuming, publisher, to, mandatory, planner, stopped,
+            consumer, consuming, publisher, to, mandatory, work, stopped,
         ));
         Ok(BareRelay {
             stop,
@@ -120,7 +162,8 @@ pub struct Relayed {
     pub messages: u64,
     /// `basic.ack` frames that acked them.
     pub acks: u64,
-    /// Wall time spent in the planner's `plan`, all messages together.
+    /// Wall time spent in the work, plans or policy calls, all messages
+    /// together.
     pub planning: std::time::Duration,
 }
 
@@ -138,7 +181,7 @@ async fn relay(
     publisher: Channel,
     to: Destination,
     mandatory: bool,
-    mut planner: Option<RouteWorker>,
+    mut work: Work,
     mut stop: oneshot::Receiver<()>,
 ) -> Result<Relayed> {
     let exchange = ShortString::from(to.exchange);
@@ -189,8 +232,8 @@ async fn relay(
                     );
                     properties = properties.with_headers(stamp);
                 }
-                let (body, claim) = match planner.as_mut() {
-                    Some(worker) => {
+                let (body, claim) = match &mut work {
+                    Work::Plan(worker) => {
                         let started = std::time::Instant::now();
                         let mut plan = worker.plan(&delivery.data, None);
                         relayed.planning += started.elapsed();
@@ -200,7 +243,13 @@ async fn relay(
                         };
                         (publication.body, plan.claim.take())
                     }
-                    None => (Bytes::from(delivery.data), None),
+                    Work::Ask(call) => {
+                        let started = std::time::Instant::now();
+                        call.ask()?;
+                        relayed.planning += started.elapsed();
+                        (Bytes::from(delivery.data), None)
+                    }
+                    Work::Forward => (Bytes::from(delivery.data), None),
                 };
                 let carried = Carried { body, claim, tag: delivery.delivery_tag };
                 let publish = publish_confirmed(
