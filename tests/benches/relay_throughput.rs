@@ -53,8 +53,13 @@
 //! noisy. The router's planning alone (no broker) is timed first, as the
 //! ceiling of one consumer.
 //!
-//! Each size ends with a markdown table of medians, and all tables are
-//! printed again together at the end when there are several sizes.
+//! Each size ends with a markdown table of medians, cellhost's medians
+//! divided by each other side's, and cellhost's throughput divided by each
+//! other side's within each round (the sides of a round run one after the
+//! other, under much the same conditions): the median, the mean with its
+//! 95 % interval, and the range of those ratios, which show how far a
+//! difference between medians can be trusted on a busy machine. All tables
+//! are printed again together at the end when there are several sizes.
 //!
 //!     cargo bench -p cellhost-tests --bench relay_throughput
 //!     MESSAGES=100000 ROUNDS=5 BODY_BYTES=2048 cargo bench -p cellhost-tests --bench relay_throughput
@@ -729,7 +734,85 @@ impl fmt::Display for SizeReport {
                 host.cpu_us() / m.cpu_us(),
             )?;
         }
+        // Medians of different rounds can each be lucky or unlucky; a round
+        // runs the sides one after the other, so a ratio within a round
+        // compares them under the same conditions.
+        let Some((_, host_runs)) = self.runs.iter().find(|(side, _)| *side == Side::Cellhost)
+        else {
+            return Ok(());
+        };
+        writeln!(
+            f,
+            "\n| cellhost / (msg/s total, round by round) | median | mean | 95 % interval of the mean | lowest | highest |"
+        )?;
+        writeln!(f, "|---|---:|---:|---:|---:|---:|")?;
+        for (side, runs) in self.runs.iter().filter(|(side, _)| *side != Side::Cellhost) {
+            let ratios: Vec<f64> = host_runs
+                .iter()
+                .zip(runs)
+                .map(|(host, other)| {
+                    rate(self.messages, host.total) / rate(self.messages, other.total)
+                })
+                .collect();
+            let spread = Spread::of(&ratios);
+            writeln!(
+                f,
+                "| {} | {:.2} | {:.2} | {} | {:.2} | {:.2} |",
+                side.label(),
+                median(ratios.clone()),
+                spread.mean,
+                spread.half_width.map_or("n/a".into(), |h| format!(
+                    "{:.2} to {:.2}",
+                    spread.mean - h,
+                    spread.mean + h
+                )),
+                spread.lowest,
+                spread.highest,
+            )?;
+        }
         Ok(())
+    }
+}
+
+/// The mean of some ratios, how far from it the true mean may lie, and
+/// their range.
+struct Spread {
+    mean: f64,
+    /// Half the 95 % confidence interval of the mean (Student's t), for two
+    /// values or more.
+    half_width: Option<f64>,
+    lowest: f64,
+    highest: f64,
+}
+
+impl Spread {
+    fn of(values: &[f64]) -> Spread {
+        let n = values.len();
+        let mean = values.iter().sum::<f64>() / n.max(1) as f64;
+        let half_width = (n >= 2).then(|| {
+            let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+            t_975(n - 1) * (variance / n as f64).sqrt()
+        });
+        Spread {
+            mean,
+            half_width,
+            lowest: values.iter().copied().fold(f64::INFINITY, f64::min),
+            highest: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        }
+    }
+}
+
+/// Student's t for a two-sided 95 % interval with `df` degrees of freedom.
+fn t_975(df: usize) -> f64 {
+    const TABLE: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::NAN,
+        1..=30 => TABLE[df - 1],
+        _ => 1.96,
     }
 }
 
@@ -741,10 +824,6 @@ struct Planned {
     destination: Destination,
 }
 
-/// The time the router takes to plan one relay, measured in process on up
-/// to 20 000 of the bodies: the serial part of a consumer's work, done by
-/// its one task whatever the window. Also where it sends them, for the bare
-/// relay to publish to the same place.
 /// The nova-cells policy on an engine of its own, compiled outside every
 /// timing. The engine's epoch ticker (a thread that wakes every
 /// millisecond) lives as long as the policy does: only while cellhost runs,
@@ -778,6 +857,10 @@ fn policy_call(body: &[u8], policy: &Arc<LoadedPolicy>) -> Result<PolicyCall> {
     })
 }
 
+/// The time the router takes to plan one relay, measured in process on up
+/// to 20 000 of the bodies: the serial part of a consumer's work, done by
+/// its one task whatever the window. Also where it sends them, for the bare
+/// relay to publish to the same place.
 fn plan_alone(bodies: &[Vec<u8>], policy: &Arc<LoadedPolicy>) -> Result<Planned> {
     let mut worker = top_route_worker(policy);
     let sample = &bodies[..bodies.len().min(20_000)];
