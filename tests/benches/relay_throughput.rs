@@ -87,7 +87,9 @@ use cellhost::topology::tree_configs;
 use cellhost::transport::Broker;
 use cellhost::wire::decode_request;
 use cellhost::CellHost;
-use cellhost_tests::bench::{bodies, body_sizes_from_env, top_route_worker, PAIR, TARGET};
+use cellhost_tests::bench::{
+    bodies, body_sizes_from_env, top_config, top_route_worker, PAIR, TARGET,
+};
 use cellhost_tests::{local_amqp_uri, queue_state, QueueState, Vhosts};
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
@@ -844,16 +846,10 @@ fn policy_call(body: &[u8], policy: &Arc<LoadedPolicy>) -> Result<PolicyCall> {
         .cells_message()
         .context("reading a bench body's cells message")?;
     message.append_hop("top");
-    let top = tree_configs(&PAIR, |cell| TransportUrl::Memory {
-        name: format!("ask-{cell}"),
-    })
-    .into_iter()
-    .find(|c| c.cell.name == "top")
-    .context("top is not in the bench's topology")?;
     Ok(PolicyCall {
         instance: policy.instantiate()?,
         message: message_view(&message, false),
-        cell: cell_view(&top),
+        cell: cell_view(&top_config()),
     })
 }
 

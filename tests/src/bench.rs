@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
 use cellhost::client::{entry_cast, Outgoing};
-use cellhost::config::TransportUrl;
+use cellhost::config::{Config, TransportUrl};
 use cellhost::policy::LoadedPolicy;
 use cellhost::router::{RouteWorker, Router};
 use cellhost::topology::tree_configs;
@@ -69,17 +69,25 @@ fn bodies_for(target: &str, count: usize, body_bytes: usize) -> Result<Vec<Vec<u
     Ok((0..count).map(|i| body(target, i, &padding)).collect())
 }
 
-/// A router for `top` (pair topology, `policy`) on in-memory transports
-/// that are never used: [`RouteWorker::plan`] only decides, it sends nothing.
-pub fn top_route_worker(policy: &Arc<LoadedPolicy>) -> RouteWorker {
-    let configs = tree_configs(&PAIR, |cell| TransportUrl::Memory {
+/// `top`'s config in the pair topology, on in-memory transports that are
+/// never used: for deciding about messages, not sending them.
+pub fn top_config() -> Config {
+    tree_configs(&PAIR, |cell| TransportUrl::Memory {
         name: format!("plan-{cell}"),
-    });
-    let top = configs
-        .into_iter()
-        .find(|c| c.cell.name == "top")
-        .expect("top is in PAIR");
-    RouteWorker::new(Router::new(top, policy.clone(), "reply_plan".into()))
+    })
+    .into_iter()
+    .find(|c| c.cell.name == "top")
+    .expect("top is in PAIR")
+}
+
+/// A router for `top` (pair topology, `policy`) on [`top_config`]'s
+/// transports: [`RouteWorker::plan`] only decides, it sends nothing.
+pub fn top_route_worker(policy: &Arc<LoadedPolicy>) -> RouteWorker {
+    RouteWorker::new(Router::new(
+        top_config(),
+        policy.clone(),
+        "reply_plan".into(),
+    ))
 }
 
 /// How a message's kwargs are padded: `metadata` entries of
